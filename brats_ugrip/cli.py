@@ -1,0 +1,46 @@
+"""Conventions shared by every command-line tool: clear errors, non-zero exit codes, progress bars."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from brats_ugrip.errors import BratsUgripError
+
+T = TypeVar("T")
+console = Console(stderr=True)
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
+    """Run ``main(argv)`` and exit: 0 on success, 2 on a :class:`BratsUgripError` (message printed, no traceback)."""
+    try:
+        code = main(argv)
+    except BratsUgripError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def progress_bar(transient: bool = False) -> Progress:
+    """A rich progress bar with count, elapsed and remaining time (drawn on stderr)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=transient,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:
+    """Iterate over ``items`` with a progress bar."""
+    with progress_bar() as bar:
+        yield from bar.track(items, total=total, description=description)
