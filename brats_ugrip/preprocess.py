@@ -1,0 +1,204 @@
+"""Preprocessing shared by training, validation and inference, and a disk cache of its results.
+
+One case becomes a :class:`PreprocessedCase`: the four modalities reoriented to RAS, cropped to the brain's
+bounding box (plus a margin) and z-score normalised per channel on non-zero (brain) voxels; the label as
+region channels (TC, WT, ET). :meth:`PreprocessedCase.restore` pastes an array predicted on the crop back into
+the input's full shape and orientation, so predictions are written in the input geometry.
+
+:class:`CaseCache` stores preprocessed cases as fp16/uint8 ``.npy`` files: reading one is tens of times faster
+than decoding four ``.nii.gz`` (``bench/cache.py``), so epochs never re-decode NIfTI.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from brats_ugrip.atomic import atomic_path, atomic_write_json
+from brats_ugrip.data import MODALITIES, Case
+from brats_ugrip.errors import DataError
+from brats_ugrip.io import read_volume
+from brats_ugrip.labels import LabelScheme, get_scheme
+
+CACHE_VERSION = 1
+RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass(frozen=True)
+class CaseGeometry:
+    """Where a crop sits in its input volume.
+
+    Attributes:
+        shape: input volume shape ``(X, Y, Z)`` in the file's own orientation.
+        affine: the input's 4×4 affine.
+        ornt: nibabel orientation of the input axes (``io_orientation``), used to go to RAS and back.
+        bbox_start, bbox_stop: the crop in RAS voxel coordinates (stop exclusive).
+    """
+
+    shape: tuple[int, int, int]
+    affine: tuple[tuple[float, ...], ...]
+    ornt: tuple[tuple[float, float], ...]
+    bbox_start: tuple[int, int, int]
+    bbox_stop: tuple[int, int, int]
+
+    @property
+    def crop_shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.bbox_start, self.bbox_stop))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> CaseGeometry:
+        return cls(tuple(obj["shape"]), tuple(map(tuple, obj["affine"])), tuple(map(tuple, obj["ornt"])),
+                   tuple(obj["bbox_start"]), tuple(obj["bbox_stop"]))
+
+
+def _to_ras(volume: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    return nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(ornt, RAS))
+
+
+def _from_ras(volume: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    return nib.orientations.apply_orientation(volume, nib.orientations.ornt_transform(RAS, ornt))
+
+
+@dataclass
+class PreprocessedCase:
+    """A case ready for a network.
+
+    Attributes:
+        case_id: the case's id.
+        image: float (4, x, y, z), RAS, cropped to the brain box, normalised; channels in ``MODALITIES`` order.
+        regions: uint8 (3, x, y, z) TC, WT, ET on the same crop, or None for unlabelled cases.
+        geometry: what :meth:`restore` needs.
+    """
+
+    case_id: str
+    image: np.ndarray
+    regions: np.ndarray | None
+    geometry: CaseGeometry
+
+    def restore(self, array: np.ndarray, fill: float = 0) -> np.ndarray:
+        """Paste ``array`` (C, x, y, z) computed on the crop back into the input geometry: (C, X, Y, Z)."""
+        geometry = self.geometry
+        if tuple(array.shape[1:]) != geometry.crop_shape:
+            raise ValueError(f"{self.case_id}: array of shape {array.shape} does not match the crop {geometry.crop_shape}")
+        ornt = np.asarray(geometry.ornt)
+        ras_shape = _to_ras(np.empty(geometry.shape, dtype=np.uint8), ornt).shape
+        full = np.full((array.shape[0], *ras_shape), fill, dtype=array.dtype)
+        box = tuple(slice(a, b) for a, b in zip(geometry.bbox_start, geometry.bbox_stop))
+        full[(slice(None), *box)] = array
+        return np.stack([_from_ras(channel, ornt) for channel in full])
+
+
+def brain_bbox(mask: np.ndarray, margin: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bounding box ``(start, stop)`` of the non-zero voxels of ``mask`` grown by ``margin`` voxels (clipped)."""
+    if not mask.any():
+        return (0,) * mask.ndim, tuple(mask.shape)
+    start, stop = [], []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        start.append(max(int(hits[0]) - margin, 0))
+        stop.append(min(int(hits[-1]) + 1 + margin, mask.shape[axis]))
+    return tuple(start), tuple(stop)
+
+
+def normalise_nonzero(image: np.ndarray) -> np.ndarray:
+    """Per-channel z-score over non-zero voxels; voxels outside the brain stay 0. ``image``: (C, x, y, z)."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c, channel in enumerate(image):
+        brain = channel != 0
+        if brain.any():
+            values = channel[brain]
+            out[c][brain] = (values - values.mean()) / max(float(values.std()), 1e-8)
+    return out
+
+
+def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: str | os.PathLike[str] | None = None,
+                    scheme: LabelScheme | str = "brats2023", margin: int = 2, case_id: str | None = None) -> PreprocessedCase:
+    """Read, reorient to RAS, crop to the brain and normalise one case (see the module docstring)."""
+    if len(image_paths) != len(MODALITIES):
+        raise DataError(f"expected {len(MODALITIES)} images ({', '.join(MODALITIES)}), got {len(image_paths)}")
+    case_id = case_id or Path(image_paths[0]).parent.name
+    volumes, affine = [], None
+    for name, path in zip(MODALITIES, image_paths):
+        data, this_affine = read_volume(path)
+        if volumes and data.shape != volumes[0].shape:
+            raise DataError(f"{case_id}: {name} shape {data.shape} differs from {MODALITIES[0]} {volumes[0].shape} ({path})")
+        affine = this_affine if affine is None else affine
+        volumes.append(data)
+    ornt = nib.orientations.io_orientation(affine)
+    image = np.stack([_to_ras(v, ornt) for v in volumes])
+    start, stop = brain_bbox((image != 0).any(axis=0), margin)
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    image = normalise_nonzero(image[(slice(None), *box)])
+    regions = None
+    if label_path is not None:
+        label, _ = read_volume(label_path, dtype=np.int16)
+        if label.shape != volumes[0].shape:
+            raise DataError(f"{case_id}: label shape {label.shape} differs from image shape {volumes[0].shape} ({label_path})")
+        regions = get_scheme(scheme).to_regions(_to_ras(label, ornt)[box], source=str(label_path)).astype(np.uint8)
+    geometry = CaseGeometry(tuple(volumes[0].shape), tuple(map(tuple, affine.tolist())),
+                            tuple(map(tuple, ornt.tolist())), start, stop)
+    return PreprocessedCase(case_id, image, regions, geometry)
+
+
+class CaseCache:
+    """Preprocessed cases on disk: ``<case_id>-<key>.image.npy`` (fp16), ``.regions.npy`` (uint8), ``.json``.
+
+    The key hashes the input files (path, size, mtime), the scheme, the margin and the cache version, so an
+    edited case or a different setting is recomputed rather than served stale. Writes are atomic, so parallel
+    loader workers may fill the cache concurrently.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike[str] | None, margin: int = 2):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.margin = margin
+
+    def key(self, case: Case, scheme: str) -> str:
+        parts = [str(CACHE_VERSION), scheme, str(self.margin)]
+        for path in (*case.images, case.label):
+            if path is not None:
+                stat = Path(path).stat() if Path(path).exists() else None
+                parts.append(f"{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}")
+        return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+    def _paths(self, case: Case, scheme: str) -> tuple[Path, Path, Path]:
+        assert self.cache_dir is not None
+        stem = self.cache_dir / f"{case.case_id}-{self.key(case, scheme)}"
+        return stem.with_suffix(".image.npy"), stem.with_suffix(".regions.npy"), stem.with_suffix(".json")
+
+    def get(self, case: Case, scheme: LabelScheme | str = "brats2023", with_label: bool = True) -> PreprocessedCase:
+        """The preprocessed case, from the cache when present, else computed (and stored when caching)."""
+        scheme_name = get_scheme(scheme).name
+        label = case.label if with_label else None
+        if self.cache_dir is None:
+            return preprocess_case(case.images, label, scheme_name, self.margin, case.case_id)
+        image_path, regions_path, meta_path = self._paths(case, scheme_name)
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            regions = np.load(regions_path) if label is not None and meta["has_regions"] else None
+            if label is None or regions is not None:
+                return PreprocessedCase(case.case_id, np.load(image_path), regions, CaseGeometry.from_json(meta["geometry"]))
+        result = preprocess_case(case.images, case.label, scheme_name, self.margin, case.case_id)
+        with atomic_path(image_path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, result.image.astype(np.float16))
+        if result.regions is not None:
+            with atomic_path(regions_path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, result.regions)
+        # The JSON is written last: its presence means the arrays are complete.
+        atomic_write_json(meta_path, {"case_id": case.case_id, "has_regions": result.regions is not None,
+                                      "geometry": result.geometry.to_json()})
+        if not with_label:
+            result.regions = None
+        result.image = result.image.astype(np.float16)
+        return result

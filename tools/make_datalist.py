@@ -1,0 +1,36 @@
+"""Build a datalist JSON with balanced folds from a folder of BraTS cases.
+
+    python tools/make_datalist.py DATA_DIR --folds 5 --seed 0 --out datalist.json
+
+The naming (BraTS 2023+ ``-t1c``/``-t1n``/``-t2f``/``-t2w``/``-seg`` or BraTS 2021 ``_t1ce``/``_t1``/``_flair``/
+``_t2``/``_seg``) is detected; channels are always stored in the order t1c, t1n, t2f, t2w and recorded in the file.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from brats_ugrip.cli import console, run
+from brats_ugrip.data import make_datalist, save_datalist
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path, help="folder of case folders")
+    parser.add_argument("--folds", type=int, default=5, help="number of cross-validation folds (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    parser.add_argument("--out", type=Path, default=Path("datalist.json"), help="output JSON (default datalist.json)")
+    args = parser.parse_args(argv)
+    datalist = make_datalist(args.data_dir, args.folds, args.seed, relative_to=args.out.parent)
+    save_datalist(datalist, args.out)
+    sizes = Counter(e["fold"] for e in datalist["training"])
+    console.print(f"{args.out}: {len(datalist['training'])} training cases "
+                  f"(folds {dict(sorted(sizes.items()))}), {len(datalist['testing'])} testing, naming {datalist['naming']}, "
+                  f"scheme {datalist['label_scheme']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)
