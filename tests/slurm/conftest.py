@@ -1,0 +1,112 @@
+"""Fixtures for tests that run jobs on the single-node SLURM dev cluster (``slurm/dev-cluster/start.sh``).
+
+A test that takes ``slurm_cluster`` is marked ``slurm`` automatically. The cluster is used when it answers
+``sinfo`` and ``sacct``; when it does not, it is started if ``BRATS_UGRIP_START_SLURM=1`` (a start that fails
+then fails the tests, since someone asked for the cluster), and the tests are skipped otherwise.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+START_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster" / "start.sh"
+START_ENV = "BRATS_UGRIP_START_SLURM"
+
+# Job states after which sacct's record of a job never changes again (REQUEUED and PREEMPTED may be followed
+# by another attempt, so they are not final).
+FINAL_STATES = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+)
+
+
+def _run(command: list[str], timeout_s: float = 15) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
+def cluster_problem() -> str | None:
+    """Why the dev cluster cannot take jobs right now, or None when ``sinfo`` and ``sacct`` both answer."""
+    for command in (["sinfo", "-h", "-o", "%P"], ["sacct", "-n", "-X", "-S", "now-1minutes"]):
+        try:
+            answer = _run(command)
+        except (FileNotFoundError, subprocess.TimeoutExpired) as error:
+            return f"`{command[0]}`: {error}"
+        output = (answer.stdout + answer.stderr).strip()
+        if answer.returncode != 0 or "disabled" in output:  # "accounting storage is disabled": no slurmdbd
+            return f"`{' '.join(command)}` answered {output[-300:]!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class SlurmDevCluster:
+    """The running dev cluster, with the ``sacct`` queries tests assert on.
+
+    sacct is the truth about a job: submitit's ``job.state`` may lag behind it by up to a minute.
+    """
+
+    poll_s: float = 1.0
+
+    def history(self, job_id: str) -> list[str]:
+        """States of every attempt of ``job_id`` (``123`` or an array task ``123_4``), oldest first.
+
+        A requeued job has one record per attempt: e.g. ``["REQUEUED", "COMPLETED"]``. ``CANCELLED by 0`` is
+        reported as ``CANCELLED``. Empty until slurmdbd has heard of the job.
+        """
+        answer = _run(["sacct", "-j", job_id, "--duplicates", "-X", "-n", "-P", "-o", "JobID,State"])
+        if answer.returncode != 0:
+            raise RuntimeError(f"sacct -j {job_id} failed: {answer.stderr.strip()}")
+        rows = (line.split("|") for line in answer.stdout.splitlines() if line.strip())
+        return [state.split()[0] for row_job_id, state in rows if row_job_id == job_id]
+
+    def state(self, job_id: str) -> str | None:
+        """State of the latest attempt of ``job_id``, or None before slurmdbd has heard of it."""
+        states = self.history(job_id)
+        return states[-1] if states else None
+
+    def wait_for_state(self, job_id: str, states: set[str] | frozenset[str], timeout_s: float) -> str:
+        """Poll sacct until the latest attempt of ``job_id`` is in one of ``states``; return that state."""
+        deadline = time.monotonic() + timeout_s
+        while (state := self.state(job_id)) not in states:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} is {state} after {timeout_s:.0f} s, not one of {sorted(states)}")
+            time.sleep(self.poll_s)
+        return state
+
+    def wait_until_final(self, job_id: str, timeout_s: float = 120) -> str:
+        """Poll sacct until ``job_id`` reached a final state (see FINAL_STATES); return it."""
+        return self.wait_for_state(job_id, FINAL_STATES, timeout_s)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> SlurmDevCluster:
+    """The dev cluster, checked to answer; started first when ``BRATS_UGRIP_START_SLURM=1``, else skipped."""
+    problem = cluster_problem()
+    if problem and os.environ.get(START_ENV) == "1":
+        started = _run([str(START_SCRIPT)], timeout_s=600)
+        if started.returncode != 0:
+            pytest.fail(f"{START_SCRIPT} failed (exit {started.returncode}):\n{started.stdout}{started.stderr}")
+        problem = cluster_problem()
+        if problem:
+            pytest.fail(f"{START_SCRIPT} finished but the cluster does not answer: {problem}")
+    if problem:
+        pytest.skip(
+            f"no SLURM dev cluster ({problem}): run slurm/dev-cluster/start.sh, or set {START_ENV}=1 to start it"
+        )
+    return SlurmDevCluster()
+
+
+@pytest.fixture
+def slurm_job_dir(tmp_path: Path) -> Path:
+    """A directory that jobs can read and write: the dev cluster is one node, so any local path is shared."""
+    return tmp_path
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses the dev cluster ``slurm``, so ``-m "not slurm"`` leaves them out."""
+    for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
