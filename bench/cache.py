@@ -2,8 +2,10 @@
 
     python bench/cache.py [--cases 20] [--size full|N] [--roi 128]
 
-An "epoch" draws one training patch per case through ``TrainDataset`` (read, preprocess unless cached, random
-crop, flips, intensity jitter), in the main process. Prints a JSON line and a Markdown table.
+An "epoch" draws one training patch per case through ``TrainDataset`` in the main process. Two figures per
+path: *load* (read, preprocess unless cached, cut the tumour-biased patch: what the cache replaces) and *item*
+(load plus flips and intensity jitter on the patch, identical in both paths). Prints a JSON line and a Markdown
+table.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import argparse
 import json
 import tempfile
 import time
+
+import torch
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +25,11 @@ from brats_ugrip.preprocess import CaseCache
 from synthetic.phantom import write_phantoms
 
 
-def epoch_seconds(dataset: TrainDataset) -> float:
+def epoch_seconds(dataset: TrainDataset, augment: bool) -> float:
+    generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for index in range(len(dataset)):
-        dataset[index]
+        dataset[index] if augment else dataset.patch(index, generator)
     return time.perf_counter() - start
 
 
@@ -43,16 +48,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         uncached = TrainDataset(cases, "brats2023", roi, CaseCache(None))
         cache = CaseCache(Path(tmp) / "cache")
         cached = TrainDataset(cases, "brats2023", roi, cache)
-        fill = epoch_seconds(cached)  # first epoch fills the cache
-        times = {"nifti": epoch_seconds(uncached), "cached": epoch_seconds(cached)}
+        fill = epoch_seconds(cached, augment=False)  # the first epoch fills the cache
+        times = {(name, augment): epoch_seconds(dataset, augment)
+                 for name, dataset in (("nifti", uncached), ("cached", cached)) for augment in (False, True)}
+    speedup = {kind: times["nifti", augment] / times["cached", augment]
+               for kind, augment in (("load", False), ("item", True))}
     result = {"bench": "cache", "cases": args.cases, "size": args.size, "roi": roi[0],
-              "epoch_s_nifti": round(times["nifti"], 3), "epoch_s_cached": round(times["cached"], 3),
-              "epoch_s_first_fill": round(fill, 3), "speedup": round(times["nifti"] / times["cached"], 1)}
+              "epoch_s_first_fill": round(fill, 3),
+              **{f"epoch_s_{name}_{'item' if augment else 'load'}": round(t, 3) for (name, augment), t in times.items()},
+              **{f"speedup_{kind}": round(value, 1) for kind, value in speedup.items()}}
     print(json.dumps(result))
-    print("\n| epoch data time | seconds | per case (ms) |\n|---|---|---|")
-    for name in ("nifti", "cached"):
-        print(f"| {name} | {times[name]:.3f} | {1000 * times[name] / args.cases:.1f} |")
-    print(f"\nspeed-up of the cache: **{result['speedup']}×**")
+    print("\n| epoch data time | NIfTI (s) | cached (s) | speed-up |\n|---|---|---|---|")
+    for kind, augment in (("load", False), ("item", True)):
+        print(f"| {kind} | {times['nifti', augment]:.3f} | {times['cached', augment]:.3f} | {speedup[kind]:.1f}× |")
     return 0
 
 

@@ -175,8 +175,13 @@ class CaseCache:
         stem = self.cache_dir / f"{case.case_id}-{self.key(case, scheme)}"
         return stem.with_suffix(".image.npy"), stem.with_suffix(".regions.npy"), stem.with_suffix(".json")
 
-    def get(self, case: Case, scheme: LabelScheme | str = "brats2023", with_label: bool = True) -> PreprocessedCase:
-        """The preprocessed case, from the cache when present, else computed (and stored when caching)."""
+    def get(self, case: Case, scheme: LabelScheme | str = "brats2023", with_label: bool = True,
+            mmap: bool = False) -> PreprocessedCase:
+        """The preprocessed case, from the cache when present, else computed (and stored when caching).
+
+        Args:
+            mmap: return memory-mapped arrays from the cache (read-only), so slicing a patch reads only the patch.
+        """
         scheme_name = get_scheme(scheme).name
         label = case.label if with_label else None
         if self.cache_dir is None:
@@ -184,9 +189,11 @@ class CaseCache:
         image_path, regions_path, meta_path = self._paths(case, scheme_name)
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
-            regions = np.load(regions_path) if label is not None and meta["has_regions"] else None
+            mode = "r" if mmap else None
+            regions = np.load(regions_path, mmap_mode=mode) if label is not None and meta["has_regions"] else None
             if label is None or regions is not None:
-                return PreprocessedCase(case.case_id, np.load(image_path), regions, CaseGeometry.from_json(meta["geometry"]))
+                return PreprocessedCase(case.case_id, np.load(image_path, mmap_mode=mode), regions,
+                                        CaseGeometry.from_json(meta["geometry"]))
         result = preprocess_case(case.images, case.label, scheme_name, self.margin, case.case_id)
         with atomic_path(image_path) as tmp:
             with open(tmp, "wb") as handle:

@@ -1,0 +1,40 @@
+"""BraTS metrics: region Dice/HD95, lesion-wise scores of BraTS 2023/2024, BraTS 2025 (panoptica), evaluation.
+
+Region channels are ordered TC, WT, ET; label maps are converted with a :class:`~brats_ugrip.labels.LabelScheme`.
+"""
+from brats_ugrip.metrics.evaluation import (
+    METRIC_SETS,
+    MetricSet,
+    evaluate_case,
+    evaluate_dirs,
+    find_reference_cases,
+    get_metric_set,
+    summary,
+    worst_case,
+)
+from brats_ugrip.metrics.lesionwise import (
+    LESIONWISE_PRESETS,
+    LesionParams,
+    LesionwisePreset,
+    LesionwiseScore,
+    get_lesionwise_preset,
+    lesionwise_score,
+    lesionwise_scores,
+)
+from brats_ugrip.metrics.panoptic import BRATS2025_MAX_HD95, brats2025_evaluator, panoptic_scores
+from brats_ugrip.metrics.regions import (
+    BRATS_MAX_HD95,
+    dice,
+    hd95,
+    region_masks,
+    region_scores,
+    region_scores_from_labels,
+)
+
+__all__ = [
+    "BRATS2025_MAX_HD95", "BRATS_MAX_HD95", "LESIONWISE_PRESETS", "METRIC_SETS", "LesionParams", "LesionwisePreset",
+    "LesionwiseScore", "MetricSet", "brats2025_evaluator", "dice", "evaluate_case", "evaluate_dirs",
+    "find_reference_cases", "get_lesionwise_preset", "get_metric_set", "hd95", "lesionwise_score",
+    "lesionwise_scores", "panoptic_scores", "region_masks", "region_scores", "region_scores_from_labels", "summary",
+    "worst_case",
+]

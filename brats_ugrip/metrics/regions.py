@@ -1,0 +1,114 @@
+"""Per-region Dice and HD95 (the "legacy" BraTS scores) on TC, WT, ET, computed with MONAI.
+
+Definitions
+    * **Dice** ``2|P ∩ R| / (|P| + |R|)`` (``monai.metrics.compute_dice``).
+    * **HD95** is MONAI's: the *maximum of the two directed 95th percentiles* of the distances between the surface
+      voxels of prediction and reference (``monai.metrics.compute_hausdorff_distance(percentile=95)``), in mm
+      using the voxel spacing. (medpy and panoptica pool both directions and take one 95th percentile; the
+      BraTS 2023/2024 code uses DeepMind's ``compute_robust_hausdorff``, also a maximum of directed percentiles.)
+
+Empty masks follow the BraTS convention:
+
+==================  =====  ==================================
+prediction / ref    Dice   HD95
+==================  =====  ==================================
+both empty          1      0
+exactly one empty   0      :data:`BRATS_MAX_HD95` (374 mm)
+==================  =====  ==================================
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+from brats_ugrip.labels import REGIONS, LabelScheme
+
+BRATS_MAX_HD95: float = 374.0
+"""HD95 (mm) scored when exactly one of prediction and reference is empty, and the cap for an infinite distance:
+the BraTS 2023/2024 convention, the diagonal of the 240×240×155 grid at 1 mm (373.1 mm) rounded up."""
+
+Spacing = Sequence[float]
+
+
+def region_masks(label_map: np.ndarray, scheme: LabelScheme, names: Iterable[str] = REGIONS) -> dict[str, np.ndarray]:
+    """Boolean masks ``(X, Y, Z)`` of the named regions of a label map: any of TC, WT, ET, NETC, SNFH.
+
+    NETC and SNFH (BraTS 2023+ names) are the scheme's *core* label alone and its *edema* label alone.
+    """
+    groups = {**scheme.region_labels(), "NETC": (scheme.core,), "SNFH": (scheme.edema,)}
+    return {name: np.isin(label_map, groups[name]) for name in names}
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Slices of the bounding box of a boolean mask grown by ``margin`` voxels (clipped at the edges); None if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(int(hits[0]) - margin, 0), int(hits[-1]) + 1 + margin))
+    return tuple(box)
+
+
+def crop_to_union(pred: np.ndarray, ref: np.ndarray, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cropped to the bounding box of ``pred | ref`` grown by ``margin`` voxels.
+
+    Dice and surface distances do not change, and MONAI's tensor ops then touch the tumour, not the whole head.
+    """
+    box = bounding_box(pred | ref, margin)
+    return (pred, ref) if box is None else (pred[box], ref[box])
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """Dice of two boolean masks ``(X, Y, Z)``; 1 when both are empty, 0 when only one is."""
+    pred, ref = crop_to_union(np.asarray(pred, bool), np.asarray(ref, bool))
+    as_batch = [torch.as_tensor(np.ascontiguousarray(m), dtype=torch.float32)[None, None] for m in (pred, ref)]
+    # ignore_empty=False gives the BraTS convention: empty reference → 1 if the prediction is empty too, else 0.
+    return float(compute_dice(*as_batch, include_background=True, ignore_empty=False)[0, 0])
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)) -> float:
+    """MONAI HD95 in mm of two boolean masks ``(X, Y, Z)`` with voxel ``spacing``; empty cases as in the table above."""
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    pred_any, ref_any = bool(pred.any()), bool(ref.any())
+    if not pred_any and not ref_any:
+        return 0.0
+    if pred_any != ref_any:
+        return BRATS_MAX_HD95
+    as_batch = [torch.as_tensor(np.ascontiguousarray(m))[None, None] for m in crop_to_union(pred, ref)]
+    with warnings.catch_warnings():
+        # MONAI 1.6 warns about its own internal use of a deprecated get_mask_edges argument.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        distance = compute_hausdorff_distance(*as_batch, include_background=True, percentile=95,
+                                              spacing=[float(s) for s in spacing])
+    return min(float(distance[0, 0]), BRATS_MAX_HD95)
+
+
+def region_scores(pred_regions: np.ndarray, ref_regions: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),
+                  names: Sequence[str] = REGIONS) -> dict[str, float]:
+    """Dice and HD95 per region from boolean region channels ``(C, X, Y, Z)`` named ``names`` (default TC, WT, ET).
+
+    Returns:
+        ``{"dice_TC": …, "hd95_TC": …, …}``.
+    """
+    if pred_regions.shape != ref_regions.shape:
+        raise ValueError(f"prediction shape {pred_regions.shape} differs from reference shape {ref_regions.shape}")
+    scores: dict[str, float] = {}
+    for name, pred, ref in zip(names, pred_regions.astype(bool), ref_regions.astype(bool), strict=True):
+        scores[f"dice_{name}"] = dice(pred, ref)
+        scores[f"hd95_{name}"] = hd95(pred, ref, spacing)
+    return scores
+
+
+def region_scores_from_labels(pred_labels: np.ndarray, ref_labels: np.ndarray, scheme: LabelScheme,
+                              spacing: Spacing = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """Dice and HD95 of TC, WT, ET from two label maps ``(X, Y, Z)`` in ``scheme``.
+
+    The labels are not checked here (:func:`~brats_ugrip.metrics.evaluation.evaluate_case` does it once a case).
+    """
+    pred, ref = region_masks(pred_labels, scheme), region_masks(ref_labels, scheme)
+    return region_scores(np.stack([pred[r] for r in REGIONS]), np.stack([ref[r] for r in REGIONS]), spacing)
