@@ -34,6 +34,10 @@ demo() {
 }
 
 tests() {
+    # tmux drives the monitor's screen test (a real terminal); install it when apt can.
+    if ! command -v tmux >/dev/null && command -v apt-get >/dev/null; then
+        (apt-get update -qq && apt-get install -y -qq --no-install-recommends tmux >/dev/null) || echo "run.sh: tmux unavailable"
+    fi
     if [[ ${BRATS_UGRIP_NO_SLURM:-0} != 1 ]]; then
         bash slurm/dev-cluster/start.sh || echo "run.sh: the SLURM dev cluster did not start; @slurm tests will skip"
     fi
