@@ -26,7 +26,7 @@ from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
@@ -77,12 +77,18 @@ class PreprocessedCase:
         image: float (4, x, y, z), RAS, cropped to the brain box, normalised; channels in ``MODALITIES`` order.
         regions: uint8 (3, x, y, z) TC, WT, ET on the same crop, or None for unlabelled cases.
         geometry: what :meth:`restore` needs.
+        tumour_voxels: int32 flat indices of the whole-tumour voxels of the crop (for tumour-biased sampling).
     """
 
     case_id: str
     image: np.ndarray
     regions: np.ndarray | None
     geometry: CaseGeometry
+    tumour_voxels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tumour_voxels is None and self.regions is not None:
+            self.tumour_voxels = np.flatnonzero(self.regions[1]).astype(np.int32)
 
     def restore(self, array: np.ndarray, fill: float = 0) -> np.ndarray:
         """Paste ``array`` (C, x, y, z) computed on the crop back into the input geometry: (C, X, Y, Z)."""
@@ -151,7 +157,8 @@ def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: s
 
 
 class CaseCache:
-    """Preprocessed cases on disk: ``<case_id>-<key>.image.npy`` (fp16), ``.regions.npy`` (uint8), ``.json``.
+    """Preprocessed cases on disk: ``<case_id>-<key>.image.npy`` (fp16), ``.regions.npy`` (uint8),
+    ``.tumour.npy`` (int32 whole-tumour voxel indices), ``.json``.
 
     The key hashes the input files (path, size, mtime), the scheme, the margin and the cache version, so an
     edited case or a different setting is recomputed rather than served stale. Writes are atomic, so parallel
@@ -170,10 +177,11 @@ class CaseCache:
                 parts.append(f"{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}")
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
-    def _paths(self, case: Case, scheme: str) -> tuple[Path, Path, Path]:
+    def _paths(self, case: Case, scheme: str) -> tuple[Path, Path, Path, Path]:
         assert self.cache_dir is not None
         stem = self.cache_dir / f"{case.case_id}-{self.key(case, scheme)}"
-        return stem.with_suffix(".image.npy"), stem.with_suffix(".regions.npy"), stem.with_suffix(".json")
+        return (stem.with_suffix(".image.npy"), stem.with_suffix(".regions.npy"), stem.with_suffix(".tumour.npy"),
+                stem.with_suffix(".json"))
 
     def get(self, case: Case, scheme: LabelScheme | str = "brats2023", with_label: bool = True,
             mmap: bool = False) -> PreprocessedCase:
@@ -186,26 +194,28 @@ class CaseCache:
         label = case.label if with_label else None
         if self.cache_dir is None:
             return preprocess_case(case.images, label, scheme_name, self.margin, case.case_id)
-        image_path, regions_path, meta_path = self._paths(case, scheme_name)
+        image_path, regions_path, tumour_path, meta_path = self._paths(case, scheme_name)
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             mode = "r" if mmap else None
-            regions = np.load(regions_path, mmap_mode=mode) if label is not None and meta["has_regions"] else None
-            if label is None or regions is not None:
-                return PreprocessedCase(case.case_id, np.load(image_path, mmap_mode=mode), regions,
-                                        CaseGeometry.from_json(meta["geometry"]))
+            labelled = label is not None and meta["has_regions"]
+            if label is None or labelled:
+                return PreprocessedCase(case.case_id, np.load(image_path, mmap_mode=mode),
+                                        np.load(regions_path, mmap_mode=mode) if labelled else None,
+                                        CaseGeometry.from_json(meta["geometry"]),
+                                        np.load(tumour_path) if labelled else None)
         result = preprocess_case(case.images, case.label, scheme_name, self.margin, case.case_id)
-        with atomic_path(image_path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, result.image.astype(np.float16))
+        arrays = [(image_path, result.image.astype(np.float16))]
         if result.regions is not None:
-            with atomic_path(regions_path) as tmp:
+            arrays += [(regions_path, result.regions), (tumour_path, result.tumour_voxels)]
+        for path, array in arrays:
+            with atomic_path(path) as tmp:
                 with open(tmp, "wb") as handle:
-                    np.save(handle, result.regions)
+                    np.save(handle, array)
         # The JSON is written last: its presence means the arrays are complete.
         atomic_write_json(meta_path, {"case_id": case.case_id, "has_regions": result.regions is not None,
                                       "geometry": result.geometry.to_json()})
         if not with_label:
-            result.regions = None
+            result.regions = result.tumour_voxels = None
         result.image = result.image.astype(np.float16)
         return result

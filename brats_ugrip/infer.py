@@ -1,0 +1,74 @@
+"""Predict label maps: ``python -m brats_ugrip.infer --ckpt C --input CASE_DIR_OR_DATALIST --out DIR``.
+
+``--input`` is a case folder (``ID/ID-t1c.nii.gz`` ...), a folder of case folders, or a datalist JSON (its
+``testing`` cases, or ``--section training``/``all``). Each case gives ``DIR/<ID>.nii.gz``: a label map in the
+checkpoint's label scheme (or ``--scheme``) with the affine and shape of the case's images. Window size, overlap,
+TTA ... come from the checkpoint's config (``inference`` section) unless given here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from brats_ugrip.cli import console, run, track
+from brats_ugrip.data import Case, Datalist, cases_from_dir
+from brats_ugrip.errors import DataError
+
+
+def input_cases(path: str | Path, section: str = "testing") -> list[Case]:
+    """Cases of a case folder, a folder of case folders, or a datalist JSON section (training/testing/all)."""
+    path = Path(path)
+    if path.is_file():
+        datalist = Datalist.load(path)
+        cases = {"training": datalist.training, "testing": datalist.testing,
+                 "all": datalist.training + datalist.testing}[section]
+        if not cases:
+            raise DataError(f"{path}: the datalist has no {section} cases; choose --section training or all")
+        return cases
+    return cases_from_dir(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m brats_ugrip.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint (best.ckpt, last.ckpt, a soup)")
+    parser.add_argument("--input", required=True, help="case folder, folder of case folders, or datalist JSON")
+    parser.add_argument("--out", required=True, help="output folder for <ID>.nii.gz label maps")
+    parser.add_argument("--section", choices=("testing", "training", "all"), default="testing",
+                        help="datalist section to predict (default testing)")
+    parser.add_argument("--scheme", help="label scheme of the output (default: the checkpoint's data.scheme)")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip test-time augmentation")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap")
+    parser.add_argument("--sw-batch-size", type=int, help="windows per forward pass")
+    parser.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from brats_ugrip.checkpoints import load_model
+    from brats_ugrip.config import config_from_dict
+    from brats_ugrip.inference import inference_settings, predict_case
+    from brats_ugrip.io import write_label_map
+
+    model, meta = load_model(args.ckpt, map_location=args.device)
+    config = config_from_dict(meta["config"])
+    settings = inference_settings(config)
+    changes = {"tta": args.tta, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
+               "roi_size": tuple(args.roi) if args.roi else None}
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    scheme = args.scheme or config.data.scheme
+    cases = input_cases(args.input, args.section)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for case in track(cases, f"predicting {len(cases)} cases"):
+        prediction = predict_case(model, case.images, settings, scheme, case_id=case.case_id)
+        write_label_map(out / f"{case.case_id}.nii.gz", prediction.labels, case.images[0])
+    console.print(f"wrote {len(cases)} label maps to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,121 @@
+"""Sliding-window inference on the brain's bounding box, with flip TTA, back into the input geometry.
+
+A case is preprocessed exactly as for training (RAS, cropped to the brain box, normalised), so the windows cover
+the brain only: on a 240×240×155 BraTS volume with a 128×160×112 window and overlap 0.5, 8 windows instead of 12
+(``bench/infer_crop.py``). Probabilities are blended with gaussian weights, thresholded per region channel and
+turned into a label map of the scheme (innermost region wins), then pasted back into the input's shape and
+orientation.
+
+Flip TTA averages the probabilities of the 8 flips of the three axes; the flipped copies of each window go
+through the network in one batch with the window itself, not as 8 separate sliding-window passes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from brats_ugrip.config import InferenceConfig, RunConfig
+from brats_ugrip.labels import LabelScheme, get_scheme
+from brats_ugrip.preprocess import PreprocessedCase, preprocess_case
+
+SPATIAL_DIMS = (2, 3, 4)
+ALL_FLIPS: tuple[tuple[int, ...], ...] = tuple(c for k in range(4) for c in combinations(SPATIAL_DIMS, k))
+
+
+def inference_settings(config: RunConfig) -> InferenceConfig:
+    """The run's inference settings with the window size resolved (``inference.roi_size`` or ``data.roi_size``)."""
+    return dataclasses.replace(config.inference, roi_size=config.inference_roi)
+
+
+class FlipTTA(nn.Module):
+    """Wraps a network: ``(N, 4, *roi)`` windows → sigmoid probabilities ``(N, 3, *roi)``, averaged over ``flips``
+    (each flipped copy of the batch is run in the same forward pass)."""
+
+    def __init__(self, model: nn.Module, flips: Sequence[tuple[int, ...]] = ((),)):
+        super().__init__()
+        self.model = model
+        self.flips = tuple(flips)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        batch = torch.cat([windows.flip(f) if f else windows for f in self.flips])
+        probabilities = torch.sigmoid(self.model(batch).float())
+        chunks = probabilities.split(windows.shape[0])
+        return torch.stack([c.flip(f) if f else c for c, f in zip(chunks, self.flips)]).mean(0)
+
+
+def _autocast(device: torch.device, settings: InferenceConfig) -> contextlib.AbstractContextManager:
+    # bf16 applies on GPUs only; CPU inference runs in fp32 whatever the setting.
+    if settings.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, settings: InferenceConfig) -> torch.Tensor:
+    """Region probabilities of a whole (cropped) volume.
+
+    Args:
+        model: a network returning region logits; it is put in eval mode.
+        image: ``(B, 4, x, y, z)`` on any device; moved to the model's device.
+        settings: window ``roi_size`` (required), ``overlap``, ``sw_batch_size``, ``mode``, ``tta``, ``precision``.
+
+    Returns:
+        ``(B, 3, x, y, z)`` float32 probabilities (TC, WT, ET) on the model's device.
+    """
+    if settings.roi_size is None:
+        raise ValueError("settings.roi_size is not resolved; use inference_settings(config)")
+    model.eval()
+    device = next(model.parameters()).device
+    predictor = FlipTTA(model, ALL_FLIPS if settings.tta else ((),))
+    with _autocast(device, settings):
+        probabilities = sliding_window_inference(
+            image.to(device), roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size, predictor=predictor,
+            overlap=settings.overlap, mode=settings.mode)
+    return probabilities.float()
+
+
+@dataclass
+class CasePrediction:
+    """A case's prediction in the input geometry.
+
+    Attributes:
+        case_id: the case's id.
+        probabilities: float32 ``(3, X, Y, Z)`` TC, WT, ET in the input's shape and orientation (0 outside the brain).
+        labels: uint8 ``(X, Y, Z)`` label map in the scheme's labels.
+    """
+
+    case_id: str
+    probabilities: np.ndarray
+    labels: np.ndarray
+
+
+def predict_preprocessed(model: nn.Module, case: PreprocessedCase, settings: InferenceConfig,
+                         scheme: LabelScheme | str = "brats2023") -> CasePrediction:
+    """Predict a preprocessed case and restore it into its input geometry."""
+    image = torch.as_tensor(np.asarray(case.image, dtype=np.float32))[None]
+    cropped = sliding_window_probabilities(model, image, settings)[0].cpu().numpy()
+    probabilities = case.restore(cropped)
+    labels = get_scheme(scheme).to_labels(probabilities > settings.threshold)
+    return CasePrediction(case.case_id, probabilities, labels)
+
+
+def predict_case(model: nn.Module, image_paths: Sequence[str | os.PathLike[str]], settings: InferenceConfig,
+                 scheme: LabelScheme | str = "brats2023", case_id: str | None = None,
+                 margin: int = 2) -> CasePrediction:
+    """Read the four modality files (``t1c, t1n, t2f, t2w``), predict, and return probabilities and the label map
+    in the geometry of the input files.
+
+    Args:
+        margin: voxels added around the brain box (a margin larger than the volume gives full-volume inference).
+    """
+    preprocessed = preprocess_case(image_paths, None, scheme, margin=margin, case_id=case_id)
+    return predict_preprocessed(model, preprocessed, settings, scheme)

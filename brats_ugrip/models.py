@@ -1,0 +1,229 @@
+"""Model registry: networks built by name, timm-style (``create_model("mednext_b", kernel_size=5)``).
+
+Every model takes the four modalities (``t1c, t1n, t2f, t2w``) and returns three region logits (TC, WT, ET;
+apply a sigmoid). A MedNeXt built with ``deep_supervision=True`` returns, in train mode, a tuple of 5 logits
+tensors from full to 1/16 resolution; in eval mode always one tensor.
+
+Also here: the model surgery fine-tuning needs (parameters in forward order, freezing, re-initialising the last
+convolutions) and UpKern (a kernel-5 MedNeXt initialised from a kernel-3 one by trilinear upsampling).
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import BasicUNet, MedNeXt, SegResNet
+from torch import nn
+
+from brats_ugrip.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from brats_ugrip.config import RunConfig
+
+IN_CHANNELS = 4
+OUT_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered network.
+
+    Attributes:
+        name: registry name.
+        build: ``build(**kwargs) -> nn.Module`` taking exactly the keys of ``defaults``.
+        defaults: every hyper-parameter with its default; checkpoints store the resolved dict.
+        divisor: spatial sizes fed to the network must be multiples of it (2 ** number of downsamplings).
+        description: one line for ``list_models``.
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    defaults: dict[str, Any]
+    divisor: int
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, divisor: int, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``build(**kwargs)``; its keyword defaults become the model's documented defaults."""
+
+    def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        defaults = {p.name: p.default for p in inspect.signature(build).parameters.values()}
+        _REGISTRY[name] = ModelSpec(name, build, defaults, divisor, description)
+        return build
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError("model.name", f"unknown model {name!r}; available: {', '.join(list_models())}") from None
+
+
+def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
+    """Every hyper-parameter of ``name``: the registry defaults updated with ``kwargs`` (unknown keys rejected)."""
+    spec = get_spec(name)
+    unknown = sorted(set(kwargs) - set(spec.defaults))
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}", f"{name} has no such setting; its settings are "
+                          f"{', '.join(sorted(spec.defaults))}")
+    return {**spec.defaults, **kwargs}
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered network (4 input channels, 3 region logits)."""
+    return get_spec(name).build(**resolve_kwargs(name, **kwargs))
+
+
+def config_model_kwargs(config: RunConfig) -> dict[str, Any]:
+    """The model settings a run config sets explicitly (``None`` means the registry default)."""
+    model = config.model
+    return {key: value for key, value in (("kernel_size", model.kernel_size),
+                                          ("deep_supervision", model.deep_supervision),
+                                          ("init_filters", model.init_filters)) if value is not None}
+
+
+def check_model_config(config: RunConfig) -> None:
+    """Config-time checks: the model exists, takes the given settings, and the patch sizes fit its downsampling."""
+    spec = get_spec(config.model.name)
+    kwargs = resolve_kwargs(spec.name, **config_model_kwargs(config))
+    if "kernel_size" in kwargs and (kwargs["kernel_size"] < 3 or kwargs["kernel_size"] % 2 == 0):
+        raise ConfigError("model.kernel_size", f"must be an odd size ≥ 3 (3 or 5 for MedNeXt), got {kwargs['kernel_size']}")
+    if kwargs.get("init_filters", 1) < 1:
+        raise ConfigError("model.init_filters", f"must be > 0, got {kwargs['init_filters']}")
+    if spec.name == "segresnet" and kwargs["init_filters"] % 8:
+        raise ConfigError("model.init_filters", f"SegResNet uses group norm with 8 groups; use a multiple of 8, got {kwargs['init_filters']}")
+    for key, roi in (("data.roi_size", config.data.roi_size), ("inference.roi_size", config.inference.roi_size)):
+        if roi is not None and any(size % spec.divisor for size in roi):
+            raise ConfigError(key, f"{spec.name} downsamples by {spec.divisor}: every size must be a multiple of "
+                              f"{spec.divisor}, got {list(roi)}")
+
+
+# --- the networks -------------------------------------------------------------------------------------------
+
+# MedNeXt variants (Roy et al. 2023, arXiv:2303.09975), as in MONAI's ``create_mednext`` but with a configurable
+# width so that tests and demos can build tiny ones; a test checks the parameter count against MONAI's factory.
+MEDNEXT_VARIANTS: dict[str, dict[str, Any]] = {
+    "s": dict(encoder_expansion_ratio=2, decoder_expansion_ratio=2, bottleneck_expansion_ratio=2,
+              blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2)),
+    "b": dict(encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2), bottleneck_expansion_ratio=4,
+              blocks_down=(2, 2, 2, 2), blocks_bottleneck=2, blocks_up=(2, 2, 2, 2)),
+    "m": dict(encoder_expansion_ratio=(2, 3, 4, 4), decoder_expansion_ratio=(4, 4, 3, 2), bottleneck_expansion_ratio=4,
+              blocks_down=(3, 4, 4, 4), blocks_bottleneck=4, blocks_up=(4, 4, 4, 3)),
+    "l": dict(encoder_expansion_ratio=(3, 4, 8, 8), decoder_expansion_ratio=(8, 8, 4, 3), bottleneck_expansion_ratio=8,
+              blocks_down=(3, 4, 8, 8), blocks_bottleneck=8, blocks_up=(8, 8, 4, 3)),
+}
+
+
+def _mednext_builder(variant: str) -> Callable[..., nn.Module]:
+    def build(kernel_size: int = 3, deep_supervision: bool = False, init_filters: int = 32) -> nn.Module:
+        return MedNeXt(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, init_filters=init_filters,
+                       kernel_size=kernel_size, deep_supervision=deep_supervision, use_residual_connection=True,
+                       norm_type="group", global_resp_norm=False, **MEDNEXT_VARIANTS[variant])
+
+    return build
+
+
+for _variant in MEDNEXT_VARIANTS:
+    register_model(f"mednext_{_variant}", divisor=16,
+                   description=f"MedNeXt-{_variant.upper()} (MONAI), kernel 3 or 5, optional deep supervision")(
+        _mednext_builder(_variant))
+
+
+@register_model("segresnet", divisor=8, description="SegResNet (MONAI), blocks (1, 2, 2, 4) / (1, 1, 1)")
+def _segresnet(init_filters: int = 16, dropout: float = 0.0) -> nn.Module:
+    return SegResNet(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, init_filters=init_filters,
+                     dropout_prob=dropout or None, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+
+
+@register_model("unet", divisor=16, description="3-D U-Net (MONAI BasicUNet), widths f, f, 2f, 4f, 8f")
+def _unet(init_filters: int = 32) -> nn.Module:
+    f = init_filters
+    return BasicUNet(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, features=(f, f, 2 * f, 4 * f, 8 * f, f))
+
+
+# --- fine-tuning surgery ------------------------------------------------------------------------------------
+
+
+def _forward_order(model: nn.Module, input_size: int) -> list[nn.Module]:
+    """Leaf modules in the order a forward pass runs them (registration order can differ, e.g. MedNeXt's
+    final output block is registered before its deep-supervision heads)."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda module, *_: order.append(module) if module not in order else None)
+             for m in model.modules() if not list(m.children())]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, IN_CHANNELS, input_size, input_size, input_size,
+                              device=next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return order
+
+
+def parameters_in_forward_order(model: nn.Module, input_size: int = 32) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` from the input side to the output side. ``input_size``: a cube side the network
+    accepts (its divisor)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    ordered: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for module in _forward_order(model, input_size):
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                ordered.append((names[id(param)], param))
+    # Parameters used outside leaf modules' forward (rare) go first, so they count as far from the output.
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in seen]
+    return rest + ordered
+
+
+def freeze_all_but_last(model: nn.Module, count: int, input_size: int = 32) -> int:
+    """Freeze every parameter tensor except the last ``count`` (forward order); returns the trainable count."""
+    ordered = parameters_in_forward_order(model, input_size)
+    for i, (_, param) in enumerate(ordered):
+        param.requires_grad_(i >= len(ordered) - count)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def reset_last_convolutions(model: nn.Module, count: int, input_size: int = 32) -> list[nn.Module]:
+    """Re-initialise the last ``count`` convolution layers (forward order); returns them."""
+    convs = [m for m in _forward_order(model, input_size) if isinstance(m, nn.modules.conv._ConvNd)]
+    if count > len(convs):
+        raise ConfigError("finetune.reset_last", f"the model has {len(convs)} convolution layers, cannot reset {count}")
+    chosen = convs[len(convs) - count:] if count else []
+    for conv in chosen:
+        conv.reset_parameters()
+    return chosen
+
+
+def upkern_state_dict(source: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """UpKern: adapt ``source`` weights to ``target``, trilinearly upsampling convolution kernels whose spatial
+    size differs (e.g. a kernel-3 MedNeXt into a kernel-5 one). Any other mismatch is a :class:`CheckpointError`."""
+    result: dict[str, torch.Tensor] = {}
+    target_state = target.state_dict()
+    for key, wanted in target_state.items():
+        if key not in source:
+            raise CheckpointError(f"UpKern: the source checkpoint has no tensor {key!r}; is it the same architecture?")
+        tensor = source[key]
+        if tensor.shape != wanted.shape:
+            if tensor.ndim != 5 or tensor.shape[:2] != wanted.shape[:2]:
+                raise CheckpointError(f"UpKern: {key} has shape {tuple(tensor.shape)} in the source and "
+                                      f"{tuple(wanted.shape)} in the model; only kernel sizes may differ")
+            tensor = F.interpolate(tensor.float(), size=wanted.shape[2:], mode="trilinear").to(wanted.dtype)
+        result[key] = tensor
+    return result

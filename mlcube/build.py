@@ -1,0 +1,323 @@
+"""Build a MedPerf model package from a single model, a soup or an ensemble spec.
+
+    python mlcube/build.py --model soup.ckpt|ensemble.yaml --challenge brats2024-ssa --out build/mlcube \\
+        [--image REGISTRY/NAME:TAG] [--base-image pytorch/pytorch:TAG] [--accelerator-count 1] [--force]
+
+writes MedPerf's model layout, one build for both submission forms:
+
+    OUT/mlcube/mlcube.yaml                   MLCube form: task `infer` (data_path, parameters_file,
+                                             additional_files → output_path), platform, docker image and build
+    OUT/mlcube/workspace/parameters.yaml     the inference: models and their weights per region, window, overlap,
+                                             TTA, thresholds, post-processing, label scheme (editable, no rebuild)
+    OUT/mlcube/workspace/additional_files/   model-<i>.safetensors (weights, no pickles) + model-<i>.json (metadata)
+    OUT/container_config.yaml                MedPerf container form (2025+): the same task, volumes under
+                                             /mlcommons/volumes
+    OUT/project/                             Docker build context: Dockerfile (CUDA PyTorch base, non-root),
+                                             requirements.txt (pinned), mlcube.py (typer app), runtime.py and the
+                                             brats_ugrip modules it imports
+
+A checkpoint (a run's best.ckpt, a soup) is packaged as an ensemble of one with its own inference settings and
+threshold; an ensemble spec (``ensembling/``) as it is. Check the result without Docker with
+``python mlcube/check.py OUT --data CASES [--labels REFERENCES]``; mlcube/README.md says how to build and test the
+image.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.metadata
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import brats_ugrip
+from brats_ugrip.atomic import atomic_write_text
+from brats_ugrip.cli import console, run
+from brats_ugrip.ensemble import INFERENCE_KEYS, Ensemble, EnsembleMember, EnsembleSpec
+from brats_ugrip.errors import BratsUgripError, ConfigError
+from brats_ugrip.metrics.lesionwise import LESIONWISE_PRESETS
+from mlcube.runtime import load_package, save_packaged_model
+from mlcube.schema import CONTAINER_MOUNTS, INFER_INPUTS, INFER_OUTPUTS, INFER_TASK, PARAMETERS_FILE, PackageLayout, \
+    validate_package
+
+CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
+"""Challenges a package can be built for; each is also the metric set ``mlcube/check.py`` scores with."""
+OUTPUT_SCHEME = "brats2023"
+"""Labels of BraTS 2023+ predictions: 1 NETC, 2 SNFH, 3 ET (models predict regions, so any training scheme fits)."""
+HERE = Path(__file__).resolve().parent
+PROJECT_SOURCES = {"mlcube.py": HERE / "entrypoint.py", "runtime.py": HERE / "runtime.py"}
+"""``project/`` files copied from this folder; the brats_ugrip modules they import are copied along."""
+PACKAGED_META_KEYS = ("format", "model", "config", "fold", "epoch", "step", "val_metrics", "val_epoch", "git_commit",
+                      "init_id", "weights", "created")
+CONTAINER_PROJECT = "/mlcube_project"
+MLCUBE_DEFAULTS = {"data_path": "data", "parameters_file": PARAMETERS_FILE, "additional_files": "additional_files",
+                   "output_path": "predictions"}
+"""Workspace paths of the task's parameters in ``mlcube.yaml`` (where MedPerf puts them)."""
+
+
+# --- the models ---------------------------------------------------------------------------------------------------
+
+
+def load_source(model: Path) -> Ensemble:
+    """The ensemble to package, loaded on the CPU and checked: an ensemble spec (``.yaml``) or one checkpoint (an
+    ensemble of one with the checkpoint's threshold). Output labels are :data:`OUTPUT_SCHEME`."""
+    if model.suffix in (".yaml", ".yml"):
+        spec = dataclasses.replace(EnsembleSpec.load(model), label_scheme=OUTPUT_SCHEME)
+        return Ensemble(spec)
+    ensemble = Ensemble(EnsembleSpec([EnsembleMember(model.resolve())], label_scheme=OUTPUT_SCHEME))
+    threshold = ensemble.members[0].settings.threshold
+    return ensemble.with_spec(dataclasses.replace(ensemble.spec, thresholds=(threshold,) * 3))
+
+
+def package_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a package keeps of a checkpoint's metadata: architecture, config, provenance and scores; of a soup's
+    ``soup`` record, the method and sizes (not the ingredients' paths on the training machine)."""
+    packaged = {key: meta[key] for key in PACKAGED_META_KEYS if key in meta}
+    if isinstance(meta.get("soup"), dict):
+        packaged["soup"] = {key: meta["soup"].get(key) for key in ("method", "kept", "score")}
+        packaged["soup"]["ingredients"] = len(meta["soup"].get("ingredients") or [])
+    return packaged
+
+
+def write_models(ensemble: Ensemble, additional_files: Path) -> EnsembleSpec:
+    """Write each model's weights and metadata; returns the spec of the packaged models, with every inference
+    setting written out (what ``parameters.yaml`` holds)."""
+    members = []
+    for i, (loaded, member) in enumerate(zip(ensemble.members, ensemble.spec.members)):
+        path = save_packaged_model(additional_files / f"model-{i}.safetensors", loaded.model,
+                                   package_meta(loaded.meta), source=loaded.path.name)
+        settings = {key: getattr(loaded.settings, key) for key in INFERENCE_KEYS}
+        members.append(EnsembleMember(path, member.weights, settings))
+    return dataclasses.replace(ensemble.spec, members=members)
+
+
+def parameters_text(spec: EnsembleSpec, challenge: str, additional_files: Path) -> str:
+    values = {"challenge": challenge, **spec.to_dict(additional_files)}
+    return ("# brats-ugrip model package parameters (read by project/runtime.py; see mlcube/README.md).\n"
+            "# An ensemble spec (brats_ugrip/ensemble.py): models are the files in additional_files, each with its\n"
+            "# weights per region (TC, WT, ET) and sliding-window settings; thresholds per region; post-processing.\n"
+            "# A single model or a soup is an ensemble of one. Change values here without rebuilding the image.\n"
+            + yaml.safe_dump(values, sort_keys=False))
+
+
+# --- the project folder -------------------------------------------------------------------------------------------
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every absolute import of a Python file, lazy ones included: ``a.b`` for ``import a.b`` and both ``a`` and
+    ``a.b`` for ``from a import b`` (``b`` may be a module)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def library_files(entries: Iterable[Path], package_dir: Path) -> dict[Path, Path]:
+    """The files of the package in ``package_dir`` that ``entries`` import, directly or through each other, with
+    their packages' ``__init__.py``: ``{path relative to the package's parent: source}``."""
+    package = package_dir.name
+    found: dict[Path, Path] = {}
+    todo = list(entries)
+    while todo:
+        for name in imported_names(todo.pop()):
+            parts = name.split(".")
+            if parts[0] != package:
+                continue
+            for depth in range(1, len(parts) + 1):  # the package, its subpackages, then the module itself
+                base = package_dir.joinpath(*parts[1:depth])
+                source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+                if source.is_file() and source not in found.values():
+                    found[source.relative_to(package_dir.parent)] = source
+                    todo.append(source)
+    return found
+
+
+def pinned_requirements(files: Iterable[Path]) -> list[str]:
+    """``name==version`` of the installed distributions that ``files`` import (the versions this build was made and
+    checked with; local version labels such as ``+cpu`` dropped)."""
+    providers = importlib.metadata.packages_distributions()
+    local = {"brats_ugrip", *(Path(name).stem for name in PROJECT_SOURCES)}
+    pins: set[str] = set()
+    for path in files:
+        for top in {name.split(".")[0] for name in imported_names(path)}:
+            if top in sys.stdlib_module_names or top in local:
+                continue
+            if top not in providers:
+                raise ConfigError("requirements", f"{path} imports {top!r}, which no installed distribution provides")
+            pins |= {f"{dist}=={importlib.metadata.version(dist).split('+')[0]}" for dist in providers[top]}
+    return sorted(pins, key=str.lower)
+
+
+def default_base_image() -> str:
+    return f"pytorch/pytorch:{importlib.metadata.version('torch').split('+')[0]}-cuda12.8-cudnn9-runtime"
+
+
+def dockerfile_text(base_image: str, challenge: str) -> str:
+    return f"""\
+# brats-ugrip model package ({challenge}), built by mlcube/build.py. See mlcube/README.md.
+# A CUDA PyTorch runtime; requirements.txt pins what the package was built and checked with.
+FROM {base_image}
+
+# Nothing is downloaded at run time (MedPerf runs models with --network none). Any cache a library wants goes to /tmp,
+# writable for whatever user MedPerf runs the container as (it passes -u <uid>:<gid>).
+ENV LANG=C.UTF-8 \\
+    PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1 \\
+    PIP_NO_CACHE_DIR=1 \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \\
+    HOME=/tmp \\
+    XDG_CACHE_HOME=/tmp/.cache \\
+    HF_HUB_OFFLINE=1
+
+COPY requirements.txt {CONTAINER_PROJECT}/requirements.txt
+RUN python3 -m pip install --no-cache-dir -r {CONTAINER_PROJECT}/requirements.txt
+
+COPY . {CONTAINER_PROJECT}
+RUN python3 -m compileall -q {CONTAINER_PROJECT} \\
+    && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin brats
+USER 1000
+WORKDIR {CONTAINER_PROJECT}
+
+ENTRYPOINT ["python3", "{CONTAINER_PROJECT}/mlcube.py"]
+"""
+
+
+def write_project(project: Path, base_image: str, challenge: str) -> list[str]:
+    """``project/``: the entry point, the runtime, the brats_ugrip modules they import, requirements and
+    Dockerfile. Returns the pinned requirements."""
+    project.mkdir(parents=True)
+    for name, source in PROJECT_SOURCES.items():
+        shutil.copy2(source, project / name)
+    library = library_files(PROJECT_SOURCES.values(), Path(brats_ugrip.__file__).parent)
+    for relative, source in library.items():
+        (project / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, project / relative)
+    requirements = pinned_requirements([*PROJECT_SOURCES.values(), *library.values()])
+    atomic_write_text(project / "requirements.txt", "\n".join(requirements) + "\n")
+    atomic_write_text(project / "Dockerfile", dockerfile_text(base_image, challenge))
+    return requirements
+
+
+# --- the two descriptions of the task -----------------------------------------------------------------------------
+
+
+def mlcube_config(challenge: str, image: str, accelerator_count: int, author: str) -> dict[str, Any]:
+    """``mlcube.yaml`` (the layout of MedPerf's model MLCube template)."""
+    parameter = lambda name, kind: {"type": kind, "default": MLCUBE_DEFAULTS[name]}  # noqa: E731
+    return {
+        "name": f"brats-ugrip-{challenge}",
+        "description": f"brats-ugrip BraTS segmentation model for {challenge}: label maps of the four MR modalities",
+        "authors": [{"name": author}],
+        "platform": {"accelerator_count": accelerator_count},
+        "docker": {"image": image, "build_context": "../project", "build_file": "Dockerfile"},
+        "tasks": {INFER_TASK: {"parameters": {
+            "inputs": {name: parameter(name, kind) for name, kind in INFER_INPUTS.items()},
+            "outputs": {name: parameter(name, kind) for name, kind in INFER_OUTPUTS.items()},
+        }}},
+    }
+
+
+def container_config(image: str, accelerator_count: int) -> dict[str, Any]:
+    """``container_config.yaml`` (MedPerf's model container template; the entry point gets ``run_args.command``)."""
+    command = " ".join([INFER_TASK, *(f"--{name}={CONTAINER_MOUNTS[name]}" for name in (*INFER_INPUTS, *INFER_OUTPUTS))])
+    run_args: dict[str, Any] = {"command": command}
+    if accelerator_count:
+        run_args["gpus"] = accelerator_count
+    volume = lambda name, kind: {"mount_path": CONTAINER_MOUNTS[name], "type": kind}  # noqa: E731
+    return {"container_type": "DockerImage", "image": image, "tasks": {INFER_TASK: {
+        "run_args": run_args,
+        "input_volumes": {name: volume(name, kind) for name, kind in INFER_INPUTS.items()},
+        "output_volumes": {name: volume(name, kind) for name, kind in INFER_OUTPUTS.items()},
+    }}}
+
+
+def yaml_text(header: str, values: dict[str, Any]) -> str:
+    return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(values, sort_keys=False)
+
+
+# --- build --------------------------------------------------------------------------------------------------------
+
+
+def build_package(model: str | os.PathLike[str], challenge: str, out: str | os.PathLike[str],
+                  image: str | None = None, base_image: str | None = None, accelerator_count: int = 1,
+                  author: str = "brats-ugrip", force: bool = False) -> PackageLayout:
+    """Build the package (module docstring) into ``out``, atomically: it is assembled next to ``out``, validated,
+    and only then moved into place (replacing an existing ``out`` when ``force``)."""
+    if challenge not in CHALLENGES:
+        raise ConfigError("--challenge", f"unknown challenge {challenge!r}; choose one of {', '.join(CHALLENGES)}")
+    if accelerator_count < 0:
+        raise ConfigError("--accelerator-count", f"must be ≥ 0, got {accelerator_count}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError("--out", f"{out} exists and is not empty; choose another folder or pass --force to replace it")
+    image = image or f"brats-ugrip/{challenge}:{importlib.metadata.version('brats-ugrip')}"
+    ensemble = load_source(Path(model))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would otherwise become the package's mode
+    try:
+        layout = PackageLayout(staging)
+        layout.additional_files.mkdir(parents=True)
+        spec = write_models(ensemble, layout.additional_files)
+        atomic_write_text(layout.parameters, parameters_text(spec, challenge, layout.additional_files))
+        # The parameters must reproduce the source's inference exactly.
+        reloaded, _ = load_package(layout.parameters, layout.additional_files, "cpu")
+        for i, (before, after) in enumerate(zip(ensemble.members, reloaded.members)):
+            if before.settings != after.settings:
+                raise BratsUgripError(f"models[{i}]: packaged settings {after.settings} differ from {before.settings}")
+        write_project(layout.project, base_image or default_base_image(), challenge)
+        atomic_write_text(layout.mlcube_yaml, yaml_text(
+            "MedPerf model MLCube (layout of MedPerf's model_mlcube template), built by brats-ugrip mlcube/build.py.",
+            mlcube_config(challenge, image, accelerator_count, author)))
+        atomic_write_text(layout.container_config, yaml_text(
+            "MedPerf model container (2025+ form, MedPerf's model_container template), built by brats-ugrip "
+            "mlcube/build.py.\nParameters: mlcube/workspace/parameters.yaml; additional files: "
+            "mlcube/workspace/additional_files/.", container_config(image, accelerator_count)))
+        problems = validate_package(staging)
+        if problems:
+            raise BratsUgripError("the built package does not validate:\n" + "\n".join(problems))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PackageLayout(out)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python mlcube/build.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a checkpoint (best.ckpt, soup.ckpt) or an ensemble spec (.yaml)")
+    parser.add_argument("--challenge", required=True, choices=CHALLENGES, metavar="CHALLENGE",
+                        help=f"one of {', '.join(CHALLENGES)}")
+    parser.add_argument("--out", required=True, help="package folder to write (e.g. build/mlcube)")
+    parser.add_argument("--image", help="Docker image name (default brats-ugrip/<challenge>:<version>)")
+    parser.add_argument("--base-image", help=f"CUDA PyTorch base image (default {default_base_image()}); its torch "
+                        "should be the pinned one")
+    parser.add_argument("--accelerator-count", type=int, default=1, help="GPUs the task asks for (0: CPU only)")
+    parser.add_argument("--author", default="brats-ugrip", help="author name in mlcube.yaml")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+
+    layout = build_package(args.model, args.challenge, args.out, args.image, args.base_image, args.accelerator_count,
+                           args.author, args.force)
+    models = sorted(p.name for p in layout.additional_files.glob("*.safetensors"))
+    console.print(f"built {layout.root} ({len(models)} model(s): {', '.join(models)})\n"
+                  f"  check:  python mlcube/check.py {layout.root} --data CASES [--labels REFERENCES]\n"
+                  f"  image:  docker build -t {yaml.safe_load(layout.mlcube_yaml.read_text())['docker']['image']} "
+                  f"{layout.project}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,257 @@
+"""What a brats-ugrip model package runs: the packaged weights format and the ``infer`` task.
+
+``mlcube/build.py`` copies this file to ``project/runtime.py`` (with the ``brats_ugrip`` modules it imports), where
+``project/mlcube.py infer`` calls :func:`infer`. It imports nothing from the repository but ``brats_ugrip``.
+
+Packaged weights (``additional_files/``), no pickles: per model ``model-<i>.safetensors`` (the network's
+``state_dict``) and ``model-<i>.json``::
+
+    {"format": 1, "sha256": <of the .safetensors>, "source": <checkpoint file name>, "meta": <checkpoint metadata:
+     model name and settings, run config, fold, scores, init id, soup summary ...>}
+
+``parameters.yaml`` is an ensemble spec (``brats_ugrip.ensemble``) whose model paths are those files, relative to
+``additional_files``, with every inference setting written out (window, overlap, TTA, precision), plus
+``challenge``. A single model or a soup is an ensemble of one. Editing it changes the inference without rebuilding
+the image.
+
+The task: every folder ``data_path/<ID>/`` is a case ``<ID>-{t1c,t1n,t2f,t2w}.nii.gz``; each gives
+``output_path/<ID>.nii.gz``, a uint8 label map of the challenge's scheme with the shape and affine of the case's
+images (MedPerf's evaluators match predictions by the ``NNNNN-NNN`` number in the name). A case with a missing or
+unreadable modality, modalities of different geometry, or an id without that number is reported and skipped; the
+others are still written. Runs on the GPU when there is one, else on the CPU; needs no network and writes nothing
+but the predictions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from brats_ugrip.atomic import atomic_path, atomic_write_json
+from brats_ugrip.checkpoints import build_model
+from brats_ugrip.cli import console, progress_bar
+from brats_ugrip.config import apply_overrides, config_from_dict
+from brats_ugrip.data import NAMINGS, Case, brats_case_number, check_case
+from brats_ugrip.ensemble import Ensemble, EnsembleSpec, LoadedMember
+from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
+from brats_ugrip.inference import inference_settings
+from brats_ugrip.io import write_label_map
+
+PACKAGE_FORMAT = 1
+RUNTIME_KEYS = ("challenge",)
+"""Keys of ``parameters.yaml`` besides the ensemble spec's."""
+INPUT_NAMING = NAMINGS["brats2023"]
+"""BraTS 2023+ file names, which MedPerf's BraTS data preparation writes."""
+EXIT_CASES_FAILED = 1
+EXIT_BAD_PACKAGE = 2
+
+
+# --- packaged weights ----------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_packaged_model(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any], source: str) -> Path:
+    """Write ``path`` (``.safetensors``: the network's weights) and its ``.json`` sidecar (metadata)."""
+    path = Path(path)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "brats-ugrip", "model": meta["model"]["name"]})
+    atomic_write_json(path.with_suffix(".json"),
+                      {"format": PACKAGE_FORMAT, "sha256": sha256(path), "source": source, "meta": meta})
+    return path
+
+
+def load_packaged_member(path: Path, inference: dict[str, Any], key: str, device: torch.device) -> LoadedMember:
+    """Load a packaged model (see the module docstring) with the spec's inference settings, checking its hash."""
+    sidecar = path.with_suffix(".json")
+    if not path.is_file() or not sidecar.is_file():
+        raise CheckpointError(f"{key}: {path.name} or {sidecar.name} is missing from additional_files ({path.parent}); "
+                              "the weights ship as the additional files of the package, rebuild it with mlcube/build.py")
+    try:
+        record = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{sidecar}: not valid JSON ({error})") from error
+    meta = record.get("meta") if isinstance(record, dict) else None
+    if not isinstance(meta, dict) or not {"model", "config"} <= meta.keys():
+        raise CheckpointError(f"{sidecar}: not a brats-ugrip model description (expected meta.model and meta.config)")
+    if sha256(path) != record.get("sha256"):
+        raise CheckpointError(f"{path}: its sha256 differs from the one recorded in {sidecar.name}; the weights are "
+                              "corrupt or belong to another package")
+    model = build_model(meta)
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit {meta['model']['name']} {meta['model']['kwargs']} "
+                              f"({error})") from error
+    try:
+        config = config_from_dict(apply_overrides(meta["config"], {f"inference.{k}": v for k, v in inference.items()}))
+    except ConfigError as error:
+        raise ConfigError(f"{key}.{error.key_path}", str(error).split(": ", 1)[1]) from None
+    return LoadedMember(path, model.to(device).eval(), meta, inference_settings(config), config.data.scheme)
+
+
+@dataclass
+class Parameters:
+    """``parameters.yaml``: the ensemble spec (model paths resolved in ``additional_files``) and the challenge."""
+
+    spec: EnsembleSpec
+    challenge: str | None
+
+    @classmethod
+    def load(cls, parameters_file: str | os.PathLike[str], additional_files: str | os.PathLike[str]) -> Parameters:
+        path = Path(parameters_file)
+        if not path.is_file():
+            raise ConfigError("<file>", "parameters file not found", str(path))
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError("<file>", f"not valid YAML ({error})", str(path)) from error
+        if not isinstance(values, dict):
+            raise ConfigError("<root>", "expected a mapping: an ensemble spec (models, thresholds ...) and challenge",
+                              str(path))
+        runtime = {key: values.pop(key) for key in RUNTIME_KEYS if key in values}
+        challenge = runtime.get("challenge")
+        if challenge is not None and not isinstance(challenge, str):
+            raise ConfigError("challenge", f"expected a challenge name such as brats2024-ssa, got {challenge!r}", str(path))
+        return cls(EnsembleSpec.from_dict(values, additional_files, str(path)), challenge)
+
+
+def load_package(parameters_file: str | os.PathLike[str], additional_files: str | os.PathLike[str],
+                 device: str | torch.device) -> tuple[Ensemble, Parameters]:
+    """The packaged ensemble, loaded on ``device``, and the parameters it was loaded with."""
+    parameters = Parameters.load(parameters_file, additional_files)
+    device = torch.device(device)
+    members = [load_packaged_member(Path(m.path), m.inference, f"models[{i}]", device)
+               for i, m in enumerate(parameters.spec.members)]
+    return Ensemble(parameters.spec, device, members), parameters
+
+
+# --- the infer task ------------------------------------------------------------------------------------------------
+
+
+def input_cases(data_path: str | os.PathLike[str]) -> list[Case]:
+    """Every case folder of ``data_path`` (hidden folders aside), complete or not, sorted by id."""
+    data_path = Path(data_path)
+    if not data_path.is_dir():
+        raise DataError(f"{data_path}: data folder not found")
+    folders = sorted(p for p in data_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [Case(p.name, tuple(data_path / name for name in INPUT_NAMING.image_names(p.name))) for p in folders]
+
+
+def case_problems(case: Case, scheme: str, numbers_seen: set[str]) -> list[str]:
+    """Why ``case`` cannot be predicted (empty when it can): its id has no ``NNNNN-NNN`` number or repeats one, or
+    its images are missing, unreadable, empty or of different geometry (``brats_ugrip.data.check_case``)."""
+    number = brats_case_number(case.case_id)
+    if number is None:
+        return ["its id has no NNNNN-NNN number, which MedPerf's evaluators match predictions by"]
+    if number in numbers_seen:
+        return [f"another case has the number {number}; predictions are matched by it"]
+    return check_case(case, scheme).problems
+
+
+@dataclass
+class CaseResult:
+    """How one case went: ``seconds`` of prediction, or the ``problems`` that made it skipped or failed."""
+
+    case_id: str
+    written: Path | None
+    seconds: float = 0.0
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class InferReport:
+    device: str
+    results: list[CaseResult]
+
+    @property
+    def failed(self) -> list[CaseResult]:
+        return [r for r in self.results if r.written is None]
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CASES_FAILED if self.failed else 0
+
+
+def predict_cases(ensemble: Ensemble, cases: list[Case], output_path: Path) -> list[CaseResult]:
+    """Predict and write each case, with a progress bar and one log line per case; a case that fails is reported and
+    the next one goes on."""
+    results: list[CaseResult] = []
+    numbers_seen: set[str] = set()
+    with progress_bar() as bar:
+        task = bar.add_task("predicting", total=len(cases))
+        for case in cases:
+            problems = case_problems(case, ensemble.scheme, numbers_seen)
+            result = CaseResult(case.case_id, None, problems=problems)
+            if not problems:
+                numbers_seen.add(brats_case_number(case.case_id) or "")
+                start = time.perf_counter()
+                try:
+                    prediction = ensemble.predict_case(case.images, case_id=case.case_id)
+                    result.written = write_label_map(output_path / f"{case.case_id}.nii.gz", prediction.labels,
+                                                     case.images[0])
+                except Exception as error:  # one broken case must not cost the others their predictions
+                    result.problems = [f"{error.__class__.__name__}: {error}"]
+                    if not isinstance(error, BratsUgripError):
+                        console.print(traceback.format_exc(), highlight=False, markup=False)
+                result.seconds = time.perf_counter() - start
+            if result.written is not None:
+                console.print(f"[green]ok[/] {case.case_id} {result.seconds:.1f} s → {result.written.name}",
+                              highlight=False, soft_wrap=True)
+            else:
+                console.print(f"[red]skipped[/] {case.case_id}: {'; '.join(result.problems)}", highlight=False,
+                              soft_wrap=True)
+            results.append(result)
+            bar.advance(task)
+    return results
+
+
+def run_infer(data_path: str | os.PathLike[str], parameters_file: str | os.PathLike[str],
+              output_path: str | os.PathLike[str], additional_files: str | os.PathLike[str],
+              device: str | None = None) -> InferReport:
+    """The ``infer`` task (module docstring). Raises :class:`BratsUgripError` when the package or the folders are
+    unusable; case problems are in the report."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    output_path = Path(output_path)
+    if not output_path.is_dir():
+        raise DataError(f"{output_path}: output folder not found")
+    cases = input_cases(data_path)
+    if not cases:
+        raise DataError(f"{data_path}: no case folders; expected <ID>/<ID>-t1c.nii.gz, -t1n, -t2f, -t2w")
+    ensemble, parameters = load_package(parameters_file, additional_files, device)
+    console.print(f"brats-ugrip model package: challenge {parameters.challenge or 'not set'}, "
+                  f"{len(ensemble.members)} model(s), labels {ensemble.scheme}, device {device}, "
+                  f"{len(cases)} case folder(s) in {data_path}", highlight=False, soft_wrap=True)
+    report = InferReport(device, predict_cases(ensemble, cases, output_path))
+    written = len(report.results) - len(report.failed)
+    console.print(f"wrote {written} of {len(cases)} predictions to {output_path}" +
+                  (f"; skipped {', '.join(r.case_id for r in report.failed)}" if report.failed else ""),
+                  highlight=False, soft_wrap=True)
+    return report
+
+
+def infer(data_path: str, parameters_file: str, output_path: str, additional_files: str) -> int:
+    """:func:`run_infer` as a command: exit code 0 when every case was written, 1 when some were not, 2 when the package or a folder is unusable (message printed)."""
+    try:
+        return run_infer(data_path, parameters_file, output_path, additional_files).exit_code
+    except BratsUgripError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_PACKAGE

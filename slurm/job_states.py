@@ -1,0 +1,209 @@
+"""Where the monitor learns what the scheduler did with each job: one :class:`JobStateSource` per executor.
+
+- :class:`SlurmJobStates`: one batched ``sacct`` call per poll for all jobs (``slurm/sacct.py``); ``scancel``.
+- :class:`LocalJobStates`: submitit's local executor has no accounting: a job's id is the pid of its controller
+  process; the job is finished when submitit's result pickle exists (``success`` or ``error``), running while
+  the controller lives (and waiting for a local slot until the run's ``job.json`` names this job), and was killed
+  when the controller is gone without a result.
+
+Both speak sacct's vocabulary (PENDING, RUNNING, REQUEUED, COMPLETED, FAILED, TIMEOUT, CANCELLED,
+OUT_OF_MEMORY, NODE_FAIL…), so the monitor merges them the same way.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from submitit.core.utils import JobPaths
+
+from brats_ugrip.jobs import read_job_info
+from slurm.sacct import SacctError, SacctRecord, query_sacct
+
+ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
+                           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"})
+"""States after which the job may still run (PREEMPTED: SLURM may requeue it)."""
+UNCOMPLETED_MARK = "timed-out too many times"
+"""submitit's message when a job hit its time limit more often than ``max_num_timeout``."""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What the scheduler says about one job (all its starts, for a requeued job).
+
+    Args:
+        state: the latest state, in sacct's words.
+        node: where it runs or ran.
+        started_at: its first start (Unix seconds); ended_at: its end, once final.
+        requeues: how many times it was requeued (timeouts, preemptions) so far.
+        reason: the scheduler's explanation (e.g. sacct's Reason, a local job's exit), if any.
+    """
+
+    job_id: str
+    state: str
+    node: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: str | None = None
+    requeues: int = 0
+    reason: str | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+
+class JobStateSource(Protocol):
+    """The scheduler of one executor kind (``cluster``): job states in one batched query, and cancellation."""
+
+    cluster: str
+
+    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+        """Status of each job id in ``jobs`` (job id → its run directory); jobs the scheduler does not know (yet)
+        are absent.
+
+        Raises:
+            SacctError: the scheduler could not be asked (then nothing must be concluded about the jobs).
+        """
+        ...
+
+    def cancel(self, job_ids: list[str]) -> None:
+        ...
+
+
+def read_result(jobs_folder: str | os.PathLike[str], job_id: str) -> tuple[str, Any] | None:
+    """submitit's outcome of a job: ``("success", value)`` or ``("error", traceback text)``; None before it ends.
+
+    ``jobs_folder`` is submitit's folder (``SWEEP_DIR/jobs/%j``).
+    """
+    path = JobPaths(jobs_folder, job_id, 0).result_pickle
+    try:
+        with open(path, "rb") as handle:
+            outcome = pickle.load(handle)
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError, AttributeError, ModuleNotFoundError):
+        return None
+    return outcome if isinstance(outcome, tuple) and len(outcome) == 2 else None
+
+
+class SlurmJobStates:
+    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``.
+
+    Args:
+        timeout_s: how long sacct may take.
+        query: the sacct query (job ids, timeout → records by job id); the benchmark feeds it a recorded answer.
+    """
+
+    cluster = "slurm"
+
+    def __init__(self, timeout_s: float = 60,
+                 query: Callable[[Iterable[str], float], dict[str, list[SacctRecord]]] = query_sacct):
+        self.timeout_s = timeout_s
+        self.query = query
+
+    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+        statuses = {}
+        for job_id, history in self.query(list(jobs), self.timeout_s).items():
+            latest = history[-1]
+            starts = [r.start for r in history if r.start is not None]
+            statuses[job_id] = JobStatus(
+                job_id=job_id, state=latest.state, node=latest.node or next((r.node for r in reversed(history)
+                                                                             if r.node), None),
+                started_at=starts[0] if starts else None,
+                ended_at=latest.end, exit_code=latest.exit_code,
+                requeues=sum(r.state in ("REQUEUED", "PREEMPTED") for r in history[:-1]) + (latest.state == "REQUEUED"),
+                reason=latest.reason,
+            )
+        return statuses
+
+    def cancel(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        try:
+            answer = subprocess.run(["scancel", *job_ids], capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise SacctError(f"scancel could not be run ({error})") from error
+        if answer.returncode != 0:
+            raise SacctError(f"scancel {' '.join(job_ids)} failed: {answer.stderr.strip()[-500:]}")
+
+
+class LocalJobStates:
+    """Jobs of submitit's local executor, from their processes and submitit's files (no accounting exists).
+
+    Args:
+        jobs_folder: submitit's folder (``SWEEP_DIR/jobs/%j``).
+    """
+
+    cluster = "local"
+
+    def __init__(self, jobs_folder: str | os.PathLike[str]):
+        self.jobs_folder = str(jobs_folder)
+        self.node = socket.gethostname()
+
+    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+        return {job_id: self._status(job_id, Path(run_dir)) for job_id, run_dir in jobs.items()}
+
+    def _status(self, job_id: str, run_dir: Path) -> JobStatus:
+        info = read_job_info(run_dir) or {}
+        started = str(info.get("job_id")) == job_id
+        started_at = info.get("started_at") if started else None
+        finished = self._finished(job_id, started_at)
+        if finished is not None:
+            return finished
+        if _controller_alive(job_id):
+            return JobStatus(job_id, "RUNNING" if started else "PENDING", self.node, started_at)
+        # The result may have appeared between the two checks: look again before calling the job killed.
+        finished = self._finished(job_id, started_at)
+        return finished or JobStatus(job_id, "FAILED", self.node, started_at, exit_code="killed",
+                                     reason="the job's process ended without a result (killed?)")
+
+    def _finished(self, job_id: str, started_at: float | None) -> JobStatus | None:
+        outcome = read_result(self.jobs_folder, job_id)
+        if outcome is None:
+            return None
+        ended_at = JobPaths(self.jobs_folder, job_id, 0).result_pickle.stat().st_mtime
+        kind, value = outcome
+        if kind == "success":
+            return JobStatus(job_id, "COMPLETED", self.node, started_at, ended_at, "0:0")
+        text = str(value)
+        state = "TIMEOUT" if UNCOMPLETED_MARK in text else "FAILED"
+        return JobStatus(job_id, state, self.node, started_at, ended_at, "1:0", reason=last_line(text))
+
+    def cancel(self, job_ids: list[str]) -> None:
+        for job_id in job_ids:
+            if _controller_alive(job_id):
+                # As submitit's LocalJob.cancel: the controller stops its tasks (SIGINT, then SIGKILL).
+                os.kill(int(job_id), signal.SIGINT)
+
+
+def _controller_alive(job_id: str) -> bool:
+    """Whether submitit's local controller ``job_id`` (a pid) still runs: not a zombie (finished children of the
+    launcher stay zombies until it exits), and a submitit process (a recycled pid belongs to something else)."""
+    if not job_id.isdigit():
+        return False
+    proc = Path("/proc") / job_id
+    if Path("/proc/self").is_dir():
+        try:
+            stat = (proc / "stat").read_text()
+            command = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            return False
+        state = stat.rsplit(")", 1)[-1].split()[0]
+    else:  # no /proc (macOS): ask ps
+        answer = subprocess.run(["ps", "-o", "stat=", "-o", "command=", "-p", job_id], capture_output=True, text=True,
+                                check=False)
+        if answer.returncode != 0 or not answer.stdout.strip():
+            return False
+        state, _, command = answer.stdout.strip().partition(" ")
+    return not state.startswith(("Z", "X")) and "submitit" in command
+
+
+def last_line(text: str) -> str | None:
+    """The last non-empty line of a log or traceback (e.g. ``RuntimeError: CUDA out of memory``), shortened."""
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else None

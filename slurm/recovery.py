@@ -1,0 +1,471 @@
+"""Keeping a sweep going: :class:`SweepMonitor` merges the scheduler's word into ``sweep.db``, retries failures,
+resumes runs that timed out without being requeued, collects completed runs, and acts on ``--cancel``/``--retry``.
+
+Every poll is one pass under an exclusive file lock (``SWEEP_DIR/.monitor.lock``, ``fcntl``; the kernel frees it
+when its holder dies): read ``sweep.db``, ask each scheduler once about the latest attempt of every unfinished
+run, write what changed, resubmit, collect. Decisions depend only on what the database, the scheduler and the
+run directories say at that moment, never on what a monitor remembers, so a monitor killed at any point and
+restarted (or two monitors at once) finishes the work and never submits a run twice:
+
+- an attempt that ended is handled by whoever next holds the lock (its resubmission records a new attempt in the
+  same pass, so the next holder sees that attempt, not the ended one);
+- a resubmission is announced in ``SWEEP_DIR/.monitor-submitting.json`` before ``sbatch``; if the monitor dies
+  after ``sbatch`` but before the attempts are recorded, the next holder finds the jobs it submitted (their
+  folders under ``SWEEP_DIR/jobs/`` name the run directory) and records them instead of submitting again.
+
+Policy per attempt (scheduler state → run):
+
+- PENDING/RUNNING/REQUEUED… → SUBMITTED or RETRYING / RUNNING / REQUEUED (a job that was requeued is REQUEUED
+  until it runs again);
+- COMPLETED → COMPLETED, with training's result as metrics, then the best checkpoint is collected;
+- FAILED, OUT_OF_MEMORY, NODE_FAIL… → resubmitted while the run's failed attempts ≤ ``max_retries`` (RETRYING,
+  the reason on the dashboard), else FAILED with the reason; the error tail of the log is kept per attempt;
+- TIMEOUT (not requeued by its job: killed hard, or requeued too often) → resubmitted to resume from
+  ``last.ckpt`` when that attempt wrote a newer one (not counted as a failure); without progress it is FAILED
+  (one epoch does not fit the time limit, and retrying would not change that);
+- CANCELLED → CANCELLED. Other runs are never touched by a run's failure.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from submitit.core.utils import DelayedSubmission, JobPaths
+
+from brats_ugrip.atomic import atomic_write_json
+from brats_ugrip.errors import BratsUgripError, CheckpointError
+from brats_ugrip.jobs import SubmissionError, SubmitSpec, error_tail, submit_runs
+from brats_ugrip.sweep_state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
+from slurm.collect import collect_run, is_collected, write_results
+from slurm.job_states import (UNCOMPLETED_MARK, JobStateSource, JobStatus, LocalJobStates, SlurmJobStates, last_line,
+                              read_result)
+from slurm.sacct import SacctError
+from slurm.view import ProgressReader, SweepSnapshot, build_snapshot
+from sweeps.launch import jobs_folder
+
+LOCK_FILE = ".monitor.lock"
+INTENT_FILE = ".monitor-submitting.json"
+PREEMPTED_GRACE_S = 120.0
+"""A job PREEMPTED this long ago without a new record was not requeued by SLURM: resume it ourselves."""
+NOT_FAILURES = frozenset({"COMPLETED", "CANCELLED", "TIMEOUT", "PREEMPTED"})
+"""Final attempt states that do not count against ``max_retries`` (every other final state is a failure)."""
+SubmitFunction = Callable[..., dict[str, Any]]
+
+
+class MonitorError(BratsUgripError):
+    """A monitor action cannot be done (unknown run, run in a state that forbids it, lock held too long)."""
+
+
+class SweepLock:
+    """An exclusive ``fcntl`` lock on a file: one monitor acts on a sweep at a time.
+
+    Args:
+        path: the lock file (created if missing).
+        timeout_s: how long :meth:`hold` waits for another holder before failing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 600.0):
+        self.path = Path(path)
+        self.timeout_s = timeout_s
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        deadline = time.monotonic() + self.timeout_s
+        with open(self.path, "a") as handle:
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise MonitorError(f"{self.path}: another monitor has held the lock for more than "
+                                           f"{self.timeout_s:.0f} s; is one stuck? (its pid: `fuser {self.path}`)")
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass
+class PollReport:
+    """What one poll did."""
+
+    changed: list[str] = field(default_factory=list)
+    resubmitted: dict[str, str] = field(default_factory=dict)
+    adopted: dict[str, str] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+    collected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Resubmission:
+    run: RunRecord
+    reason: str
+
+
+class SweepMonitor:
+    """Follows and repairs one sweep (see the module docstring).
+
+    Args:
+        sweep_dir: the sweep directory (holds ``sweep.db``).
+        stall_minutes: a running run whose progress file has not changed for this long is flagged STALLED.
+        collect_last: also collect ``last.ckpt`` (to ``models/last/``).
+        sources: the job-state source of each executor kind (default: sacct for ``slurm``, processes and submitit's
+            files for ``local``).
+        submit: how runs are submitted (default :func:`brats_ugrip.jobs.submit_runs`).
+        lock_timeout_s: how long a poll waits for another monitor's poll.
+    """
+
+    def __init__(self, sweep_dir: str | os.PathLike[str], *, stall_minutes: float = 60.0, collect_last: bool = False,
+                 sources: Sequence[JobStateSource] | None = None, submit: SubmitFunction = submit_runs,
+                 lock_timeout_s: float = 600.0):
+        self.sweep_dir = Path(sweep_dir)
+        db_path = sweep_db_path(self.sweep_dir)
+        if not db_path.is_file():
+            raise MonitorError(f"{db_path}: not found; is {self.sweep_dir} a sweep directory (made by "
+                               "`python sweeps/launch.py GRID --sweep-dir DIR`)?")
+        self.state = SweepState(db_path)
+        self.jobs_folder = jobs_folder(self.sweep_dir)
+        self.sources = {s.cluster: s for s in (sources or (SlurmJobStates(), LocalJobStates(self.jobs_folder)))}
+        self.submit = submit
+        self.lock = SweepLock(self.sweep_dir / LOCK_FILE, lock_timeout_s)
+        self.stall_minutes = stall_minutes
+        self.collect_last = collect_last
+        self.progress = ProgressReader()
+        self._collected: set[str] = set()
+        self._collect_failed: set[str] = set()
+
+    def close(self) -> None:
+        self.state.close()
+
+    # --- reading ------------------------------------------------------------------------------------------
+
+    def snapshot(self, notes: list[str] | None = None) -> SweepSnapshot:
+        return build_snapshot(self.sweep_dir, self.state, self.progress, self.stall_minutes, notes)
+
+    # --- one poll -----------------------------------------------------------------------------------------
+
+    def poll(self) -> PollReport:
+        """One pass: scheduler states → ``sweep.db``, retries, resumptions, collection, ``results.csv``."""
+        started = time.perf_counter()
+        report = PollReport()
+        with self.lock.hold():
+            self._finish_interrupted_submission(report)
+            runs = self.state.runs()
+            latest = self.state.latest_attempts()
+            watched = [r for r in runs if not r.state.is_final and r.run_id in latest]
+            statuses = self._statuses(watched, latest, report)
+            resubmissions: list[_Resubmission] = []
+            for run in watched:
+                status = statuses.get(latest[run.run_id].job_id)
+                if status is not None:
+                    resubmission = self._apply(run, latest[run.run_id], status, report)
+                    if resubmission is not None:
+                        resubmissions.append(resubmission)
+            self._resubmit(resubmissions, report)
+            self._collect(report)
+            results = self.sweep_dir / "results.csv"
+            if report.changed or report.collected or not results.is_file():
+                write_results(self.sweep_dir, self.state)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _statuses(self, runs: list[RunRecord], latest: dict[str, AttemptRecord],
+                  report: PollReport) -> dict[str, JobStatus]:
+        """One query per scheduler for the latest attempt of every run in ``runs``."""
+        by_cluster: dict[str, dict[str, Path]] = {}
+        for run in runs:
+            cluster = run.submit.get("cluster", "local")
+            by_cluster.setdefault(cluster, {})[latest[run.run_id].job_id] = Path(run.run_dir)
+        statuses: dict[str, JobStatus] = {}
+        for cluster, jobs in by_cluster.items():
+            source = self.sources.get(cluster)
+            if source is None:
+                report.notes.append(f"no job-state source for executor {cluster!r}: {len(jobs)} runs not followed")
+                continue
+            try:
+                statuses.update(source.statuses(jobs))
+            except SacctError as error:  # keep what the database says; conclude nothing about these jobs
+                report.notes.append(f"{cluster}: {error}")
+        return statuses
+
+    def _apply(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus,
+               report: PollReport) -> _Resubmission | None:
+        """Write what ``status`` means for ``run``; return a resubmission when the run must be submitted again."""
+        now = time.time()
+        scheduler_state = status.state
+        preempted_long_ago = (scheduler_state == "PREEMPTED" and status.ended_at is not None
+                              and now - status.ended_at > PREEMPTED_GRACE_S)
+        if status.is_active and not preempted_long_ago:
+            if scheduler_state == "PENDING":
+                target = RunState.REQUEUED if status.requeues else (
+                    RunState.RETRYING if attempt.attempt > 1 else RunState.SUBMITTED)
+            elif scheduler_state in ("REQUEUED", "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED"):
+                target = RunState.REQUEUED
+            else:
+                target = RunState.RUNNING
+            started_at = attempt.started_at or (status.started_at or now if target == RunState.RUNNING else None)
+            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at)
+            return None
+
+        ended_at = status.ended_at or now
+        outcome = read_result(self.jobs_folder, attempt.job_id)
+        traceback_line = last_line(outcome[1]) if outcome and outcome[0] == "error" else None
+        if scheduler_state == "COMPLETED":
+            metrics = _plain(outcome[1]) if outcome and outcome[0] == "success" else dict(run.metrics)
+            checkpoints = Path(run.run_dir) / "checkpoints"
+            best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
+            self._write(run, attempt, report, RunState.COMPLETED, scheduler_state, status.node, ended_at=ended_at,
+                        started_at=attempt.started_at or status.started_at, reason=None, metrics=metrics,
+                        best_checkpoint=str(best) if best.is_file() else None,
+                        last_checkpoint=str(last) if last.is_file() else None)
+            return None
+        if scheduler_state == "CANCELLED":
+            self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
+                        reason=run.reason or "cancelled outside the monitor (scancel, or the job was killed)")
+            return None
+        tail = error_tail(attempt.log_path)
+        timed_out = scheduler_state in ("TIMEOUT", "PREEMPTED") or UNCOMPLETED_MARK in (outcome[1] if outcome and
+                                                                                      outcome[0] == "error" else "")
+        if timed_out:
+            since = attempt.started_at or status.started_at or attempt.submitted_at or 0.0
+            last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+            progressed = last.is_file() and last.stat().st_mtime > since
+            word = "TIMEOUT" if scheduler_state != "PREEMPTED" else "PREEMPTED"
+            self._write_attempt(attempt, word, status.node, ended_at=ended_at, error_tail=tail)
+            if progressed:
+                return _Resubmission(run, f"{word} (not requeued): resuming from last.ckpt")
+            self._write(run, attempt, report, RunState.FAILED, word, status.node, ended_at=ended_at,
+                        reason=f"{word} without a new last.ckpt: one epoch does not fit the time limit "
+                               "(raise executor.time, then --retry)")
+            report.failed.append(run.run_id)
+            return None
+        # A failure (FAILED, OUT_OF_MEMORY, NODE_FAIL…, or a final state this code does not know).
+        self._write_attempt(attempt, scheduler_state, status.node, ended_at=ended_at, error_tail=tail)
+        detail = traceback_line or status.reason or last_line(tail or "") or f"exit code {status.exit_code}"
+        failures = sum(a.state not in NOT_FAILURES for a in self.state.attempts(run.run_id) if a.ended_at is not None)
+        reason = f"{scheduler_state} (attempt {attempt.attempt}): {detail}"
+        if failures <= run.max_retries:
+            return _Resubmission(run, f"retry {failures}/{run.max_retries} after {reason}")
+        self._write(run, attempt, report, RunState.FAILED, scheduler_state, status.node, ended_at=ended_at,
+                    reason=f"{reason}; no retries left ({run.max_retries})")
+        report.failed.append(run.run_id)
+        return None
+
+    def _write_attempt(self, attempt: AttemptRecord, job_state: str, node: str | None, **fields: Any) -> None:
+        changes = {"state": job_state, **({"node": node} if node else {}), **fields}
+        changes = {k: v for k, v in changes.items() if getattr(attempt, k) != v}
+        if changes:
+            self.state.update_attempt(attempt.run_id, attempt.attempt, **changes)
+
+    def _write(self, run: RunRecord, attempt: AttemptRecord, report: PollReport, run_state: RunState, job_state: str,
+               node: str | None, *, started_at: float | None = None, ended_at: float | None = None,
+               **run_fields: Any) -> None:
+        """Update the attempt and the run where they differ from what ``sweep.db`` holds (one transaction)."""
+        with self.state.transaction():
+            attempt_fields: dict[str, Any] = {}
+            if started_at is not None:
+                attempt_fields["started_at"] = started_at
+            if ended_at is not None:
+                attempt_fields["ended_at"] = ended_at
+            self._write_attempt(attempt, job_state, node, **attempt_fields)
+            wanted: dict[str, Any] = {"state": run_state, **run_fields}
+            if started_at is not None and run.started_at is None:
+                wanted["started_at"] = started_at
+            if ended_at is not None:
+                wanted["ended_at"] = ended_at
+            changes = {k: v for k, v in wanted.items() if getattr(run, k) != v}
+            if changes:
+                self.state.update_run(run.run_id, **changes)
+        if run.state != run_state:
+            report.changed.append(run.run_id)
+
+    # --- submission ---------------------------------------------------------------------------------------
+
+    def _resubmit(self, resubmissions: list[_Resubmission], report: PollReport) -> None:
+        """Submit runs again, one job array per resource request, recording each attempt and its reason."""
+        groups: dict[str, list[_Resubmission]] = {}
+        for item in resubmissions:
+            groups.setdefault(SubmitSpec.from_dict(item.run.submit).key, []).append(item)
+        for items in groups.values():
+            spec = SubmitSpec.from_dict(items[0].run.submit)
+            runs = [item.run for item in items]
+            try:
+                jobs = self._submit_announced(runs, spec, resubmission=True)
+            except SubmissionError as error:
+                for item in items:
+                    self.state.update_run(item.run.run_id, state=RunState.FAILED, ended_at=time.time(),
+                                          reason=f"{item.reason}; resubmission refused: {error}")
+                    report.failed.append(item.run.run_id)
+                    report.changed.append(item.run.run_id)
+                continue
+            with self.state.transaction():
+                for item in items:
+                    self.state.update_run(item.run.run_id, reason=item.reason)
+            for item in items:
+                report.resubmitted[item.run.run_id] = jobs[item.run.run_id].job_id
+                report.changed.append(item.run.run_id)
+
+    def _submit_announced(self, runs: list[RunRecord], spec: SubmitSpec, resubmission: bool) -> dict[str, Any]:
+        """Submit with the intent written first (see :meth:`_finish_interrupted_submission`)."""
+        intent = self.sweep_dir / INTENT_FILE
+        atomic_write_json(intent, {"time": time.time(), "attempts": {r.run_id: r.attempts for r in runs},
+                                   "resubmission": resubmission})
+        try:
+            return self.submit(self.state, runs, spec, self.jobs_folder, resubmission=resubmission)
+        finally:
+            intent.unlink(missing_ok=True)
+
+    def _finish_interrupted_submission(self, report: PollReport) -> None:
+        """A monitor died while submitting: record the jobs it submitted (found in submitit's folder by their
+        run directory) so that they are not submitted again; runs without such a job are handled as usual."""
+        intent_path = self.sweep_dir / INTENT_FILE
+        try:
+            intent = json.loads(intent_path.read_text())
+        except FileNotFoundError:
+            return
+        except json.JSONDecodeError:
+            intent_path.unlink(missing_ok=True)
+            return
+        unrecorded = {}
+        for run_id, attempts in intent.get("attempts", {}).items():
+            if self.state.has_run(run_id):
+                run = self.state.get_run(run_id)
+                if run.attempts == attempts:
+                    unrecorded[str(Path(run.run_dir).resolve())] = run
+        if unrecorded:
+            for job_id, run_dir in _submitted_jobs(self.jobs_folder, since=float(intent["time"]) - 1.0):
+                run = unrecorded.pop(run_dir, None)
+                if run is None:
+                    continue
+                self.state.record_submission(
+                    run.run_id, job_id, log_path=str(JobPaths(self.jobs_folder, job_id, 0).stderr),
+                    state=RunState.RETRYING if intent.get("resubmission") else RunState.SUBMITTED)
+                report.adopted[run.run_id] = job_id
+                report.changed.append(run.run_id)
+        intent_path.unlink(missing_ok=True)
+
+    # --- collection ---------------------------------------------------------------------------------------
+
+    def _collect(self, report: PollReport) -> None:
+        for run in self.state.runs([RunState.COMPLETED]):
+            if run.run_id in self._collected or run.run_id in self._collect_failed:
+                continue
+            if is_collected(self.sweep_dir, run):
+                self._collected.add(run.run_id)
+                continue
+            try:
+                collect_run(self.sweep_dir, run, self.collect_last)
+            except (CheckpointError, OSError) as error:
+                self._collect_failed.add(run.run_id)  # tried again by the next monitor started
+                self.state.update_run(run.run_id, reason=f"collection failed: {error}")
+                report.notes.append(f"{run.run_id}: collection failed: {error}")
+                continue
+            self._collected.add(run.run_id)
+            report.collected.append(run.run_id)
+
+    # --- actions ------------------------------------------------------------------------------------------
+
+    def _select(self, run_ids: Sequence[str]) -> list[RunRecord]:
+        runs = self.state.runs()
+        if list(run_ids) == ["all"]:
+            return runs
+        by_id = {r.run_id: r for r in runs}
+        unknown = [run_id for run_id in run_ids if run_id not in by_id]
+        if unknown:
+            raise MonitorError(f"{self.sweep_dir}: no run {', '.join(map(repr, unknown))} in this sweep; "
+                               f"its runs are e.g. {', '.join(list(by_id)[:5])}")
+        return [by_id[run_id] for run_id in run_ids]
+
+    def cancel(self, run_ids: Sequence[str]) -> list[str]:
+        """Cancel runs (``["all"]``: every unfinished run): their jobs are cancelled and they become CANCELLED.
+        Returns the ids of the runs cancelled (finished runs are left as they are)."""
+        with self.lock.hold():
+            runs = [r for r in self._select(run_ids) if not r.state.is_final]
+            latest = self.state.latest_attempts()
+            by_cluster: dict[str, list[str]] = {}
+            for run in runs:
+                if run.state.is_active and run.run_id in latest:
+                    by_cluster.setdefault(run.submit.get("cluster", "local"), []).append(latest[run.run_id].job_id)
+            now = time.time()
+            with self.state.transaction():  # first the database: a monitor polling next must not retry them
+                for run in runs:
+                    self.state.update_run(run.run_id, state=RunState.CANCELLED, ended_at=now,
+                                          reason="cancelled with monitor.py --cancel")
+                    if run.run_id in latest and latest[run.run_id].ended_at is None:
+                        self.state.update_attempt(run.run_id, latest[run.run_id].attempt, state="CANCELLED",
+                                                  ended_at=now)
+            for cluster, job_ids in by_cluster.items():
+                source = self.sources.get(cluster)
+                if source is not None:
+                    source.cancel(job_ids)
+            write_results(self.sweep_dir, self.state)
+        return [r.run_id for r in runs]
+
+    def retry(self, run_ids: Sequence[str]) -> dict[str, str]:
+        """Submit runs again now (they resume from their ``last.ckpt``); returns the new job id of each.
+
+        Raises:
+            MonitorError: a run is queued or running (cancel it first) or completed.
+        """
+        with self.lock.hold():
+            runs = self._select(run_ids)
+            if list(run_ids) == ["all"]:
+                runs = [r for r in runs if r.state in (RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT)]
+            for run in runs:
+                if run.state.is_active:
+                    raise MonitorError(f"run {run.run_id} is {run.state.value}: cancel it first "
+                                       f"(monitor.py SWEEP_DIR --cancel {run.run_id})")
+                if run.state == RunState.COMPLETED:
+                    raise MonitorError(f"run {run.run_id} is COMPLETED; to train it again, use a new sweep directory")
+            submitted: dict[str, str] = {}
+            groups: dict[str, list[RunRecord]] = {}
+            for run in runs:
+                groups.setdefault(SubmitSpec.from_dict(run.submit).key, []).append(run)
+            for group in groups.values():
+                for resubmission in (True, False):
+                    part = [r for r in group if (r.attempts > 0) == resubmission]
+                    if part:
+                        jobs = self._submit_announced(part, SubmitSpec.from_dict(part[0].submit), resubmission)
+                        submitted.update({run_id: job.job_id for run_id, job in jobs.items()})
+            with self.state.transaction():
+                for run_id in submitted:
+                    self.state.update_run(run_id, reason="resubmitted with monitor.py --retry")
+        return submitted
+
+
+def _submitted_jobs(jobs_folder: Path, since: float) -> Iterator[tuple[str, str]]:
+    """(job id, run directory) of the jobs whose submitit folder appeared after ``since``."""
+    root = JobPaths.get_first_id_independent_folder(jobs_folder)
+    for folder in root.iterdir() if root.is_dir() else ():
+        try:
+            if not folder.is_dir() or folder.name.startswith(".") or folder.stat().st_mtime < since:
+                continue
+        except OSError:
+            continue
+        pickle_path = JobPaths(jobs_folder, folder.name, 0).submitted_pickle
+        if not pickle_path.is_file():
+            continue
+        try:
+            function = DelayedSubmission.load(pickle_path).function
+        except Exception:  # a half-written or foreign pickle: not a job of ours
+            continue
+        run_dir = getattr(function, "run_dir", None)
+        if run_dir is not None:
+            yield folder.name, str(Path(run_dir).resolve())
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    """Training's result as JSON-friendly data (paths and numbers as JSON gives them)."""
+    plain = json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    return plain if isinstance(plain, dict) else {"result": plain}

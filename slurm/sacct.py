@@ -1,0 +1,125 @@
+"""One batched ``sacct`` call for every job of a sweep, and the parsing of its answer.
+
+The monitor asks SLURM's accounting database about all its jobs at once, whatever their number: the array job ids
+(``123`` for tasks ``123_0 … 123_999``) go into a single ``sacct -j``, with ``--duplicates`` so that a requeued job
+shows one record per start (``REQUEUED`` then ``RUNNING``…, oldest first). sacct, not submitit's ``job.state``,
+is the truth about a job: submitit's watcher polls rarely and lags.
+
+Pending array tasks are reported in one compressed record, e.g. ``123_[4-9%2]``; :func:`parse_sacct` expands it
+into one record per task.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from brats_ugrip.errors import BratsUgripError
+
+SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason")
+_ARRAY_RANGE = re.compile(r"^(?P<array>\d+)_\[(?P<tasks>[^\]]+)\]$")
+
+
+class SacctError(BratsUgripError):
+    """``sacct`` could not be run or answered with an error (the monitor then keeps the states it knew)."""
+
+
+@dataclass(frozen=True)
+class SacctRecord:
+    """One line of sacct: one start of a job (a requeued job has several).
+
+    ``state`` is sacct's first word (``CANCELLED by 0`` → ``CANCELLED``); times are Unix seconds (None when sacct
+    says ``Unknown``); ``node`` is None before the job got one.
+    """
+
+    job_id: str
+    state: str
+    node: str | None = None
+    elapsed_s: int = 0
+    exit_code: str | None = None
+    start: float | None = None
+    end: float | None = None
+    reason: str | None = None
+
+
+def _time(text: str) -> float | None:
+    if text in ("", "Unknown", "None"):
+        return None
+    try:
+        return datetime.fromisoformat(text).timestamp()  # sacct prints the cluster's local time
+    except ValueError:
+        return None
+
+
+def expand_task_ids(spec: str) -> list[int]:
+    """Array task ids of a compressed sacct spec: ``"0-5%2"`` → 0…5, ``"1,3-4"`` → 1, 3, 4."""
+    spec = spec.split("%", 1)[0]
+    tasks: list[int] = []
+    for part in filter(None, spec.split(",")):
+        first, _, last = part.partition("-")
+        tasks.extend(range(int(first), int(last or first) + 1))
+    return tasks
+
+
+def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
+    """Records by job id (``123`` or ``123_4``), oldest first, from ``sacct -P -n -o <SACCT_FIELDS>`` output.
+
+    A compressed record of pending array tasks gives a PENDING record to each of its tasks that has no record of
+    its own.
+    """
+    records: dict[str, list[SacctRecord]] = {}
+    compressed: list[SacctRecord] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        fields = line.split("|")
+        if len(fields) < len(SACCT_FIELDS):
+            raise SacctError(f"unexpected sacct line (expected {len(SACCT_FIELDS)} fields "
+                             f"{'|'.join(SACCT_FIELDS)}): {line!r}")
+        job_id, state, node, elapsed, exit_code, start, end, reason = fields[:len(SACCT_FIELDS)]
+        record = SacctRecord(
+            job_id=job_id, state=(state.split() or ["UNKNOWN"])[0],
+            node=None if node in ("", "None assigned") else node,
+            elapsed_s=int(elapsed) if elapsed.isdigit() else 0, exit_code=exit_code or None,
+            start=_time(start), end=_time(end), reason=None if reason in ("", "None") else reason,
+        )
+        (compressed if _ARRAY_RANGE.match(job_id) else records.setdefault(job_id, [])).append(record)
+    for record in compressed:
+        match = _ARRAY_RANGE.match(record.job_id)
+        assert match is not None
+        for task in expand_task_ids(match["tasks"]):
+            task_id = f"{match['array']}_{task}"
+            if task_id not in records:
+                records[task_id] = [SacctRecord(task_id, record.state, None, 0, record.exit_code, None, None,
+                                                record.reason)]
+    return records
+
+
+def sacct_command(job_ids: Iterable[str]) -> list[str]:
+    """The sacct command line asking about ``job_ids`` (array tasks are asked through their array's id)."""
+    arrays = sorted({str(job_id).split("_", 1)[0] for job_id in job_ids}, key=lambda j: (len(j), j))
+    return ["sacct", "-X", "-n", "-P", "--duplicates", "-j", ",".join(arrays), "-o", ",".join(SACCT_FIELDS)]
+
+
+def query_sacct(job_ids: Iterable[str], timeout_s: float = 60) -> dict[str, list[SacctRecord]]:
+    """Ask sacct once about every job in ``job_ids``; records by job id, oldest first.
+
+    Jobs that slurmdbd has not heard of yet (just submitted) are absent from the answer.
+
+    Raises:
+        SacctError: sacct is missing, timed out, or failed (e.g. slurmdbd down).
+    """
+    job_ids = list(job_ids)
+    if not job_ids:
+        return {}
+    command = sacct_command(job_ids)
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise SacctError(f"sacct could not be run ({error})") from error
+    if answer.returncode != 0:
+        raise SacctError(f"sacct failed (exit {answer.returncode}): {answer.stderr.strip()[-500:]}")
+    wanted = set(job_ids)
+    return {job_id: history for job_id, history in parse_sacct(answer.stdout).items() if job_id in wanted}

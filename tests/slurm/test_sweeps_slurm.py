@@ -1,0 +1,240 @@
+"""Sweeps on the real single-node SLURM dev cluster: one array per resource request, timeout → requeue → resume,
+a failing run, scancel, a partition SLURM refuses.
+
+Each run trains a tiny SegResNet on 48³ phantoms for a few epochs (CPU), so every test takes a minute or a few.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brats_ugrip.data import make_datalist, save_datalist
+from brats_ugrip.jobs import SubmissionError, read_job_info
+from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
+from brats_ugrip.training import read_progress
+from sweeps import launch
+
+pytestmark = pytest.mark.slow
+WAIT_S = 900  # generous: CI machines have 2 cores shared by every job of the array
+
+
+@pytest.fixture
+def sbatch_log(tmp_path, monkeypatch):
+    """Put an ``sbatch`` in front of the real one that logs each call (one line of arguments per call)."""
+    real = shutil.which("sbatch")
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    log = tmp_path / "sbatch_calls.log"
+    log.touch()
+    (shim_dir / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec {real} "$@"\n')
+    (shim_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
+    return log
+
+
+@pytest.fixture
+def make_grid(slurm_job_dir, phantom_dir):
+    """Write a grid of tiny CPU runs on the phantoms; keyword arguments override its sections."""
+    datalist = slurm_job_dir / "datalist.json"
+    save_datalist(make_datalist(phantom_dir, 3, 0), datalist)
+
+    def write(name: str, grid: dict, executor: dict | None = None, trainer: dict | None = None, **extra) -> Path:
+        content = {
+            "name": name,
+            "base": {
+                "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 1,
+                         "cache_dir": str(slurm_job_dir / "cache")},
+                "model": {"name": "segresnet", "init_filters": 8},
+                "trainer": {"max_epochs": 2, "accelerator": "cpu", "limit_train_batches": 2, "limit_val_batches": 1,
+                            "cudnn_benchmark": False, **(trainer or {})},
+                "inference": {"sw_batch_size": 1, "overlap": 0.0},
+                "logging": {"mode": "disabled"},
+            },
+            "grid": grid,
+            "executor": {"cluster": "slurm", "partition": "debug", "cpus_per_task": 1, "time": 10,
+                         **(executor or {})},
+            **extra,
+        }
+        path = slurm_job_dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write
+
+
+def _launch(grid: Path, sweep_dir: Path):
+    plan = launch.plan_launch(grid, sweep_dir)
+    return plan, launch.submit_plan(plan)
+
+
+def _wait(sweep_dir: Path, jobs, timeout_s: float = WAIT_S) -> dict[str, RunState]:
+    with SweepState(sweep_db_path(sweep_dir)) as state:
+        return launch.SweepWaiter(state, jobs, poll_s=1.0).wait(show_progress=False, timeout_s=timeout_s)
+
+
+def _submissions(log: Path) -> list[str]:
+    return [line for line in log.read_text().splitlines() if "--test-only" not in line]
+
+
+def test_grid_is_one_array_and_completes(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+    grid = make_grid("array", {"optim.lr": [0.001, 0.003, 0.01]}, executor={"array_parallelism": 3})
+    sweep = slurm_job_dir / "sweep"
+    plan, jobs = _launch(grid, sweep)
+    assert len(_submissions(sbatch_log)) == 1
+    array_ids = {job.job_id.split("_")[0] for job in jobs.values()}
+    assert len(array_ids) == 1 and sorted(j.job_id.split("_")[1] for j in jobs.values()) == ["0", "1", "2"]
+
+    final = _wait(sweep, jobs)
+    assert set(final.values()) == {RunState.COMPLETED}, final
+    with SweepState(sweep_db_path(sweep)) as state:
+        for run in state.runs():
+            assert run.state == RunState.COMPLETED and run.attempts == 1
+            assert Path(run.best_checkpoint).is_file() and Path(run.last_checkpoint).is_file()
+            assert 0 <= run.metrics["best_val_dice"] <= 1 and run.metrics["epochs"] == 2
+            attempt = state.latest_attempt(run.run_id)
+            assert attempt.state == "COMPLETED" and attempt.node == "localhost" and attempt.ended_at > attempt.submitted_at
+            assert slurm_cluster.wait_until_final(attempt.job_id) == "COMPLETED"
+            assert slurm_cluster.history(attempt.job_id) == ["COMPLETED"]
+            run_dir = Path(run.run_dir)
+            assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == run.params["optim.lr"]
+            assert read_progress(run_dir)["status"] == "completed"
+            assert (run_dir / "logs" / f"{attempt.job_id}.err").resolve() == Path(attempt.log_path)
+
+    # Launching the same grid again submits nothing: every run is finished.
+    again, jobs = _launch(grid, sweep)
+    assert jobs == {} and len(_submissions(sbatch_log)) == 1
+
+
+def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, make_grid, slurm_job_dir):
+    """The run hits its time limit: SLURM signals USR2, submitit checkpoints and requeues, the job starts again
+    and resumes from last.ckpt.
+
+    To hit the limit at a known point on machines of any speed, the job starts with 10 minutes and, once it has
+    saved an epoch, its limit is lowered to what it has used plus 1–2 minutes: with ``--signal=USR2@90`` SLURM
+    then signals at its next time-limit check (every 30 s). Once the job is requeued, the limit goes back up so
+    that the rest of the run finishes. The number of epochs is sized from this machine's speed so that the run
+    is still training when the signal comes, whatever the machine.
+    """
+    calibration = make_grid("calibration", {"optim.lr": [0.003]}, trainer={"max_epochs": 2, "val_every": 2})
+    epoch_s = _epoch_seconds(calibration, slurm_job_dir / "calibration")
+    max_epochs = min(60, max(6, math.ceil(2 + 50 / epoch_s)))
+    grid = make_grid("timeout", {"optim.lr": [0.003]}, executor={"signal_delay_s": 90, "max_num_timeout": 4},
+                     trainer={"max_epochs": max_epochs, "val_every": max_epochs})
+    sweep = slurm_job_dir / "sweep"
+    _, jobs = _launch(grid, sweep)
+    (job,) = jobs.values()
+    run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
+
+    deadline = time.monotonic() + WAIT_S
+    while (read_progress(run_dir) or {}).get("epoch", 0) < 1:
+        assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
+        time.sleep(0.5)
+    limit_min = _elapsed_seconds(job.job_id) // 60 + 2  # 60–120 s left: ≤ the 90 s delay + the 30 s check period
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={limit_min}"], check=True)
+    while "REQUEUED" not in slurm_cluster.history(job.job_id):
+        assert time.monotonic() < deadline, slurm_cluster.history(job.job_id)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=10"], check=True)
+
+    final = _wait(sweep, jobs)
+    assert final == {"lr=0.003": RunState.COMPLETED}
+    assert slurm_cluster.wait_until_final(job.job_id) == "COMPLETED"
+    history = slurm_cluster.history(job.job_id)
+    assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
+    starts = read_job_info(run_dir)["starts"]
+    assert len(starts) >= 2 and all(s["job_id"] == job.job_id for s in starts)
+    epochs = [s["start_epoch"] for s in starts]
+    assert epochs[0] == 0 and epochs[1] >= 1 and epochs == sorted(epochs), epochs  # resumed, never from epoch 0
+    log = (run_dir / "logs" / f"{job.job_id}.err").read_text()
+    assert "this job is timed-out" in log and "Restoring states from the checkpoint path at" in log
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == max_epochs
+    with SweepState(sweep_db_path(sweep)) as state:
+        run = state.get_run("lr=0.003")
+        assert run.attempts == 1 and run.metrics["epochs"] == max_epochs  # requeued within its one attempt
+
+
+def _epoch_seconds(grid: Path, run_dir: Path) -> float:
+    """Seconds per training epoch of the grid's run on this machine (its second epoch: the first fills caches)."""
+    from brats_ugrip.training import train
+    from sweeps.grid import ParameterManager
+
+    train(ParameterManager.from_file(grid).runs()[0].config, run_dir)
+    return max(0.1, read_progress(run_dir)["epoch_seconds"])
+
+
+def _elapsed_seconds(job_id: str) -> int:
+    """How long a running job has run, from sacct (``ElapsedRaw``)."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "ElapsedRaw"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return int(out[-1])
+
+
+def test_failing_run_is_failed_with_its_error_and_others_complete(slurm_cluster, make_grid, slurm_job_dir):
+    corrupt = slurm_job_dir / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    grid = make_grid("fail", {"finetune.init_from": [None, str(corrupt)]})
+    sweep = slurm_job_dir / "sweep"
+    _, jobs = _launch(grid, sweep)
+    final = _wait(sweep, jobs)
+    assert final == {"init_from=none": RunState.COMPLETED, "init_from=corrupt": RunState.FAILED}
+    with SweepState(sweep_db_path(sweep)) as state:
+        failed = state.get_run("init_from=corrupt")
+        assert failed.reason.startswith("brats_ugrip.errors.CheckpointError: ") and str(corrupt) in failed.reason
+        attempt = state.latest_attempt(failed.run_id)
+        assert attempt.state == "FAILED" and "CheckpointError" in attempt.error_tail
+        assert slurm_cluster.wait_until_final(attempt.job_id) == "FAILED"
+
+
+def test_scancel_marks_runs_cancelled(slurm_cluster, make_grid, slurm_job_dir):
+    grid = make_grid("cancel", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": 50})
+    sweep = slurm_job_dir / "sweep"
+    _, jobs = _launch(grid, sweep)
+    array_id = next(iter(jobs.values())).job_id.split("_")[0]
+    slurm_cluster.wait_for_state(f"{array_id}_0", {"RUNNING"}, timeout_s=120)
+    subprocess.run(["scancel", array_id], check=True)
+    final = _wait(sweep, jobs, timeout_s=180)
+    assert set(final.values()) == {RunState.CANCELLED}
+    with SweepState(sweep_db_path(sweep)) as state:
+        assert {a.state for a in state.attempts()} == {"CANCELLED"}
+        assert all(r.ended_at is not None for r in state.runs())
+    assert {slurm_cluster.wait_until_final(job.job_id) for job in jobs.values()} == {"CANCELLED"}
+    # cancelled runs are finished: launching again does not resubmit them
+    assert _launch(grid, sweep)[1] == {}
+
+
+def test_partition_slurm_refuses_submits_nothing(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+    grid = make_grid("bad_partition", {"optim.lr": [0.001, 0.01]}, executor={"partition": "no_such_partition"})
+    sweep = slurm_job_dir / "sweep"
+    with pytest.raises(SubmissionError, match="(?i)invalid partition"):
+        _launch(grid, sweep)
+    with SweepState(sweep_db_path(sweep)) as state:
+        assert {r.state for r in state.runs()} == {RunState.PENDING} and state.attempts() == []
+
+    # Two arrays, the second refused: checked first with sbatch --test-only, so neither is submitted.
+    refused = len(_submissions(sbatch_log))  # the refused sbatch call above
+    two = make_grid("two_arrays", {"optim.lr": [0.001], "executor.partition": ["debug", "no_such_partition"]})
+    sweep_two = slurm_job_dir / "sweep_two"
+    with pytest.raises(SubmissionError, match="(?i)invalid partition"):
+        _launch(two, sweep_two)
+    assert len(_submissions(sbatch_log)) == refused and "--test-only" in sbatch_log.read_text()
+    with SweepState(sweep_db_path(sweep_two)) as state:
+        assert state.attempts() == [] and len(state.runs()) == 2
+
+    # The grid fixed, the same sweep directory: the PENDING runs are submitted with the new partition.
+    fixed = make_grid("bad_partition", {"optim.lr": [0.001, 0.01]}, executor={"partition": "long"})
+    plan = launch.plan_launch(fixed, sweep)
+    assert len(plan.to_submit) == 2
+    jobs = launch.submit_plan(plan)
+    assert len(jobs) == 2 and len(_submissions(sbatch_log)) == refused + 1
+    with SweepState(sweep_db_path(sweep)) as state:
+        assert {r.submit["parameters"]["partition"] for r in state.runs()} == {"long"}
+        assert {r.state for r in state.runs()} == {RunState.SUBMITTED}
+    subprocess.run(["scancel", next(iter(jobs.values())).job_id.split("_")[0]], check=True)

@@ -1,0 +1,165 @@
+"""sweep.db: transactions, persistence across processes, no double insert, typed records."""
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from brats_ugrip.sweep_state import (AttemptRecord, RunRecord, RunState, SweepState, SweepStateError, run_dir_path,
+                                     sweep_db_path)
+
+
+def _record(run_id: str, lr: float = 1e-3, sweep_dir: str = "/sweep") -> RunRecord:
+    config = {"optim": {"lr": lr}, "data": {"fold": 0}, "run_dir": str(run_dir_path(sweep_dir, run_id))}
+    return RunRecord(run_id=run_id, config=config, params={"optim.lr": lr}, run_dir=config["run_dir"],
+                     submit={"cluster": "local", "parameters": {}}, max_retries=2)
+
+
+@pytest.fixture
+def state(tmp_path):
+    with SweepState(sweep_db_path(tmp_path)) as opened:
+        yield opened
+
+
+def test_runs_round_trip_with_types(state):
+    added = state.add_runs([_record("lr=0.001"), _record("lr=0.01", 0.01)])
+    assert added == ["lr=0.001", "lr=0.01"]
+    run = state.get_run("lr=0.01")
+    assert isinstance(run, RunRecord) and run.state is RunState.PENDING
+    assert run.config["optim"]["lr"] == 0.01 and run.params == {"optim.lr": 0.01} and run.max_retries == 2
+    assert run.created_at is not None and run.attempts == 0
+    assert [r.run_id for r in state.runs([RunState.PENDING])] == ["lr=0.001", "lr=0.01"]
+    assert state.counts() == {RunState.PENDING: 2}
+    assert state._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_adding_again_inserts_nothing_and_keeps_state(state):
+    state.add_runs([_record("a")])
+    state.record_submission("a", "101_0")
+    assert state.add_runs([_record("a"), _record("b", 0.5)]) == ["b"]
+    assert state.get_run("a").state is RunState.SUBMITTED and state.get_run("a").attempts == 1
+    assert len(state.runs()) == 2
+
+
+def test_changed_config_is_refused_and_nothing_added(state):
+    state.add_runs([_record("a", 0.1)])
+    with pytest.raises(SweepStateError, match="run a already exists with a different config"):
+        state.add_runs([_record("new"), _record("a", 0.2)])
+    assert not state.has_run("new")
+    assert state.get_run("a").config["optim"]["lr"] == 0.1
+
+
+def test_run_dir_and_logging_do_not_change_the_hash(state):
+    record = _record("a")
+    moved = _record("a", sweep_dir="/elsewhere")
+    moved.config["logging"] = {"run_name": "other"}
+    assert RunRecord(**{**moved.__dict__, "config_hash": ""}).config_hash == record.config_hash
+
+
+def test_attempts_count_and_latest(state):
+    state.add_runs([_record("a"), _record("b")])
+    first = state.record_submission("a", "200_0", log_path="/logs/200_0.err")
+    assert isinstance(first, AttemptRecord) and first.attempt == 1 and first.array_job_id == "200"
+    assert first.array_task_id == 0
+    state.update_attempt("a", 1, state="FAILED", node="node7", ended_at=5.0, error_tail="CUDA out of memory")
+    state.update_run("a", state=RunState.FAILED, reason="OOM")
+    second = state.record_submission("a", "300", state=RunState.RETRYING)
+    assert second.attempt == 2 and second.array_task_id is None
+    run = state.get_run("a")
+    assert run.attempts == 2 and run.state is RunState.RETRYING and run.reason is None
+    assert [a.job_id for a in state.attempts("a")] == ["200_0", "300"]
+    assert state.attempts("a")[0].error_tail == "CUDA out of memory" and state.attempts("a")[0].node == "node7"
+    assert state.latest_attempt("a").job_id == "300" and state.latest_attempt("b") is None
+    assert set(state.latest_attempts()) == {"a"}
+
+
+def test_updates_are_checked(state):
+    state.add_runs([_record("a")])
+    with pytest.raises(TypeError, match="cannot set"):
+        state.update_run("a", attempts=5)
+    with pytest.raises(SweepStateError, match="no run 'zz'"):
+        state.update_run("zz", state=RunState.RUNNING)
+    with pytest.raises(SweepStateError, match="has no attempt 1"):
+        state.update_attempt("a", 1, state="RUNNING")
+    with pytest.raises(ValueError):
+        state.update_run("a", state="NOT_A_STATE")
+
+
+def test_metrics_and_checkpoints(state):
+    state.add_runs([_record("a")])
+    state.update_run("a", state=RunState.COMPLETED, metrics={"best_val_dice": 0.81, "per_region": {"ET": 0.7}},
+                     best_checkpoint="/x/best.ckpt", last_checkpoint="/x/last.ckpt", ended_at=10.0)
+    run = state.get_run("a")
+    assert run.metrics["per_region"]["ET"] == 0.7 and run.best_checkpoint == "/x/best.ckpt"
+    assert run.state.is_final and not run.state.is_active
+
+
+def test_transaction_rolls_back_everything_on_error(state):
+    state.add_runs([_record("a")])
+    with pytest.raises(RuntimeError):
+        with state.transaction():
+            state.record_submission("a", "1")
+            state.add_runs([_record("b")])
+            raise RuntimeError("crash between writes")
+    assert state.get_run("a").attempts == 0 and state.attempts("a") == [] and not state.has_run("b")
+
+
+def test_persists_and_is_shared_across_processes(tmp_path):
+    """Two processes add the same runs and record submissions at the same time: no duplicate, no lost update."""
+    db = sweep_db_path(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys
+        from brats_ugrip.sweep_state import RunRecord, SweepState
+        state = SweepState({str(db)!r})
+        for i in range(40):
+            record = RunRecord(run_id=f"r{{i}}", config={{"i": i}}, params={{"i": i}}, run_dir=f"/r{{i}}")
+            with state.transaction():
+                state.add_runs([record])
+                state.record_submission(f"r{{i}}", f"{{sys.argv[1]}}_{{i}}")
+    """)
+    workers = [subprocess.Popen([sys.executable, "-c", script, tag]) for tag in ("100", "200")]
+    assert [w.wait(timeout=120) for w in workers] == [0, 0]
+    with SweepState(db) as state:
+        runs = state.runs()
+        assert len(runs) == 40 and all(r.attempts == 2 for r in runs)
+        jobs = [a.job_id.split("_")[0] for a in state.attempts()]
+        assert sorted(jobs) == ["100"] * 40 + ["200"] * 40
+        assert all(sorted(a.attempt for a in state.attempts(r.run_id)) == [1, 2] for r in runs)
+
+
+def test_a_killed_writer_leaves_no_partial_transaction(tmp_path):
+    db = sweep_db_path(tmp_path)
+    with SweepState(db) as state:
+        state.add_runs([_record("a")])
+    script = textwrap.dedent(f"""
+        import os, signal
+        from brats_ugrip.sweep_state import RunRecord, SweepState
+        state = SweepState({str(db)!r})
+        with state.transaction():
+            state.record_submission("a", "7")
+            state.add_runs([RunRecord(run_id="b", config={{}}, params={{}}, run_dir="/b")])
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    worker = subprocess.run([sys.executable, "-c", script], check=False)
+    assert worker.returncode == -signal.SIGKILL
+    with SweepState(db) as state:
+        assert state.get_run("a").attempts == 0 and not state.has_run("b")
+        state.record_submission("a", "8")  # the write lock was released with the dead process
+        assert state.latest_attempt("a").job_id == "8"
+
+
+def test_unopenable_database_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SweepStateError, match="cannot open the sweep database"):
+        SweepState(blocker / "sweep.db")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(SweepStateError, match="cannot open"):
+        SweepState(garbage)
+    assert not isinstance(SweepStateError("x"), sqlite3.Error)

@@ -1,0 +1,193 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pytorch_lightning.callbacks import Callback
+
+from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dict
+from brats_ugrip.config import load_config
+from brats_ugrip.data import Datalist, make_datalist, save_datalist
+from brats_ugrip.datasets import make_loaders
+from brats_ugrip.inference import inference_settings
+from brats_ugrip.training import evaluate, read_progress, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(phantom_dir, tmp_path_factory):
+    """A datalist over the phantoms (3 folds: 4 training and 2 validation cases) and a shared case cache."""
+    root = tmp_path_factory.mktemp("training")
+    datalist = save_datalist(make_datalist(phantom_dir, 3, 0), root / "datalist.json")
+    return root, datalist
+
+
+def tiny_config(workspace, **overrides):
+    root, datalist = workspace
+    base = {
+        "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 2, "cache_dir": str(root / "cache")},
+        "model": {"name": "segresnet", "init_filters": 8},
+        "optim": {"name": "adamw_sf", "lr": 0.01},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1},
+        "inference": {"overlap": 0.25, "sw_batch_size": 2},
+        "logging": {"mode": "disabled"},
+    }
+    return load_config(base=base, overrides=overrides)
+
+
+def csv_rows(run_dir):
+    with open(Path(run_dir) / "csv" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def segresnet_run(workspace):
+    config = tiny_config(workspace, **{"logging.mode": "offline", "logging.run_name": "tiny"})
+    run_dir = workspace[0] / "segresnet"
+    return config, run_dir, train(config, run_dir)
+
+
+def test_tiny_segresnet_run_writes_a_complete_run_directory(segresnet_run):
+    config, run_dir, summary = segresnet_run
+    assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["steps"] == 4
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == 2 and progress["max_epochs"] == 2
+    assert progress["step"] == 4 and progress["host"] and progress["finished_at"] and progress["started_at"]
+    assert 0 <= progress["best_val_dice"] <= 1 and progress["best_epoch"] in (1, 2)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {**config.to_dict(), "run_dir": str(run_dir)}
+
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "best.ckpt")
+    meta = checkpoint["brats_ugrip"]
+    assert meta["model"] == {"name": "segresnet", "kwargs": {"init_filters": 8, "dropout": 0.0}}
+    assert meta["fold"] == 0 and meta["epoch"] == progress["best_epoch"] == meta["val_epoch"]
+    assert set(meta["val_metrics"]) == {"TC", "WT", "ET", "mean"}
+    assert meta["val_metrics"]["mean"] == pytest.approx(progress["best_val_dice"])
+    assert meta["weights"] == "averaged" and meta["config_hash"] == config.hash()
+    assert len(meta["init_id"]) == 16 and meta["init_id"] == summary["init_id"]
+    assert meta["config"]["optim"]["lr"] == 0.01
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+    logged = [float(r["val/dice_mean"]) for r in csv_rows(run_dir) if r.get("val/dice_mean")]
+    assert len(logged) == 2 and max(logged) == pytest.approx(progress["best_val_dice"])
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(segresnet_run):
+    _, run_dir, _ = segresnet_run
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    result = subprocess.run(["wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    history = [r["history"]["item"] for r in records if r.get("type") == "history"]
+    assert any("train/loss_step" in item for item in history)
+    wandb_dice = [item["val/dice_mean"] for item in history if "val/dice_mean" in item]
+    csv_dice = [float(r["val/dice_mean"]) for r in csv_rows(run_dir) if r.get("val/dice_mean")]
+    assert len(wandb_dice) == 2 and wandb_dice == pytest.approx(csv_dice)
+
+
+class RecordTrainWeights(Callback):
+    """The train-mode (y) weights and the schedule-free z after the last optimizer step."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        self.y = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+        self.z = {n: optimizer.state[p]["z"].clone() for n, p in pl_module.model.named_parameters()}  # all stepped
+        self.beta1 = optimizer.param_groups[0]["betas"][0]
+        self.train_mode = optimizer.param_groups[0]["train_mode"]
+
+
+def test_tiny_mednext_schedule_free_checkpoints_hold_averaged_weights(workspace):
+    # Validation every 2nd of 3 epochs: best.ckpt is written after validation (optimizer in eval mode); the
+    # final last.ckpt at a train epoch end with the optimizer still in train mode (the on_save_checkpoint guard).
+    config = tiny_config(workspace, **{"model.name": "mednext_s", "model.deep_supervision": True,
+                                       "trainer.max_epochs": 3, "trainer.val_every": 2})
+    run_dir = workspace[0] / "mednext"
+    recorder = RecordTrainWeights()
+    summary = train(config, run_dir, callbacks=[recorder])
+    assert summary["epochs"] == 3 and recorder.train_mode
+
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    weights = model_state_dict(last)
+    averaged_diff = y_diff = 0.0
+    for name, y in recorder.y.items():
+        x = y.lerp(recorder.z[name], 1 - 1 / recorder.beta1)
+        averaged_diff = max(averaged_diff, float((weights[name] - x).abs().max()))
+        y_diff = max(y_diff, float((weights[name] - y).abs().max()))
+    assert averaged_diff < 1e-6 < 1e-4 < y_diff
+    assert all(not g["train_mode"] for g in last["optimizer_states"][0]["param_groups"])
+    assert last["brats_ugrip"]["weights"] == "averaged" and last["brats_ugrip"]["epoch"] == 3
+
+    model, meta = load_model(run_dir / "checkpoints" / "best.ckpt")
+    assert meta["val_epoch"] == meta["epoch"] == 2
+    _, val_loader = make_loaders(Datalist.load(config.data.datalist), 0, "brats2023", config.data.roi_size, 2,
+                                 config.data.cache_dir)
+    reproduced = evaluate(model, val_loader, inference_settings(config))
+    for region, value in meta["val_metrics"].items():
+        assert reproduced[region] == pytest.approx(value, abs=1e-5)
+
+
+def test_freezing_keeps_frozen_parameters_bit_identical(workspace, segresnet_run):
+    _, source_dir, source_summary = segresnet_run
+    source = source_dir / "checkpoints" / "best.ckpt"
+    config = tiny_config(workspace, **{"finetune.init_from": str(source), "finetune.freeze.all_but_last": 2,
+                                       "optim.name": "adamw", "trainer.max_epochs": 1})
+    summary = train(config, workspace[0] / "frozen")
+    before = model_state_dict(load_checkpoint(source))
+    after = model_state_dict(load_checkpoint(workspace[0] / "frozen" / "checkpoints" / "last.ckpt"))
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ["conv_final.2.conv.bias", "conv_final.2.conv.weight"]  # SegResNet's output convolution
+    assert summary["init_id"] == source_summary["init_id"]  # fine-tuned runs share the source's initialisation
+    assert read_progress(workspace[0] / "frozen")["trainable_parameters"] == 3 * 8 + 3
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_finishes_the_same_epochs(workspace, tmp_path):
+    config = tiny_config(workspace, **{"trainer.max_epochs": 3, "data.samples_per_case": 2,
+                                       "trainer.limit_val_batches": 0})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "brats_ugrip.train", str(path), "--run-dir", str(run_dir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 600
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        steps_at_first_checkpoint = load_checkpoint(last)["global_step"]
+        # Into the next epoch: at least one more optimizer step logged, then kill without warning.
+        while process.poll() is None and time.monotonic() < deadline:
+            rows = csv_rows(run_dir) if (run_dir / "csv" / "metrics.csv").exists() else []
+            if any(int(r["step"]) > steps_at_first_checkpoint + 1 for r in rows):
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert read_progress(run_dir)["status"] == "running"
+    killed_at = load_checkpoint(last)["brats_ugrip"]["epoch"]
+    assert 1 <= killed_at < 3
+
+    summary = train(path, run_dir)
+    steps_per_epoch = 4 * 2 // 2
+    assert summary["epochs"] == 3 and summary["steps"] == 3 * steps_per_epoch
+    final = load_checkpoint(last)
+    assert final["brats_ugrip"]["epoch"] == 3 and final["global_step"] == 3 * steps_per_epoch
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        load_checkpoint(checkpoint)  # every file left is complete
+    assert not list((run_dir / "checkpoints").glob(".*"))
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == 3
+    epochs_logged = {int(r["epoch"]) for r in csv_rows(run_dir) if r.get("train/loss_epoch")}
+    assert epochs_logged == {0, 1, 2}  # the log of the killed attempt is continued, not replaced
