@@ -1,6 +1,6 @@
 """Sliding-window inference on the brain's bounding box vs on the full volume, measured in one run.
 
-    python bench/infer_crop.py [--model segresnet] [--init-filters 8] [--fit-steps 40] [--repeat 1]
+    python bench/infer_crop.py [--model segresnet] [--init-filters 8] [--fit-steps 20] [--repeat 1]
 
 Two 240×240×155 phantoms: a small network is first fitted for a few steps on patches of the first (so that its
 predictions are confident, as a trained model's are; accuracy is not the point), then the second is predicted
@@ -50,7 +50,7 @@ def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> in
     return count
 
 
-def fit(model: torch.nn.Module, case_dir: Path, cache_dir: Path, steps: int, roi: int = 64) -> float:
+def fit(model: torch.nn.Module, case_dir: Path, cache_dir: Path, steps: int, roi: int = 48) -> float:
     """A few AdamW steps on tumour-biased patches of one case; returns the last loss."""
     torch.manual_seed(0)
     dataset = TrainDataset(cases_from_dir(case_dir), "brats2023", (roi,) * 3, CaseCache(cache_dir), samples_per_case=steps * 2)
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="segresnet", help="registry name (default segresnet)")
     parser.add_argument("--init-filters", type=int, default=8, help="network width (small for CPU)")
-    parser.add_argument("--fit-steps", type=int, default=40)
+    parser.add_argument("--fit-steps", type=int, default=20)
     parser.add_argument("--roi", type=int, nargs=3, default=(128, 160, 112))
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--sw-batch-size", type=int, default=4)
@@ -88,12 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = create_model(args.model, init_filters=args.init_filters)
         last_loss = fit(model, fit_dir, Path(tmp) / "cache", args.fit_steps)
         model = model.to(args.device).eval()
+        with torch.no_grad():  # warm-up (allocator, threads, cuDNN)
+            model(torch.zeros(1, 4, *args.roi, device=args.device))
         (case,) = cases_from_dir(test_dir)
         reference = scheme.to_regions(read_volume(case.label, np.int16)[0])
         results = {}
         for path, margin in (("full", FULL_VOLUME_MARGIN), ("crop", 2)):
             pre = preprocess_case(case.images, None, scheme, margin=margin, case_id=case.case_id)
-            predict_preprocessed(model, pre, settings, scheme)  # warm-up (allocator, threads)
             seconds = []
             for _ in range(args.repeat):
                 start = time.perf_counter()

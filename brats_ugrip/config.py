@@ -280,6 +280,9 @@ def _check(config: RunConfig) -> None:
     positive("data.num_workers", data.num_workers, allow_zero=True)
     for i, size in enumerate(data.roi_size):
         positive(f"data.roi_size[{i}]", size)
+    if not data.train_sources:
+        raise ConfigError("data.train_sources", "is empty; list at least one source, e.g. [original]")
+    positive("data.extra_ratio", data.extra_ratio, allow_zero=True)
     positive("optim.lr", optim.lr)
     positive("optim.weight_decay", optim.weight_decay, allow_zero=True)
     positive("optim.warmup_steps", optim.warmup_steps, allow_zero=True)

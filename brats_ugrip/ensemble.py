@@ -143,7 +143,7 @@ class PostProcessing:
         return any(self.min_component_size) or self.et_to_netc_below > 0
 
     def apply(self, labels: np.ndarray, scheme: LabelScheme | str) -> np.ndarray:
-        """Post-process a label map ``(X, Y, Z)`` of ``scheme``; returns a new map (the input is untouched)."""
+        """Post-process a label map ``(X, Y, Z)`` of ``scheme``: a new map, or ``labels`` itself when every rule is off."""
         if not self.enabled:
             return labels
         scheme = get_scheme(scheme)

@@ -132,7 +132,7 @@ class PredictionCache:
         outputs = zip(*streams)
         if progress:
             outputs = track(outputs, f"predicting {len(held_out)} held-out cases with {len(members)} models", len(held_out))
-        for case, per_model in zip(held_out.cases, outputs):
+        for per_model, case in zip(outputs, held_out.cases):  # outputs first: the bar completes on its last item
             cache.add(case.case_id, [p for _, p in per_model], case.regions, case.spacing)
         return cache
 

@@ -70,7 +70,7 @@ def overlay_figure(image: np.ndarray, labels: np.ndarray, scheme: LabelScheme | 
     axes[1].set_title("prediction (NETC red, SNFH green, ET yellow)", fontsize=8)
     if uncertainty is not None:
         values = np.ma.masked_less_equal(uncertainty[:, :, index].T, 0.01)
-        mapped = axes[2].imshow(values, cmap="magma", vmin=0, vmax=1, **show)
+        mapped = axes[2].imshow(values, cmap="magma", vmin=0, vmax=1, alpha=0.8, **show)
         axes[2].set_title("uncertainty")
         figure.colorbar(mapped, ax=axes[2], fraction=0.046)
     figure.suptitle(f"{title} slice {index}".strip())

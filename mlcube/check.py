@@ -191,7 +191,8 @@ def output_checks(data: Path, predictions: Path, scheme: str, exit_code: int) ->
     bad = {case_id: check_prediction(path, references[case_id], get_scheme(scheme).labels)
            for case_id, path in written.items()}
     bad = {case_id: problems for case_id, problems in bad.items() if problems}
-    code_ok = (exit_code == 0) == (not cannot and not missed) and exit_code in (0, EXIT_CASES_FAILED)
+    complete = not cannot and not missed
+    code_ok = (exit_code == 0) == complete and exit_code in (0, EXIT_CASES_FAILED)
     return [
         Check("output names", not stray, f"{len(written)} files named <ID>.nii.gz" if not stray else
               f"unexpected entries {stray[:5]}: MedPerf's evaluator accepts only files matching "
@@ -204,7 +205,7 @@ def output_checks(data: Path, predictions: Path, scheme: str, exit_code: int) ->
         Check("geometry, dtype and labels", not bad, f"{len(written)} predictions in the input geometry, integer "
               f"labels of {scheme}" if not bad else "; ".join(f"{k}: {', '.join(v)}" for k, v in bad.items())),
         Check("exit code", code_ok, f"{exit_code}: " + (EXIT_MEANINGS.get(exit_code, "killed or crashed") if code_ok else
-              f"expected {0 if not cannot else EXIT_CASES_FAILED} ({EXIT_MEANINGS[0]} / {EXIT_MEANINGS[1]})")),
+              f"expected {0 if complete else EXIT_CASES_FAILED} ({EXIT_MEANINGS[0]} / {EXIT_MEANINGS[1]})")),
     ]
 
 
@@ -240,7 +241,8 @@ def check_package(package: str | os.PathLike[str], data: str | os.PathLike[str],
     if not usable:
         return checks + [Check("infer task", False, "not run: container_config.yaml has no usable infer command and "
                                "volumes, or parameters.yaml is missing")]
-    parameters = yaml.safe_load(layout.parameters.read_text()) or {}
+    parameters = yaml.safe_load(layout.parameters.read_text())
+    parameters = parameters if isinstance(parameters, dict) else {}
     scheme = parameters.get("label_scheme") or "brats2023"
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mlcube-check-"))
     root.mkdir(parents=True, exist_ok=True)

@@ -281,10 +281,12 @@ def plot_curves(sweep_dir: str | os.PathLike[str], runs: list[RunRecord]) -> Pat
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(10, 6))
     for run_id, curve in curves.items():
         axes.plot(curve["epoch"], curve["val_dice"], marker="." if len(curve) < 30 else None, label=run_id)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("epoch")
     axes.set_ylabel("validation mean Dice (TC, WT, ET)")
     axes.set_title(f"{Path(sweep_dir).resolve().name}: validation Dice per run")

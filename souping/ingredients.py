@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint, model_state_dict
 from brats_ugrip.errors import CheckpointError

@@ -150,10 +150,13 @@ class SoupSession:
         self.notes: list[str] = []
         self.evaluations: Counter[str] = Counter()
         self.on_evaluation: Callable[[], None] | None = None
-        self.selection = HeldOutSet.from_fold(self.datalist, self.fold, cache_dir=self.cache_dir, device=self.device)
+        # The scheme the networks were trained with (what their channels mean), as validation used it.
+        self.scheme = (self.reference.config.get("data") or {}).get("scheme") or self.datalist.label_scheme
+        self.selection = HeldOutSet.from_fold(self.datalist, self.fold, scheme=self.scheme, cache_dir=self.cache_dir,
+                                              device=self.device)
         self.fingerprint = self.selection.fingerprint(self.settings)
-        test_cases, test_scheme = self._test_cases(args)
-        self.test = HeldOutSet(test_cases, test_scheme, self.cache_dir, self.device) if test_cases else None
+        test_cases = self._test_cases(args)
+        self.test = HeldOutSet(test_cases, self.scheme, self.cache_dir, self.device) if test_cases else None
         self.test_description = self._describe_test(args) if test_cases else ""
         self.model = build_model(self.reference.meta).to(self.device)
         self.recalibrate = self._recalibration(args) if args.recalibrate_bn else None
@@ -179,9 +182,9 @@ class SoupSession:
             fold = int(folds[0])
         return datalist, fold
 
-    def _test_cases(self, args: argparse.Namespace) -> tuple[list[Case], str]:
+    def _test_cases(self, args: argparse.Namespace) -> list[Case]:
         if args.test_fold is None and args.test_datalist is None:
-            return [], self.datalist.label_scheme
+            return []
         source = Datalist.load(args.test_datalist) if args.test_datalist else self.datalist
         cases = source.fold_cases(args.test_fold) if args.test_fold is not None else [
             case for case in source.training if case.label is not None]
@@ -193,7 +196,7 @@ class SoupSession:
         if seen:
             self.notes.append(f"{len(seen)} of the {len(cases)} test cases were in an ingredient's training data "
                               f"(e.g. {sorted(seen)[0]}): the test scores are optimistic for every model alike.")
-        return cases, source.label_scheme
+        return cases
 
     def _seen_in_training(self, case_ids: set[str]) -> set[str]:
         """Test cases some ingredient may have trained on: in its datalist's training split, or the source of a
@@ -222,7 +225,7 @@ class SoupSession:
             return None
         config = config_from_dict(self.reference.config)
         train_cases = self.datalist.split(self.fold)[0]
-        dataset = TrainDataset(train_cases, self.datalist.label_scheme, config.data.roi_size, CaseCache(self.cache_dir),
+        dataset = TrainDataset(train_cases, self.scheme, config.data.roi_size, CaseCache(self.cache_dir),
                                augment=False)
 
         def recalibrate(model: torch.nn.Module) -> None:

@@ -298,15 +298,18 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _check_data(config: RunConfig, datalists: dict[str, Datalist], checked: set[str]) -> None:
-    """Training's own data checks (the fold exists, training cases exist, the patch fits the volumes), made once
-    per distinct data setting; each datalist is loaded once."""
+    """The fine-tuning checkpoint exists, and training's own data checks (the fold exists, there are training
+    cases, the patch fits the volumes), made once per distinct setting; each datalist is loaded once."""
     from brats_ugrip.training import check_data
 
     data = config.data
     key = json.dumps([data.datalist, data.data_root, data.fold, data.roi_size, data.train_sources, data.extra_ratio,
-                      config.trainer.seed if data.extra_ratio is not None else None], default=str)
+                      config.trainer.seed if data.extra_ratio is not None else None, config.finetune.init_from],
+                     default=str)
     if key in checked:
         return
+    if config.finetune.init_from and not Path(config.finetune.init_from).is_file():
+        raise ConfigError("finetune.init_from", f"checkpoint {config.finetune.init_from} not found")
     if data.datalist not in datalists:
         try:
             datalists[data.datalist] = Datalist.load(data.datalist, data.data_root)

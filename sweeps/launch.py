@@ -156,6 +156,9 @@ def print_plan(plan: LaunchPlan, out: Console) -> None:
 def submit_plan(plan: LaunchPlan) -> dict[str, submitit.Job]:
     """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request)."""
     ensure_writable(plan.sweep_dir)
+    if any(not scheduler_available(g.spec.cluster) for g in plan.groups()):
+        raise BratsUgripError(f"{plan.grid_path}: executor.cluster is slurm but `sbatch` is not on the PATH; "
+                              "run on the cluster's login node, or set executor.cluster: local")
     state = SweepState(sweep_db_path(plan.sweep_dir))
     try:
         with state.transaction():
@@ -168,10 +171,6 @@ def submit_plan(plan: LaunchPlan) -> dict[str, submitit.Job]:
         atomic_write_text(plan.sweep_dir / "grid.yaml", plan.grid_path.read_text())
         plan.existing = {r.run_id: r.state for r in state.runs()}
         groups = plan.groups()
-        for group in groups:
-            if not scheduler_available(group.spec.cluster):
-                raise BratsUgripError(f"{plan.grid_path}: executor.cluster is slurm but `sbatch` is not on the PATH; "
-                                      "run on the cluster's login node, or set executor.cluster: local")
         folder = jobs_folder(plan.sweep_dir)
         slurm_groups = [g for g in groups if g.spec.cluster == "slurm"]
         if len(slurm_groups) > 1:  # check every array first, so that a refused one leaves none half-submitted
@@ -361,6 +360,7 @@ class _NoProgress:
 
 
 def print_summary(state: SweepState, out: Console) -> None:
+    """One row per run: state, attempts, latest job id and final metrics."""
     table = Table(title="runs")
     for column in ("run id", "state", "attempts", "job", "metrics"):
         table.add_column(column)

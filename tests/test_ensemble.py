@@ -20,7 +20,7 @@ from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.preprocess import preprocess_case
 from ensembling import ensemble as ensemble_cli
-from ensembling.fit import PredictionCache, fit_weights, region_dice_table, score, simplex_grid
+from ensembling.fit import PredictionCache, _positives, fit_weights, region_dice_table, score, simplex_grid
 
 SCHEME = get_scheme("brats2023")
 
@@ -245,6 +245,19 @@ def test_dice_table_scores_candidates_exactly_like_the_full_pipeline():
             weights = np.repeat(candidates[k][:, None], 3, axis=1)
             # ET is innermost: its Dice through labels depends on the ET channel only.
             assert table[k, t] == pytest.approx(score(cache, weights, (0.5, 0.5, threshold), SCHEME).dice["ET"], abs=1e-6)
+
+
+def test_inner_regions_count_in_outer_ones_as_in_the_label_map():
+    """TC and WT are scored with the voxels the inner regions predict, exactly as the written labels count them."""
+    cache = synthetic_cache(seed=2, cases=2)
+    weights, thresholds = fit_weights(cache, resolution=4)
+    pipeline = score(cache, weights, thresholds, SCHEME).dice
+    forced = [np.zeros(0, dtype=np.int64) for _ in cache.cases]
+    for name in ("ET", "TC", "WT"):
+        c = REGIONS.index(name)
+        table = region_dice_table(cache, c, weights[:, c][None], (thresholds[c],), forced)
+        assert table[0, 0] == pytest.approx(pipeline[name], abs=1e-6)
+        forced = [np.union1d(f, _positives(case, c, weights[:, c], thresholds[c])) for f, case in zip(forced, cache.cases)]
 
 
 def test_simplex_grid_holds_equal_weights_and_every_single_model():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -303,3 +304,33 @@ def test_unknown_executor_key_in_grid_file_fails_before_expansion(datalist):
         warnings.simplefilter("error")
         with pytest.raises(ConfigError, match="executor.partion: unknown key"):
             ParameterManager(_grid(datalist, executor={"cluster": "slurm", "partion": "gpu"}))
+
+
+# --- the grids shipped in experiments/ ----------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name, runs, arrays", [("grid_demo_cpu", 4, 1), ("grid_ssa_lr_folds", 25, 1),
+                                                ("grid_finetune", 20, 1)])
+def test_shipped_grids_expand_and_validate(name, runs, arrays, tmp_path, monkeypatch):
+    """Each grid in experiments/ validates (its data swapped for a 5-fold datalist) and fills one array."""
+    entries = [{"case_id": f"c{i}", "fold": i % 5, "image": [f"c{i}/{m}.nii.gz" for m in "abcd"],
+                "label": f"c{i}/seg.nii.gz"} for i in range(10)]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+    (tmp_path / "init.ckpt").write_bytes(b"")
+    monkeypatch.chdir(REPO)  # base configs are paths relative to the repository root
+    grid = yaml.load((REPO / "experiments" / f"{name}.yaml").read_text(), Loader=yaml.SafeLoader)
+    overrides = {"data.datalist": str(tmp_path / "datalist.json")}
+    if "finetune.init_from" in grid.get("set", {}):
+        overrides["finetune.init_from"] = str(tmp_path / "init.ckpt")
+    grid["set"] = {**grid.get("set", {}), **overrides}
+    plan_runs = ParameterManager(grid, source=name).runs()
+    assert len(plan_runs) == runs and len({r.run_id for r in plan_runs}) == runs
+    assert len({r.executor.submit_spec(name).key for r in plan_runs}) == arrays
+
+
+def test_missing_finetune_checkpoint(datalist, tmp_path):
+    grid = _grid(datalist, grid={"finetune.init_from": [str(tmp_path / "gone.ckpt")]})
+    error = _error(grid)
+    assert error.key_path == "finetune.init_from" and "not found" in str(error)

@@ -145,6 +145,17 @@ def test_mlcube_yaml_schema_names_the_fault(package, expected):
     assert any(expected in problem for problem in problems), problems
 
 
+def test_mlcube_yaml_shorthand_of_medperf_templates_is_accepted(package):
+    document = yaml.safe_load(package.mlcube_yaml.read_text())
+    document["tasks"]["infer"]["parameters"] = {
+        "inputs": {"data_path": "data/", "parameters_file": "parameters.yaml", "additional_files": "additional_files/"},
+        "outputs": {"output_path": {"type": "directory", "default": "predictions"}}}
+    assert mlcube_yaml_problems(document) == []
+    document["tasks"]["infer"]["parameters"]["inputs"]["data_path"] = "data"
+    assert mlcube_yaml_problems(document) == [
+        "tasks.infer.parameters.inputs.data_path: must be a directory, got type 'unknown'"]
+
+
 @pytest.mark.parametrize("expected", CONTAINER_MUTATIONS)
 def test_container_config_schema_names_the_fault(package, expected):
     document = yaml.safe_load(package.container_config.read_text())
@@ -295,7 +306,7 @@ def test_package_of_a_soup_of_a_trained_run_passes_the_check(phantom_dir, cases,
     config = load_config(base={
         "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 2},
         "model": {"name": "segresnet", "init_filters": 8}, "optim": {"name": "adamw_sf", "lr": 0.01},
-        "trainer": {"max_epochs": 2, "accelerator": "cpu"},
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1},
         "inference": {"roi_size": [48, 48, 48], "overlap": 0.25}, "logging": {"mode": "disabled"}})
     train(config, tmp_path / "run")
     assert uniform.main(["--ckpts", str(tmp_path / "run" / "checkpoints"), "--out", str(tmp_path / "soup.ckpt"),

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from rich.text import Text
 from submitit.core.utils import DelayedSubmission, JobPaths
 
 from brats_ugrip.checkpoints import save_model_checkpoint
@@ -35,7 +36,6 @@ from slurm.job_states import JobStatus, LocalJobStates
 from slurm.recovery import INTENT_FILE, MonitorError, SweepMonitor
 from slurm.sacct import expand_task_ids, parse_sacct, sacct_command
 from slurm.view import ProgressReader
-from rich.text import Text
 from sweeps.launch import jobs_folder
 
 REPO = Path(__file__).resolve().parents[1]

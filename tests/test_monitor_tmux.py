@@ -87,12 +87,15 @@ def test_dashboard_in_tmux_while_a_local_sweep_trains(tmp_path, phantom_dir):
     screens = []
     try:
         deadline = time.time() + 600
-        while DONE not in (screen := pane.screen()):
-            assert time.time() < deadline, screens[-1] if screens else "no screen"
+        while True:
+            screen = pane.screen()
             screens.append(screen)
             for run_id, row in _rows(screen, run_ids).items():
                 seen_states[run_id].update(word for word in ("SUBMITTED", "RUNNING", "COMPLETED") if word in row)
                 seen_progress.update(p for p in ("0/2", "1/2", "2/2") if p in row)
+            if DONE in screen:
+                break
+            assert time.time() < deadline, screen
             time.sleep(0.5)
         final = screen
     finally:

@@ -28,7 +28,7 @@ def test_soups_of_finetuned_runs(phantom_dir, tmp_path, recwarn):
     tiny = {"data.datalist": str(datalist_path), "data.cache_dir": str(tmp_path / "cache"), "data.samples_per_case": 1,
             "data.roi_size": [32, 32, 32], "inference.roi_size": [48, 48, 48], "model.name": "unet",
             "model.init_filters": 4, "trainer.val_every": 1, "logging.mode": "disabled"}
-    base = train(load_config("experiments/train_tiny_cpu.yaml", {**tiny, "trainer.max_epochs": 2}), tmp_path / "base")
+    base = train(load_config("experiments/train_tiny_cpu.yaml", {**tiny, "trainer.max_epochs": 1}), tmp_path / "base")
     models = tmp_path / "models"
     models.mkdir()
     for i, lr in enumerate(FINETUNE_LRS):

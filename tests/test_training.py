@@ -13,10 +13,12 @@ import yaml
 from pytorch_lightning.callbacks import Callback
 
 from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dict
-from brats_ugrip.config import load_config
+from brats_ugrip.config import LossConfig, OptimConfig, load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.datasets import make_loaders
 from brats_ugrip.inference import inference_settings
+from brats_ugrip.losses import SegmentationLoss, mednext_ds_weights
+from brats_ugrip.optim import WarmupSchedule, averaged_parameters, build_optimizer, set_train_mode
 from brats_ugrip.training import evaluate, read_progress, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +193,35 @@ def test_resume_after_sigkill_mid_epoch_finishes_the_same_epochs(workspace, tmp_
     assert progress["status"] == "completed" and progress["epoch"] == 3
     epochs_logged = {int(r["epoch"]) for r in csv_rows(run_dir) if r.get("train/loss_epoch")}
     assert epochs_logged == {0, 1, 2}  # the log of the killed attempt is continued, not replaced
+
+
+def test_schedules_and_deep_supervision_weights():
+    warmup_poly = WarmupSchedule("poly", warmup=10, total=110)
+    assert warmup_poly(0) == pytest.approx(0.1) and warmup_poly(9) == 1.0
+    assert warmup_poly(60) == pytest.approx(0.5**0.9) and warmup_poly(110) == 0.0
+    assert WarmupSchedule("cosine", 0, 100)(50) == pytest.approx(0.5) and WarmupSchedule("none", 0, 100)(99) == 1.0
+    assert mednext_ds_weights(5) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15, 0.0])
+
+    loss = SegmentationLoss(LossConfig())
+    target = (torch.rand(1, 3, 16, 16, 16) > 0.5).float()
+    outputs = tuple(torch.randn(1, 3, s, s, s) for s in (16, 8, 4))
+    downsampled = [torch.nn.functional.interpolate(target, size=(s,) * 3, mode="nearest-exact") for s in (16, 8, 4)]
+    expected = sum(w * loss(o, t) for w, o, t in zip(mednext_ds_weights(3), outputs, downsampled))
+    assert loss(outputs, target) == pytest.approx(float(expected))
+
+
+def test_averaged_parameters_match_schedule_free_eval():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = build_optimizer(model.parameters(), OptimConfig(name="adamw_sf", lr=0.1))
+    set_train_mode(optimizer, True)
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    averaged = {name: averaged_parameters(optimizer)[p] for name, p in model.named_parameters()}
+    y = {name: p.detach().clone() for name, p in model.named_parameters()}
+    set_train_mode(optimizer, False)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), averaged[name]) and not torch.equal(p.detach(), y[name])
+    assert averaged_parameters(optimizer) == {}  # already holding x
