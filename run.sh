@@ -26,11 +26,21 @@ setup() {
 }
 
 demo() {
+    # The whole product on CPU in minutes: phantoms → datalist → sweep (local executor) → collected models →
+    # greedy soup selected on fold 0 and tested on fold 1 → MLCube package checked on BraTS-named cases.
     local out=${DEMO_DIR:-demo}
     mkdir -p "$out"
     $PYTHON synthetic/phantom.py --out "$out/data" --cases 12 --size 64 --seed 0
     $PYTHON tools/make_datalist.py "$out/data" --folds 3 --seed 0 --out "$out/datalist.json"
     $PYTHON tools/check_data.py "$out/datalist.json"
+    $PYTHON sweeps/launch.py experiments/grid_demo_cpu.yaml --sweep-dir "$out/sweep"
+    $PYTHON slurm/monitor.py "$out/sweep" --summary
+    $PYTHON souping/greedy.py --ckpts "$out/sweep/models" --datalist "$out/datalist.json" --fold 0 --test-fold 1 \
+        --out "$out/soup.ckpt"
+    $PYTHON mlcube/build.py --model "$out/soup.ckpt" --challenge brats2023-gli --out "$out/mlcube" --force
+    $PYTHON synthetic/phantom.py --out "$out/submission" --cases 3 --size 64 --seed 7 --prefix BraTS-GLI
+    $PYTHON mlcube/check.py "$out/mlcube" --data "$out/submission" --labels "$out/submission"
+    echo "demo: done — sweep in $out/sweep, soup report next to $out/soup.ckpt, MLCube in $out/mlcube"
 }
 
 tests() {
