@@ -7,13 +7,15 @@ One phantom case is predicted by an ensemble of N random tiny networks (the memo
 the weights' values), each N in a fresh process. Measured during ``Ensemble.predict_preprocessed`` only (the models
 are loaded and the case preprocessed before): the rise of peak resident memory (``VmHWM``, reset through
 ``/proc/self/clear_refs``; ``ru_maxrss`` where that is unavailable), tracemalloc's peak (NumPy arrays) and, on a GPU,
-``torch.cuda.max_memory_allocated``. For scale: one model's output on the crop, and the N outputs a non-streaming
-ensemble would stack. Prints a JSON line and a Markdown table.
+``torch.cuda.max_memory_allocated``. Children run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns freed
+buffers to the system and the resident peak reflects live memory. For scale: one model's output on the crop, and
+the N outputs a non-streaming ensemble would stack. Prints a JSON line and a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import torch
 from brats_ugrip.cli import run
 
 MIB = 2 ** 20
+MMAP_THRESHOLD = 64 * 1024
 
 
 def _peak_rss_reset() -> bool:
@@ -112,8 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   {"config": config.to_dict(), "model": {"name": args.model, "kwargs": kwargs}, "fold": 0})
         rows = []
         for n in args.models:
+            # Large blocks straight from mmap, so freed buffers leave the resident set: the peak then measures live
+            # memory, not the heap layout glibc happened to keep from loading N models.
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
             child = subprocess.run([sys.executable, __file__, "--child", str(n), "--workdir", str(workdir),
-                                    "--device", args.device], capture_output=True, text=True)
+                                    "--device", args.device], capture_output=True, text=True, env=env)
             if child.returncode != 0:
                 raise RuntimeError(f"measuring {n} models failed:\n{child.stderr}")
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -125,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "rows": [{k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()} for row in rows]}
     print(json.dumps(summary))
     print(f"\ncrop {first['crop']}, one model's output {first['one_output_mib']:.1f} MiB\n")
-    print("| models | peak RSS rise (MiB) | NumPy peak (MiB) | weights (MiB) | N stacked outputs (MiB) |\n|---|---|---|---|---|")
+    print("| models | peak RSS rise (MiB) | NumPy peak (MiB) | weights (MiB) | N stacked outputs (MiB) |")
+    print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['n_models']} | {row['rss_peak_rise_mib']:.1f} | {row['numpy_peak_mib']:.1f} | "
               f"{row['weights_mib']:.2f} | {row['stacked_outputs_mib']:.1f} |")

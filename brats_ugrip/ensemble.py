@@ -275,7 +275,8 @@ class EnsembleSpec:
 
     def with_weights(self, weights: np.ndarray, **changes: Any) -> EnsembleSpec:
         """A copy with new ``(N, 3)`` weights (and other fields, e.g. ``thresholds``)."""
-        members = [dataclasses.replace(m, weights=tuple(float(v) for v in row)) for m, row in zip(self.members, weights, strict=True)]
+        members = [dataclasses.replace(m, weights=tuple(float(v) for v in row))
+                   for m, row in zip(self.members, weights, strict=True)]
         spec = dataclasses.replace(self, members=members, **changes)
         spec.validate()
         return spec
@@ -297,7 +298,8 @@ class EnsembleSpec:
             raise ConfigError("<root>", "an ensemble spec must be a YAML mapping with a `models` list", source)
         _check_keys(values, ("format", "label_scheme", "thresholds", "models", "postprocessing", "fit"), "", source)
         if values.get("format", SPEC_FORMAT) != SPEC_FORMAT:
-            raise ConfigError("format", f"unsupported spec format {values['format']!r}; this version reads {SPEC_FORMAT}", source)
+            raise ConfigError("format", f"unsupported spec format {values['format']!r}; this version reads "
+                              f"{SPEC_FORMAT}", source)
         scheme = values.get("label_scheme")
         if scheme is not None and scheme not in SCHEMES:
             raise ConfigError("label_scheme", f"unknown label scheme {scheme!r}; choose one of {sorted(SCHEMES)}", source)
@@ -367,7 +369,8 @@ def _member_from_dict(entry: Any, key: str, base_dir: Path, source: str | None) 
     return EnsembleMember((base_dir / path).resolve(), weights, dict(inference))
 
 
-def spec_from_checkpoints(paths: Sequence[str | os.PathLike[str]], weights_file: str | os.PathLike[str] | None = None) -> EnsembleSpec:
+def spec_from_checkpoints(paths: Sequence[str | os.PathLike[str]],
+                          weights_file: str | os.PathLike[str] | None = None) -> EnsembleSpec:
     """A spec for the checkpoints ``paths`` with equal weights, or with the weights of ``weights_file``.
 
     ``weights_file`` is YAML with ``weights``: one entry per checkpoint, in order (a number, ``[TC, WT, ET]`` or
@@ -434,8 +437,12 @@ class LoadedMember:
 def load_member(member: EnsembleMember, key: str, device: str | torch.device) -> LoadedMember:
     """Load one model and check it: 4 input channels, 3 region outputs, valid inference overrides."""
     model, meta = load_model(member.path, map_location=device)
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{member.path}: its metadata holds no run config (window size, label scheme, "
+                              "inference settings); ensemble checkpoints written by brats-ugrip training or soups")
     try:
-        config = config_from_dict(apply_overrides(meta["config"], {f"inference.{k}": v for k, v in member.inference.items()}))
+        overrides = {f"inference.{k}": v for k, v in member.inference.items()}
+        config = config_from_dict(apply_overrides(meta["config"], overrides))
     except ConfigError as error:
         raise ConfigError(f"{key}.{error.key_path}", str(error).split(": ", 1)[1], str(member.path)) from None
     in_channels, out_channels = model_channels(model, get_spec(meta["model"]["name"]).divisor)
@@ -572,5 +579,6 @@ def write_prediction(out_dir: str | os.PathLike[str], prediction: EnsemblePredic
         written["probabilities"] = write_volume(out_dir / "probabilities" / name,
                                                 np.moveaxis(prediction.probabilities, 0, -1).astype(np.float32), affine)
     if prediction.uncertainty is not None:
-        written["uncertainty"] = write_volume(out_dir / "uncertainty" / name, prediction.uncertainty.astype(np.float32), affine)
+        written["uncertainty"] = write_volume(out_dir / "uncertainty" / name, prediction.uncertainty.astype(np.float32),
+                                              affine)
     return written

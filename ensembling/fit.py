@@ -121,7 +121,8 @@ class PredictionCache:
             indices = keep.nonzero().squeeze(1)
             values = torch.stack([p[c][indices] for p in flat]).float().cpu()
             regions.append(CachedRegion(indices.cpu().numpy(), values))
-        self.cases.append(CachedCase(case_id, shape, np.asarray(reference, bool).reshape(len(REGIONS), -1), spacing, regions))
+        flat_reference = np.asarray(reference, bool).reshape(len(REGIONS), -1)
+        self.cases.append(CachedCase(case_id, shape, flat_reference, spacing, regions))
 
     @classmethod
     def predict(cls, held_out: HeldOutSet, members: Sequence[LoadedMember], floor: float,
@@ -260,7 +261,8 @@ def _positives(case: CachedCase, region: int, weights: np.ndarray, threshold: fl
 
 
 def fit_weights(cache: PredictionCache, thresholds: Sequence[float] = THRESHOLDS, resolution: int = RESOLUTION,
-                max_candidates: int = MAX_CANDIDATES, device: str | torch.device = "cpu") -> tuple[np.ndarray, tuple[float, ...]]:
+                max_candidates: int = MAX_CANDIDATES,
+                device: str | torch.device = "cpu") -> tuple[np.ndarray, tuple[float, ...]]:
     """Per-region weights and thresholds maximising the held-out Dice, regions fitted inside out (ET, TC, WT).
 
     Returns:

@@ -32,8 +32,8 @@ def tiny_checkpoint(path, seed, scheme="brats2023", fold=0):
                                "inference": {"overlap": 0.25, "sw_batch_size": 2}})
     torch.manual_seed(seed)
     model = create_model("segresnet", init_filters=8)
-    meta = {"config": config.to_dict(), "model": {"name": "segresnet", "kwargs": resolve_kwargs("segresnet", init_filters=8)},
-            "fold": fold}
+    kwargs = resolve_kwargs("segresnet", init_filters=8)
+    meta = {"config": config.to_dict(), "model": {"name": "segresnet", "kwargs": kwargs}, "fold": fold}
     return save_model_checkpoint(path, model.state_dict(), meta)
 
 
@@ -121,8 +121,8 @@ def test_incompatible_models_are_rejected_with_clear_errors(checkpoints, tmp_pat
     # Naming the output scheme accepts them: every model predicts the regions TC, WT, ET.
     assert ensemble_of([checkpoints[0], other], [1, 1], label_scheme="brats2023").scheme == "brats2023"
     with pytest.raises(ConfigError, match=r"models\[1\]\.inference\.roi_size.*multiple of 8"):
-        Ensemble(EnsembleSpec.from_dict({"models": [str(checkpoints[0]),
-                                                    {"path": str(checkpoints[1]), "inference": {"roi_size": [30, 32, 32]}}]}))
+        bad_window = {"path": str(checkpoints[1]), "inference": {"roi_size": [30, 32, 32]}}
+        Ensemble(EnsembleSpec.from_dict({"models": [str(checkpoints[0]), bad_window]}))
     assert model_channels(create_model("segresnet", init_filters=8), 8) == (4, 3)
     assert model_channels(torch.nn.Sequential(torch.nn.Conv3d(5, 2, 1)), 8) == (5, 2)
 
@@ -133,7 +133,8 @@ def test_spec_round_trip_keeps_everything_and_paths_stay_relative(checkpoints, t
     paths = [shutil.copy(p, folder / "models" / Path(p).name) for p in checkpoints]
     spec = EnsembleSpec.from_dict({
         "label_scheme": "brats2023", "thresholds": {"TC": 0.45, "WT": 0.5, "ET": 0.4},
-        "models": [{"path": str(paths[0]), "weights": [0.25, 0.5, 0.75], "inference": {"tta": True, "roi_size": [32, 32, 32]}},
+        "models": [{"path": str(paths[0]), "weights": [0.25, 0.5, 0.75],
+                    "inference": {"tta": True, "roi_size": [32, 32, 32]}},
                    {"path": str(paths[1]), "weights": 1}],
         "postprocessing": {"min_component_size": {"TC": 0, "WT": 20, "ET": 5}, "et_to_netc_below": 30},
         "fit": {"method": "fitted", "selection_score": {"dice": {"mean": 0.5}}}})

@@ -17,8 +17,8 @@ def tiny_run(root, datalist, model, seed):
         "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 2, "cache_dir": str(root / "cache")},
         "model": {"name": model, "init_filters": 8},
         "optim": {"name": "adamw_sf", "lr": 0.01},
-        "trainer": {"max_epochs": 2, "accelerator": "cpu", "seed": seed, "log_every_n_steps": 1},
-        "inference": {"overlap": 0.25, "sw_batch_size": 2},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "seed": seed, "log_every_n_steps": 1},
+        "inference": {"roi_size": [48, 48, 48]},  # one window covers a 48³ phantom's brain crop
         "logging": {"mode": "disabled"},
     })
     return train(config, root / f"{model}-{seed}")["best_checkpoint"]
