@@ -239,9 +239,6 @@ class Datalist:
         """The cases of one validation fold."""
         return self.split(fold)[1]
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        return atomic_write_json(path, self.raw)
-
 
 def save_datalist(datalist: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write a datalist dict (as built by :func:`make_datalist`) atomically."""

@@ -16,7 +16,7 @@ import torch
 
 from brats_ugrip.cli import console, run, track
 from brats_ugrip.data import Case, Datalist, cases_from_dir
-from brats_ugrip.errors import DataError
+from brats_ugrip.errors import CheckpointError, DataError
 
 
 def input_cases(path: str | Path, section: str = "testing") -> list[Case]:
@@ -49,17 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from brats_ugrip.checkpoints import load_model
-    from brats_ugrip.config import config_from_dict
+    from brats_ugrip.config import InferenceConfig, config_from_dict
     from brats_ugrip.inference import inference_settings, predict_case
     from brats_ugrip.io import write_label_map
 
     model, meta = load_model(args.ckpt, map_location=args.device)
-    config = config_from_dict(meta["config"])
-    settings = inference_settings(config)
+    if "config" in meta:
+        config = config_from_dict(meta["config"])
+        settings, scheme = inference_settings(config), args.scheme or config.data.scheme
+    elif args.roi:
+        settings, scheme = InferenceConfig(), args.scheme or "brats2023"
+    else:
+        raise CheckpointError(f"{args.ckpt}: its metadata holds no run config to take the window size from; give --roi")
     changes = {"tta": args.tta, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
                "roi_size": tuple(args.roi) if args.roi else None}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
-    scheme = args.scheme or config.data.scheme
     cases = input_cases(args.input, args.section)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

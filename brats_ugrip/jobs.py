@@ -18,6 +18,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -92,14 +93,16 @@ class SubmitSpec:
 
         if self.cluster != "slurm":
             raise BratsUgripError("sbatch_script: only a slurm executor writes sbatch files")
-        command = "python -u -m submitit.core._submit " + shlex.quote(str(folder))
+        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
         return _make_sbatch_string(command=command, folder=folder, map_count=array_size, **self.parameters)
 
 
 def make_executor(spec: SubmitSpec, folder: str | os.PathLike[str]) -> submitit.AutoExecutor:
     """A submitit ``AutoExecutor`` for ``spec``, writing pickles and logs under ``folder`` (may contain ``%j``)."""
-    executor = submitit.AutoExecutor(folder, cluster=spec.cluster, **{f"{spec.cluster}_max_num_timeout": spec.max_num_timeout})
-    executor.update_parameters(**{f"{spec.cluster}_{key}" if spec.cluster == "slurm" or key == "setup" else key: value
+    cluster = spec.cluster
+    executor = submitit.AutoExecutor(folder, cluster=cluster, **{f"{cluster}_max_num_timeout": spec.max_num_timeout})
+    # SLURM parameters are under sbatch's names (slurm_*); local ones under the shared names, but for setup.
+    executor.update_parameters(**{f"{cluster}_{key}" if cluster == "slurm" or key == "setup" else key: value
                                   for key, value in spec.parameters.items()})
     return executor
 

@@ -383,12 +383,15 @@ def check_data(config: RunConfig, datalist: Datalist) -> list[Case]:
         raise ConfigError("data.train_sources", f"no training cases for fold {config.data.fold} in {datalist.path}")
     roi = config.data.roi_size
     for case in train_cases + datalist.split(config.data.fold)[1]:
-        shape = nib.load(str(case.images[0])).shape[:3] if case.images[0].is_file() else None
-        if shape is None:
+        if not case.images[0].is_file():
             continue  # missing files are reported by the loader, naming the case
-        if any(r > s for r, s in zip(sorted(roi), sorted(shape))):
+        header = nib.load(str(case.images[0]))  # reads the header only
+        shape = [0, 0, 0]  # in RAS axis order, as the network sees the volume
+        for size, (axis, _) in zip(header.shape[:3], nib.orientations.io_orientation(header.affine)):
+            shape[int(axis)] = size
+        if any(r > s for r, s in zip(roi, shape)):
             raise ConfigError("data.roi_size", f"{list(roi)} is larger than the volumes (e.g. {case.case_id}: "
-                              f"{list(shape)}); use a patch that fits inside every case")
+                              f"{shape} in RAS order); use a patch that fits inside every case")
     return train_cases
 
 

@@ -48,7 +48,7 @@ from slurm.job_states import (UNCOMPLETED_MARK, JobStateSource, JobStatus, Local
                               read_result)
 from slurm.sacct import SacctError
 from slurm.view import ProgressReader, SweepSnapshot, build_snapshot
-from sweeps.launch import jobs_folder
+from brats_ugrip.jobs import jobs_folder
 
 LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"

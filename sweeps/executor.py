@@ -107,7 +107,8 @@ class ExecutorSection:
         if not isinstance(sbatch_args, dict) or not all(
                 isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in sbatch_args.items()):
             raise ConfigError(f"{key_path}.sbatch_args",
-                              f"expected a mapping of sbatch option → value (e.g. {{mail-type: END}}), got {sbatch_args!r}")
+                              "expected a mapping of sbatch option → value (e.g. {mail-type: END}), "
+                              f"got {sbatch_args!r}")
         values["sbatch_args"] = dict(sbatch_args)
         setup = raw.get("setup") or []
         if isinstance(setup, str):

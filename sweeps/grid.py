@@ -41,7 +41,8 @@ from sweeps.executor import ExecutorSection
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
 MAX_RUN_ID_LENGTH = 150
-_TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries", "executor"}
+_TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries",
+              "executor"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+]+")
 
 
@@ -248,11 +249,10 @@ class ParameterManager:
             matched = [m or h for m, h in zip(matched, hits)]
             if not any(hits):
                 kept.append(combo)
-        for i, (rule, hit) in enumerate(zip(self.excludes, matched)):
-            if not hit:
-                message = f"{self.source or 'grid'}: exclude[{i}] {rule} matches no combination of the grid"
-                self.warnings.append(message)
-                warnings.warn(message, ExcludeWarning, stacklevel=2)
+        self.warnings = [f"{self.source or 'grid'}: exclude[{i}] {rule} matches no combination of the grid"
+                         for i, (rule, hit) in enumerate(zip(self.excludes, matched)) if not hit]
+        for message in self.warnings:
+            warnings.warn(message, ExcludeWarning, stacklevel=2)
         if not kept:
             raise self._error("exclude", "the exclude rules remove every combination: nothing to run")
         return kept
@@ -283,7 +283,8 @@ class ParameterManager:
                     executors[key] = ExecutorSection.from_dict({**self.executor_raw, **executor_values})
             except ConfigError as error:
                 prefix = (f"{error.source}: " if error.source else "") + f"{error.key_path}: "
-                raise ConfigError(error.key_path, f"{str(error)[len(prefix):]} (in run {run_id})", self.source) from None
+                message = f"{str(error)[len(prefix):]} (in run {run_id})"
+                raise ConfigError(error.key_path, message, self.source) from None
             runs.append(Run(run_id, combo, config, executors[key]))
         return runs
 

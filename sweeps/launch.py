@@ -306,9 +306,9 @@ class SweepWaiter:
         now = time.time()
         checkpoints = Path(record.run_dir) / "checkpoints"
         best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
+        tail = None if run_state == RunState.COMPLETED else error_tail(job.paths.stderr)
         with self.state.transaction():
-            self.state.update_attempt(run_id, attempt, state=job_state, ended_at=now,
-                                      error_tail=None if run_state == RunState.COMPLETED else error_tail(job.paths.stderr),
+            self.state.update_attempt(run_id, attempt, state=job_state, ended_at=now, error_tail=tail,
                                       **({"node": node} if node else {}))
             self.state.update_run(run_id, state=run_state, ended_at=now, reason=reason,
                                   metrics=_metrics(result) if result else record.metrics,
