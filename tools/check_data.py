@@ -37,6 +37,17 @@ def check_datalist(datalist: Datalist, scheme: str, workers: int = 1) -> list[Ca
             return reports
 
 
+def print_case_problems(reports: Sequence[CaseReport], title: str) -> None:
+    """A table of every problem of every case in ``reports``."""
+    table = Table(title=title)
+    table.add_column("case")
+    table.add_column("problem")
+    for report in reports:
+        for problem in report.problems:
+            table.add_row(report.case_id, problem)
+    console.print(table)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("datalist", type=Path)
@@ -48,13 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reports = check_datalist(datalist, args.scheme or datalist.label_scheme, args.workers)
     bad = [r for r in reports if not r.ok]
     if bad:
-        table = Table(title=f"{len(bad)} of {len(reports)} cases have problems")
-        table.add_column("case")
-        table.add_column("problem")
-        for report in bad:
-            for problem in report.problems:
-                table.add_row(report.case_id, problem)
-        console.print(table)
+        print_case_problems(bad, f"{len(bad)} of {len(reports)} cases have problems")
         return 1
     console.print(f"[green]all {len(reports)} cases OK[/]")
     return 0

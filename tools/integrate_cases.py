@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.table import Table
 
 from brats_ugrip.cli import console, run, track
 from brats_ugrip.data import (NAMINGS, Case, CaseReport, Datalist, cases_from_dir, check_case, detect_naming,
@@ -31,6 +30,7 @@ from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume, write_volume
 from brats_ugrip.labels import get_scheme
 from brats_ugrip.sources import ORIGINAL, append_training_only, entry_key
+from tools.check_data import print_case_problems
 
 PROVENANCE_FILE = "synthesis.json"
 
@@ -133,13 +133,7 @@ def integrate_cases(datalist: Datalist, cases_dir: str | Path, tag: str, prefix:
 
 
 def print_rejected(rejected: Sequence[CaseReport]) -> None:
-    table = Table(title=f"{len(rejected)} cases rejected (not added)")
-    table.add_column("case")
-    table.add_column("problem")
-    for report in rejected:
-        for problem in report.problems:
-            table.add_row(report.case_id, problem)
-    console.print(table)
+    print_case_problems(rejected, f"{len(rejected)} cases rejected (not added)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
