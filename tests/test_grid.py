@@ -311,7 +311,7 @@ def test_unknown_executor_key_in_grid_file_fails_before_expansion(datalist):
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name, runs, arrays", [("grid_demo_cpu", 4, 1), ("grid_ssa_lr_folds", 25, 1),
+@pytest.mark.parametrize("name, runs, arrays", [("grid_demo_cpu", 3, 1), ("grid_ssa_lr_folds", 25, 1),
                                                 ("grid_finetune", 20, 1)])
 def test_shipped_grids_expand_and_validate(name, runs, arrays, tmp_path, monkeypatch):
     """Each grid in experiments/ validates (its data swapped for a 5-fold datalist) and fills one array."""
