@@ -228,7 +228,8 @@ def check_package(package: str | os.PathLike[str], data: str | os.PathLike[str],
                   labels: str | os.PathLike[str] | None = None, metrics: str | None = None, timeout: float = 3600,
                   keep: str | os.PathLike[str] | None = None) -> list[Check]:
     """Every check of the module docstring, in order. The work folder is removed unless ``keep`` names one."""
-    layout, data = PackageLayout(Path(package)), Path(data)
+    # Absolute paths: the task runs with its working directory inside the sandbox.
+    layout, data = PackageLayout(Path(package).resolve()), Path(data).resolve()
     if not data.is_dir():
         raise DataError(f"{data}: data folder not found")
     if not layout.root.is_dir():
