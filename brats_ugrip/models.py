@@ -161,8 +161,12 @@ def _forward_order(model: nn.Module, input_size: int) -> list[nn.Module]:
     """Leaf modules in the order a forward pass runs them (registration order can differ, e.g. MedNeXt's
     final output block is registered before its deep-supervision heads)."""
     order: list[nn.Module] = []
-    hooks = [m.register_forward_hook(lambda module, *_: order.append(module) if module not in order else None)
-             for m in model.modules() if not list(m.children())]
+
+    def record(module: nn.Module, *_: Any) -> None:
+        if all(module is not seen for seen in order):
+            order.append(module)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     was_training = model.training
     try:
         model.eval()

@@ -43,6 +43,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import LightningEnvironment, SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_ugrip.atomic import atomic_write, atomic_write_json
 from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, git_commit, load_checkpoint,
@@ -281,7 +282,7 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 class ProgressFile(Callback):
     """``RUN_DIR/progress.json``, written atomically at start, after each epoch and at the end; the monitor
-    reads it. Fields: status (starting, running, completed, failed), epoch (completed), max_epochs, step,
+    reads it. Fields: status (starting, running, completed, failed, interrupted), epoch (completed), max_epochs, step,
     best_val_dice, best_epoch, val_metrics, epoch_seconds, first_step_seconds (includes ``torch.compile``),
     host, gpu, pid, slurm_job_id, config_hash, started_at, updated_at, finished_at, error."""
 
@@ -341,7 +342,9 @@ class ProgressFile(Callback):
                    epoch_seconds=round(time.perf_counter() - self._epoch_started, 3))
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.write(status="failed", error=f"{exception.__class__.__name__}: {exception}", finished_at=now_iso())
+        stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))  # preempted or cancelled: resumable
+        self.write(status="interrupted" if stopped else "failed", error=f"{exception.__class__.__name__}: {exception}",
+                   finished_at=now_iso())
 
 
 def read_progress(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

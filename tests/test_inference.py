@@ -59,9 +59,9 @@ def test_flip_tta_unflips_before_averaging():
 
 def test_tta_and_full_volume_keep_shapes(phantom_dir, model):
     case = cases_from_dir(phantom_dir)[1]
-    image = torch.randn(1, 4, 40, 44, 36)
+    image = torch.randn(1, 4, 36, 32, 28)
     with_tta = sliding_window_probabilities(model, image, InferenceConfig(roi_size=(32, 32, 32), tta=True))
-    assert with_tta.shape == (1, 3, 40, 44, 36) and 0 <= float(with_tta.min()) and float(with_tta.max()) <= 1
+    assert with_tta.shape == (1, 3, 36, 32, 28) and 0 <= float(with_tta.min()) and float(with_tta.max()) <= 1
     cropped = predict_case(model, case.images, SETTINGS)
     full = predict_case(model, case.images, SETTINGS, margin=10_000)  # the whole volume, no brain crop
     assert full.labels.shape == cropped.labels.shape
@@ -74,7 +74,7 @@ def test_infer_cli_writes_label_maps_with_the_input_affine(phantom_dir, model, t
     ckpt = save_model_checkpoint(tmp_path / "m.ckpt", model.state_dict(),
                                  {"model": {"name": "segresnet", "kwargs": resolve_kwargs("segresnet", init_filters=8)},
                                   "config": config.to_dict()})
-    cases = cases_from_dir(phantom_dir)[:2]
+    cases = cases_from_dir(phantom_dir)[:1]
     data = tmp_path / "cases"
     for case in cases:
         (data / case.case_id).mkdir(parents=True)

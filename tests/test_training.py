@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -39,7 +40,7 @@ def tiny_config(workspace, **overrides):
         "model": {"name": "segresnet", "init_filters": 8},
         "optim": {"name": "adamw_sf", "lr": 0.01},
         "trainer": {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1},
-        "inference": {"overlap": 0.25, "sw_batch_size": 2},
+        "inference": {"roi_size": [48, 48, 48], "sw_batch_size": 1},  # one window per 48³ phantom's brain
         "logging": {"mode": "disabled"},
     }
     return load_config(base=base, overrides=overrides)
@@ -148,6 +149,18 @@ def test_freezing_keeps_frozen_parameters_bit_identical(workspace, segresnet_run
     assert changed == ["conv_final.2.conv.bias", "conv_final.2.conv.weight"]  # SegResNet's output convolution
     assert summary["init_id"] == source_summary["init_id"]  # fine-tuned runs share the source's initialisation
     assert read_progress(workspace[0] / "frozen")["trainable_parameters"] == 3 * 8 + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast inference runs on GPUs only")
+def test_bf16_inference_agrees_with_fp32(segresnet_run):
+    config, run_dir, _ = segresnet_run
+    model, _ = load_model(run_dir / "checkpoints" / "best.ckpt", map_location="cuda")
+    _, val_loader = make_loaders(Datalist.load(config.data.datalist), 0, "brats2023", config.data.roi_size, 2,
+                                 config.data.cache_dir)
+    settings = inference_settings(config)
+    fp32 = evaluate(model, val_loader, settings)
+    bf16 = evaluate(model, val_loader, dataclasses.replace(settings, precision="bf16"))
+    assert all(abs(fp32[r] - bf16[r]) <= 0.01 for r in fp32)
 
 
 @pytest.mark.slow
