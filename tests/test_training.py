@@ -163,7 +163,6 @@ def test_bf16_inference_agrees_with_fp32(segresnet_run):
     assert all(abs(fp32[r] - bf16[r]) <= 0.01 for r in fp32)
 
 
-@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_finishes_the_same_epochs(workspace, tmp_path):
     config = tiny_config(workspace, **{"trainer.max_epochs": 3, "data.samples_per_case": 2,
                                        "trainer.limit_val_batches": 0})
