@@ -2,7 +2,7 @@
 
     python sweeps/launch.py experiments/grid_demo_cpu.yaml                 # submit, then watch
     python sweeps/launch.py experiments/grid_ssa_lr_folds.yaml --dry-run   # table of runs and sbatch parameters
-    python sweeps/launch.py GRID --sweep-dir /scratch/sweeps/ssa --no-watch
+    python sweeps/launch.py GRID --sweep-dir outputs/ssa --no-watch
 
 Every run's config is validated first: one bad value fails the launch (run id and key path named) and nothing is
 submitted. Runs with the same resources go into one job array (one ``sbatch``). The sweep's state lives in

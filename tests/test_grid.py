@@ -320,7 +320,7 @@ def test_shipped_grids_expand_and_validate(name, runs, arrays, tmp_path, monkeyp
     (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
     (tmp_path / "init.ckpt").write_bytes(b"")
     monkeypatch.chdir(REPO)  # base configs are paths relative to the repository root
-    grid = yaml.load((REPO / "experiments" / f"{name}.yaml").read_text(), Loader=yaml.SafeLoader)
+    grid = yaml.safe_load((REPO / "experiments" / f"{name}.yaml").read_text())
     overrides = {"data.datalist": str(tmp_path / "datalist.json")}
     if "finetune.init_from" in grid.get("set", {}):
         overrides["finetune.init_from"] = str(tmp_path / "init.ckpt")
