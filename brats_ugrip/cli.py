@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -11,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from brats_ugrip.errors import BratsUgripError
 
 T = TypeVar("T")
+R = TypeVar("R")
 console = Console(stderr=True)
 
 
@@ -38,6 +40,26 @@ def progress_bar(transient: bool = False) -> Progress:
         console=console,
         transient=transient,
     )
+
+
+def map_with_progress(function: Callable[[T], R], items: Sequence[T], description: str, workers: int = 1,
+                      chunksize: int = 1) -> list[R]:
+    """``[function(item) for item in items]`` with a progress bar, in ``workers`` processes when more than one
+    (``function`` must then be picklable). Results keep the order of ``items``."""
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=len(items))
+        results: list[R] = []
+        if workers <= 1:
+            mapped: Iterable[R] = map(function, items)
+            for result in mapped:
+                results.append(result)
+                bar.advance(task)
+            return results
+        with ProcessPoolExecutor(workers) as pool:
+            for result in pool.map(function, items, chunksize=chunksize):
+                results.append(result)
+                bar.advance(task)
+        return results
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from brats_ugrip.atomic import atomic_write_json
-from brats_ugrip.cli import console, progress_bar, run
+from brats_ugrip.cli import console, map_with_progress, run
 from brats_ugrip.data import MODALITIES, NAMINGS, Case, Datalist
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume, write_volume
@@ -317,20 +316,7 @@ def synthesize_datalist(datalist: Datalist, out_dir: str | Path, per_case: int, 
     provenance = {"source_datalist": str(datalist.path) if datalist.path else None}
     jobs = [(case, datalist.label_scheme, Path(out_dir), index, seed, params, {**provenance, "source_fold": case.fold})
             for case in sources for index in range(per_case)]
-    with progress_bar() as bar:
-        task = bar.add_task("synthesising", total=len(jobs))
-        if workers <= 1:
-            results = []
-            for job in jobs:
-                results.append(_synthesize_job(job))
-                bar.advance(task)
-            return results
-        with ProcessPoolExecutor(workers) as pool:
-            results = []
-            for path in pool.map(_synthesize_job, jobs):
-                results.append(path)
-                bar.advance(task)
-            return results
+    return map_with_progress(_synthesize_job, jobs, "synthesising", workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,34 +7,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
 from rich.table import Table
 
-from brats_ugrip.cli import console, progress_bar, run
+from brats_ugrip.cli import console, map_with_progress, run
 from brats_ugrip.data import CaseReport, Datalist, check_case, iter_cases
 
 
 def check_datalist(datalist: Datalist, scheme: str, workers: int = 1) -> list[CaseReport]:
     """Reports for every training and testing case, in datalist order."""
     cases = iter_cases(datalist)
-    check = partial(check_case, scheme=scheme)
-    with progress_bar() as bar:
-        task = bar.add_task("checking cases", total=len(cases))
-        if workers <= 1:
-            reports = []
-            for case in cases:
-                reports.append(check(case))
-                bar.advance(task)
-            return reports
-        with ProcessPoolExecutor(workers) as pool:
-            reports = []
-            for report in pool.map(check, cases, chunksize=4):
-                reports.append(report)
-                bar.advance(task)
-            return reports
+    return map_with_progress(partial(check_case, scheme=scheme), cases, "checking cases", workers, chunksize=4)
 
 
 def print_case_problems(reports: Sequence[CaseReport], title: str) -> None:

@@ -19,13 +19,12 @@ import argparse
 import os
 import random
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from brats_ugrip.cli import console, progress_bar, run, track
+from brats_ugrip.cli import console, map_with_progress, run, track
 from brats_ugrip.data import Case, Datalist, check_case, save_datalist
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import load_nifti
@@ -44,20 +43,7 @@ def whole_tumour_ml(case: Case) -> float:
 
 
 def whole_tumour_volumes(cases: Sequence[Case], workers: int = 1) -> list[float]:
-    with progress_bar() as bar:
-        task = bar.add_task("measuring tumour volumes", total=len(cases))
-        if workers <= 1:
-            volumes = []
-            for case in cases:
-                volumes.append(whole_tumour_ml(case))
-                bar.advance(task)
-            return volumes
-        with ProcessPoolExecutor(workers) as pool:
-            volumes = []
-            for volume in pool.map(whole_tumour_ml, cases, chunksize=4):
-                volumes.append(volume)
-                bar.advance(task)
-            return volumes
+    return map_with_progress(whole_tumour_ml, cases, "measuring tumour volumes", workers, chunksize=4)
 
 
 def stratified_sample(values: Sequence[float], n: int, bins: int, rng: random.Random) -> list[int]:
