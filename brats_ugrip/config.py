@@ -8,7 +8,7 @@ Everything a training run needs is in one :class:`RunConfig`::
     optim:     name adamw | sgd | adamw_sf, lr, weight_decay, momentum, warmup_steps, scheduler none | poly | cosine
     loss:      name dice_bce | dice | dice_focal, smooth
     trainer:   max_epochs, precision 32 | bf16-mixed | 16-mixed, compile, val_every, seed, limit batches, ...
-    inference: roi_size, overlap, sw_batch_size, mode gaussian | constant, tta, precision
+    inference: roi_size, overlap, sw_batch_size, mode gaussian | constant, tta, precision, compile
     logging:   wandb project / run name / mode offline | online | disabled
     finetune:  init_from, upkern, freeze.all_but_last, reset_last
     run_dir
@@ -107,6 +107,7 @@ class InferenceConfig:
     mode: Literal["gaussian", "constant"] = "gaussian"
     tta: bool = False
     precision: Literal["32", "bf16"] = "32"
+    compile: bool = False
     threshold: float = 0.5
 
 

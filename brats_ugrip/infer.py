@@ -45,12 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overlap", type=float, help="sliding-window overlap")
     parser.add_argument("--sw-batch-size", type=int, help="windows per forward pass")
     parser.add_argument("--roi", type=int, nargs=3, metavar=("X", "Y", "Z"), help="window size")
+    parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast (GPUs; CPUs run fp32)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the network once (pays off from a few cases on)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
     from brats_ugrip.checkpoints import load_model
     from brats_ugrip.config import InferenceConfig, config_from_dict
-    from brats_ugrip.inference import inference_settings, predict_case
+    from brats_ugrip.inference import inference_settings, predict_case, prepare_model
     from brats_ugrip.io import write_label_map
 
     model, meta = load_model(args.ckpt, map_location=args.device)
@@ -62,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         raise CheckpointError(f"{args.ckpt}: its metadata holds no run config to take the window size from; give --roi")
     changes = {"tta": args.tta, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
-               "roi_size": tuple(args.roi) if args.roi else None}
+               "roi_size": tuple(args.roi) if args.roi else None, "precision": args.precision, "compile": args.compile}
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
     cases = input_cases(args.input, args.section)
+    model = prepare_model(model, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for case in track(cases, f"predicting {len(cases)} cases"):

@@ -2,12 +2,13 @@
 
 A case is preprocessed exactly as for training (RAS, cropped to the brain box, normalised), so the windows cover
 the brain only: on a 240×240×155 BraTS volume with a 128×160×112 window and overlap 0.5, 8 windows instead of 12
-(``bench/infer_crop.py``). Probabilities are blended with gaussian weights, thresholded per region channel and
+(``bench/infer.py``). Probabilities are blended with gaussian weights, thresholded per region channel and
 turned into a label map of the scheme (innermost region wins), then pasted back into the input's shape and
 orientation.
 
 Flip TTA averages the probabilities of the 8 flips of the three axes; the flipped copies of each window go
-through the network in one batch with the window itself, not as 8 separate sliding-window passes.
+through the network batched with the window itself (at most ``sw_batch_size`` windows per forward pass), not as
+8 separate sliding-window passes.
 """
 from __future__ import annotations
 
@@ -37,19 +38,31 @@ def inference_settings(config: RunConfig) -> InferenceConfig:
 
 
 class FlipTTA(nn.Module):
-    """Wraps a network: ``(N, 4, *roi)`` windows → sigmoid probabilities ``(N, 3, *roi)``, averaged over ``flips``
-    (each flipped copy of the batch is run in the same forward pass)."""
+    """Wraps a network: ``(N, 4, *roi)`` windows → sigmoid probabilities ``(N, 3, *roi)``, averaged over ``flips``.
 
-    def __init__(self, model: nn.Module, flips: Sequence[tuple[int, ...]] = ((),)):
+    The flipped copies of the windows are stacked into one batch and run through the network in forward passes
+    of at most ``max_batch`` windows (default: all at once), so flip TTA costs no extra sliding-window pass and
+    its memory stays bounded by ``sw_batch_size``, as without TTA."""
+
+    def __init__(self, model: nn.Module, flips: Sequence[tuple[int, ...]] = ((),), max_batch: int | None = None):
         super().__init__()
         self.model = model
         self.flips = tuple(flips)
+        self.max_batch = max_batch
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         batch = torch.cat([windows.flip(f) if f else windows for f in self.flips])
-        probabilities = torch.sigmoid(self.model(batch).float())
+        logits = [self.model(part) for part in batch.split(self.max_batch or len(batch))]
+        probabilities = torch.sigmoid(torch.cat(logits).float())
         chunks = probabilities.split(windows.shape[0])
         return torch.stack([c.flip(f) if f else c for c, f in zip(chunks, self.flips)]).mean(0)
+
+
+def prepare_model(model: nn.Module, settings: InferenceConfig) -> nn.Module:
+    """The network in eval mode, compiled when ``settings.compile`` (the first windows then pay the compilation,
+    seconds to a minute; worth it from a few cases on). Compile once per process and reuse the result."""
+    model = model.eval()
+    return torch.compile(model) if settings.compile else model
 
 
 def _autocast(device: torch.device, settings: InferenceConfig) -> contextlib.AbstractContextManager:
@@ -75,7 +88,7 @@ def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, settings
         raise ValueError("settings.roi_size is not resolved; use inference_settings(config)")
     model.eval()
     device = next(model.parameters()).device
-    predictor = FlipTTA(model, ALL_FLIPS if settings.tta else ((),))
+    predictor = FlipTTA(model, ALL_FLIPS if settings.tta else ((),), max_batch=settings.sw_batch_size)
     with _autocast(device, settings):
         probabilities = sliding_window_inference(
             image.to(device), roi_size=settings.roi_size, sw_batch_size=settings.sw_batch_size, predictor=predictor,

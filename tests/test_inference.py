@@ -55,6 +55,10 @@ def test_flip_tta_unflips_before_averaging():
     assert len(ALL_FLIPS) == 8
     torch.testing.assert_close(averaged, plain, atol=1e-6, rtol=0)
     assert torch.allclose(plain, torch.sigmoid(pointwise(windows)))
+    # Forward passes of at most 3 windows (memory bounded by sw_batch_size) give the same average.
+    spatial = torch.nn.Conv3d(4, 3, kernel_size=3, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(FlipTTA(spatial, ALL_FLIPS, max_batch=3)(windows), FlipTTA(spatial, ALL_FLIPS)(windows))
 
 
 def test_tta_and_full_volume_keep_shapes(phantom_dir, model):
@@ -65,6 +69,22 @@ def test_tta_and_full_volume_keep_shapes(phantom_dir, model):
     cropped = predict_case(model, case.images, SETTINGS)
     full = predict_case(model, case.images, SETTINGS, margin=10_000)  # the whole volume, no brain crop
     assert full.labels.shape == cropped.labels.shape
+
+
+def test_brain_box_loses_nothing_a_context_free_network_predicts(phantom_dir):
+    """Crop, windows, blending and paste-back are exact: a network whose output at a voxel depends on that voxel
+    only predicts the same on the brain box as on the whole volume (so any difference a real network shows
+    comes from its own sensitivity to window content, not from the crop)."""
+    pointwise = torch.nn.Conv3d(4, 3, kernel_size=1)
+    with torch.no_grad():
+        pointwise.weight.copy_(torch.tensor([[1.0, 0, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0]]).view(3, 4, 1, 1, 1))
+        pointwise.bias.fill_(-1.0)
+    case = cases_from_dir(phantom_dir)[2]
+    cropped = predict_case(pointwise, case.images, SETTINGS)
+    full = predict_case(pointwise, case.images, SETTINGS, margin=10_000)
+    assert full.labels.any() and (full.labels == 0).any()  # a real segmentation, not all or nothing
+    np.testing.assert_allclose(cropped.probabilities, full.probabilities * (cropped.probabilities > 0), atol=1e-5)
+    np.testing.assert_array_equal(cropped.labels, full.labels)
 
 
 def test_infer_cli_writes_label_maps_with_the_input_affine(phantom_dir, model, tmp_path):
