@@ -17,7 +17,7 @@ from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dic
 from brats_ugrip.config import LossConfig, OptimConfig, load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.datasets import make_loaders
-from brats_ugrip.inference import inference_settings
+from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.losses import SegmentationLoss, mednext_ds_weights
 from brats_ugrip.optim import WarmupSchedule, averaged_parameters, build_optimizer, set_train_mode
 from brats_ugrip.training import evaluate, read_progress, train
@@ -160,6 +160,23 @@ def test_bf16_inference_agrees_with_fp32(segresnet_run):
     settings = inference_settings(config)
     fp32 = evaluate(model, val_loader, settings)
     bf16 = evaluate(model, val_loader, dataclasses.replace(settings, precision="bf16"))
+    assert all(abs(fp32[r] - bf16[r]) <= 0.01 for r in fp32)
+
+
+def test_bf16_autocast_agrees_with_fp32_on_cpu(segresnet_run):
+    """The bf16 check where CI can run it: the trained network's sliding window under CPU bf16 autocast. (The
+    project's ``inference.precision: bf16`` applies on GPUs only: CPU bf16 3-D convolutions are many times slower.)"""
+    config, run_dir, _ = segresnet_run
+    model, _ = load_model(run_dir / "checkpoints" / "best.ckpt")
+    _, val_loader = make_loaders(Datalist.load(config.data.datalist), 0, "brats2023", config.data.roi_size, 2,
+                                 config.data.cache_dir)
+    settings = inference_settings(config)
+    image = next(iter(val_loader))["image"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_probabilities = sliding_window_probabilities(model, image, settings)
+        bf16 = evaluate(model, val_loader, settings)
+    assert not torch.equal(bf16_probabilities, sliding_window_probabilities(model, image, settings))  # bf16 did run
+    fp32 = evaluate(model, val_loader, settings)
     assert all(abs(fp32[r] - bf16[r]) <= 0.01 for r in fp32)
 
 
