@@ -24,7 +24,7 @@ from rich.text import Span, Text
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweep_state import RunState
 from slurm.view import STALLED, RunView, SweepSnapshot
-from sweeps.grid import format_value, short_keys
+from brats_ugrip.run_ids import format_value, short_keys
 
 STATE_STYLES = {
     "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "green", "REQUEUED": "yellow", "TIMEOUT": "yellow",

@@ -22,7 +22,6 @@ built and validated (including the datalist and the fold) before anything is sub
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
@@ -36,14 +35,13 @@ import yaml
 from brats_ugrip.config import RunConfig, apply_overrides, config_from_dict
 from brats_ugrip.data import Datalist
 from brats_ugrip.errors import BratsUgripError, ConfigError
+from brats_ugrip.run_ids import UNSAFE_CHARACTERS, run_ids
 from sweeps.executor import ExecutorSection
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
-MAX_RUN_ID_LENGTH = 150
 _TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries",
               "executor"}
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+]+")
 
 
 class ExcludeWarning(UserWarning):
@@ -128,7 +126,7 @@ class ParameterManager:
 
     def _name(self) -> str:
         name = self.grid.get("name", self.default_name)
-        if not isinstance(name, str) or not name or _UNSAFE.sub("", name) != name:
+        if not isinstance(name, str) or not name or UNSAFE_CHARACTERS.sub("", name) != name:
             raise self._error("name", f"expected a name of letters, digits, '.', '_' or '+', got {name!r}")
         return name
 
@@ -325,58 +323,3 @@ def _check_data(config: RunConfig, datalists: dict[str, Datalist], checked: set[
     checked.add(key)
 
 
-# --- run ids --------------------------------------------------------------------------------------------------
-
-
-def short_keys(keys: list[str]) -> dict[str, str]:
-    """Each dotted key's last part, or the whole key where two keys share their last part."""
-    last = [k.rsplit(".", 1)[-1] for k in keys]
-    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
-
-
-def format_value(value: Any, path_like_as_stem: bool = True) -> str:
-    """A value as it appears in a run id: ``0.0027``, ``true``, ``mednext_b``, ``64x64x64``, a path's stem."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        parts = [format_value(v, path_like_as_stem) for v in value]
-        return ("x" if all(isinstance(v, int) and not isinstance(v, bool) for v in value) else "+").join(parts)
-    if isinstance(value, dict):
-        return "+".join(f"{k}.{format_value(v, path_like_as_stem)}" for k, v in sorted(value.items()))
-    text = str(value)
-    if path_like_as_stem and "/" in text:
-        text = Path(text).name.split(".")[0] or text
-    return _UNSAFE.sub("_", text).strip("_") or "_"
-
-
-def run_ids(combos: list[dict[str, Any]]) -> list[str]:
-    """Readable, stable ids for combinations of varied values (same values → same id, whatever the order)."""
-    if not combos:
-        return []
-    keys = list(combos[0])
-    if not keys:
-        return ["run"] * len(combos)
-    names = short_keys(keys)
-    formatted: dict[str, list[str]] = {}
-    for key in keys:
-        # Paths shown by their stem unless two different paths share a stem: then the whole (sanitised) path.
-        values = [c[key] for c in combos]
-        texts = [format_value(v) for v in values]
-        distinct = {json.dumps(v, sort_keys=True, default=str) for v in values}
-        if len(set(texts)) < len(distinct):
-            texts = [format_value(v, path_like_as_stem=False) for v in values]
-        formatted[key] = texts
-    ordered = sorted(keys, key=lambda k: names[k])
-    ids = []
-    for i in range(len(combos)):
-        run_id = "-".join(f"{names[k]}={formatted[k][i]}" for k in ordered)
-        if len(run_id) > MAX_RUN_ID_LENGTH:
-            run_id = f"{run_id[:MAX_RUN_ID_LENGTH - 9]}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}"
-        ids.append(run_id)
-    return ids

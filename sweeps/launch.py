@@ -114,7 +114,7 @@ def ensure_writable(sweep_dir: Path) -> None:
 
 def print_plan(plan: LaunchPlan, out: Console) -> None:
     """The table of runs and, per array, the sbatch parameters (or the local executor's)."""
-    from sweeps.grid import short_keys
+    from brats_ugrip.run_ids import short_keys
 
     names = short_keys(plan.varied_keys)
     groups = plan.groups()

@@ -13,7 +13,8 @@ from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
 from sweeps import launch
 from sweeps.executor import ExecutorSection, parse_time_min
-from sweeps.grid import ExcludeWarning, ParameterManager, format_value, run_ids
+from brats_ugrip.run_ids import format_value, run_ids
+from sweeps.grid import ExcludeWarning, ParameterManager
 
 
 @pytest.fixture
