@@ -4,7 +4,7 @@
 
 An "epoch" draws one training patch per case through ``TrainDataset`` in the main process. Two figures per
 path: *load* (read, preprocess unless cached, cut the tumour-biased patch: what the cache replaces) and *item*
-(load plus flips and intensity jitter on the patch, identical in both paths). Prints a JSON line and a Markdown
+(load plus flips and the intensity-jitter draw, identical in both paths; the jitter is applied on the device). Prints a JSON line and a Markdown
 table.
 """
 from __future__ import annotations

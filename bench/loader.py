@@ -47,7 +47,7 @@ import torch
 from brats_ugrip.cli import console, run, track
 from brats_ugrip.config import LossConfig, OptimConfig
 from brats_ugrip.data import Datalist, make_datalist
-from brats_ugrip.datasets import make_loaders
+from brats_ugrip.datasets import make_loaders, training_batch
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.losses import SegmentationLoss
 from brats_ugrip.models import create_model, get_spec, resolve_kwargs
@@ -99,7 +99,8 @@ def measure_step(batch: dict[str, torch.Tensor], model_name: str, model_kwargs: 
     model = create_model(model_name, **model_kwargs).to(device).train()
     optimizer = build_optimizer(model.parameters(), OptimConfig(name="adamw"))
     criterion = SegmentationLoss(LossConfig())
-    image, label = batch["image"].to(device), batch["label"].to(device)
+    inputs = training_batch({key: value.to(device) for key, value in batch.items()})
+    image, label = inputs["image"], inputs["label"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     times = []
     for _ in range(WARMUP_STEPS + steps):

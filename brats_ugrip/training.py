@@ -50,8 +50,9 @@ from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, 
                                      model_state_dict, now_iso, weights_hash)
 from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, load_config, save_config
 from brats_ugrip.data import Case, Datalist
-from brats_ugrip.datasets import make_loaders
+from brats_ugrip.datasets import make_loaders, training_batch
 from brats_ugrip.errors import CheckpointError, ConfigError
+from brats_ugrip.heldout import fingerprint
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.labels import REGIONS
 from brats_ugrip.losses import SegmentationLoss
@@ -59,6 +60,7 @@ from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_but_last, get_spec, reset_last_convolutions,
                                 resolve_kwargs, upkern_state_dict)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
+from brats_ugrip.preprocess import CaseCache
 from brats_ugrip.sources import select_training_cases
 
 MONITOR = "val/dice_mean"
@@ -121,7 +123,9 @@ class SegmentationModule(pl.LightningModule):
         self.settings = inference_settings(config)
         self.val_metrics: dict[str, float] = {}
         self.val_epoch: int | None = None
+        self.val_fingerprint: str | None = None
         self._case_scores: list[list[float]] = []
+        self._case_ids: list[str] = []
 
     def _initialise(self, network: torch.nn.Module) -> tuple[str, int]:
         """Apply ``finetune`` (init_from / UpKern, reset_last, freeze); returns (init id, trainable count)."""
@@ -150,6 +154,10 @@ class SegmentationModule(pl.LightningModule):
 
     # training ---------------------------------------------------------------------------------------------
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Training patches travel compact (fp16 image, uint8 label) and become float32 on the device.
+        return training_batch(batch) if isinstance(batch, dict) and "jitter" in batch else batch
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.model(batch["image"]), batch["label"])
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
@@ -177,16 +185,18 @@ class SegmentationModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._set_optimizer_mode(False)
-        self._case_scores = []
+        self._case_scores, self._case_ids = [], []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._case_scores.append(case_dice(self.model, batch["image"], batch["label"], self.settings))
+        self._case_ids.extend(batch["case_id"])
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._case_scores:
             return
         self.val_metrics = summarise_dice(self._case_scores)
         self.val_epoch = self.current_epoch + 1
+        self.val_fingerprint = fingerprint(self._case_ids, self.config.data.scheme, CaseCache(None).margin, self.settings)
         for name, value in self.val_metrics.items():
             self.log(f"val/dice_{name}", value, prog_bar=name == "mean")
 
@@ -214,6 +224,9 @@ class SegmentationModule(pl.LightningModule):
             "step": self.trainer.global_step,
             "val_metrics": dict(self.val_metrics),
             "val_epoch": self.val_epoch,
+            # Names the cases and settings of val_metrics, so souping can trust them wherever the checkpoint goes;
+            # only when they were measured on these weights (last.ckpt may be written between validations).
+            **({"val_fingerprint": self.val_fingerprint} if self.val_epoch == self.trainer.current_epoch + 1 else {}),
             "git_commit": git_commit(),
             "init_id": self.init_id,
             "trainable_parameters": self.trainable_parameters,
@@ -226,6 +239,7 @@ class SegmentationModule(pl.LightningModule):
         meta = checkpoint.get(META_KEY, {})
         self.val_metrics = dict(meta.get("val_metrics", {}))
         self.val_epoch = meta.get("val_epoch")
+        self.val_fingerprint = meta.get("val_fingerprint")
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
 

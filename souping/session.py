@@ -23,7 +23,7 @@ from brats_ugrip.checkpoints import build_model, git_commit
 from brats_ugrip.cli import console
 from brats_ugrip.config import InferenceConfig, config_from_dict
 from brats_ugrip.data import Case, Datalist
-from brats_ugrip.datasets import TrainDataset
+from brats_ugrip.datasets import TrainDataset, training_batch
 from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
 from brats_ugrip.heldout import FINGERPRINT_SETTINGS, HeldOutScore, HeldOutSet, checkpoint_settings, stored_score
 from brats_ugrip.preprocess import CaseCache
@@ -229,9 +229,11 @@ class SoupSession:
                                augment=False)
 
         def recalibrate(model: torch.nn.Module) -> None:
-            dataset.transform.set_random_state(0)  # the same patches for every soup: scores stay comparable
             loader = DataLoader(dataset, batch_size=config.data.batch_size, shuffle=False)
-            recalibrate_batchnorm(model, (batch["image"] for batch, _ in zip(loader, range(args.bn_batches))))
+            with torch.random.fork_rng():
+                torch.manual_seed(0)  # the same patches for every soup: scores stay comparable
+                recalibrate_batchnorm(model, (training_batch(batch)["image"]
+                                              for batch, _ in zip(loader, range(args.bn_batches))))
 
         self.notes.append(f"BatchNorm statistics of every soup recomputed on {args.bn_batches} training batches.")
         return recalibrate

@@ -4,9 +4,10 @@ import time
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from brats_ugrip.data import cases_from_dir
-from brats_ugrip.datasets import TrainDataset, ValDataset
+from brats_ugrip.datasets import TrainDataset, ValDataset, training_batch
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import get_scheme
@@ -90,9 +91,20 @@ def test_datasets_yield_patches_and_whole_crops(cases, tmp_path):
     item = train[0]
     assert item["image"].shape == (4, 32, 32, 32) and item["label"].shape == (3, 32, 32, 32)
     assert set(np.unique(item["label"].numpy())) <= {0.0, 1.0}
+    assert (item["image"].dtype, item["label"].dtype, item["jitter"].shape) == (torch.float16, torch.uint8, (2, 4))
     # Tumour-biased sampling: most patches contain tumour.
     hits = sum(bool(train[i % 6]["label"][1].any()) for i in range(12))
     assert hits >= 4
+
+    # The batch becomes float32 with the drawn intensity jitter applied to brain voxels only.
+    batch = torch.utils.data.default_collate([train[i] for i in range(2)])
+    inputs = training_batch(batch)
+    assert inputs["image"].dtype == inputs["label"].dtype == torch.float32
+    torch.testing.assert_close(inputs["label"], batch["label"].float())
+    image, (scale, shift) = batch["image"][1].float(), batch["jitter"][1].view(2, 4, 1, 1, 1)
+    brain = image != 0
+    assert brain.any() and (~brain).any() and scale.abs().max() <= 0.1 and shift.abs().max() > 0
+    torch.testing.assert_close(inputs["image"][1], torch.where(brain, image * (1 + scale) + shift, 0.0))
     val = ValDataset(cases[:2], "brats2023", cache)
     item = val[1]
     assert item["case_id"] == cases[1].case_id and item["image"].shape[1:] == item["label"].shape[1:]

@@ -17,6 +17,7 @@ from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dic
 from brats_ugrip.config import LossConfig, OptimConfig, load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.datasets import make_loaders
+from brats_ugrip.heldout import validation_fingerprint
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.losses import SegmentationLoss, mednext_ds_weights
 from brats_ugrip.optim import WarmupSchedule, averaged_parameters, build_optimizer, set_train_mode
@@ -77,6 +78,9 @@ def test_tiny_segresnet_run_writes_a_complete_run_directory(segresnet_run):
     assert len(meta["init_id"]) == 16 and meta["init_id"] == summary["init_id"]
     assert meta["config"]["optim"]["lr"] == 0.01
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    # The validation cases and settings are named in the checkpoint, as souping rebuilds them from the datalist.
+    stored = meta.pop("val_fingerprint")
+    assert len(stored) == 16 and stored == validation_fingerprint(meta)
 
     logged = [float(r["val/dice_mean"]) for r in csv_rows(run_dir) if r.get("val/dice_mean")]
     assert len(logged) == 2 and max(logged) == pytest.approx(progress["best_val_dice"])
