@@ -57,7 +57,7 @@ from brats_ugrip.checkpoints import load_model
 from brats_ugrip.config import InferenceConfig, apply_overrides, config_from_dict
 from brats_ugrip.data import MODALITIES
 from brats_ugrip.errors import CheckpointError, ConfigError
-from brats_ugrip.inference import inference_settings, sliding_window_probabilities
+from brats_ugrip.inference import inference_settings, prepare_model, sliding_window_probabilities
 from brats_ugrip.io import load_nifti, write_label_map, write_volume
 from brats_ugrip.labels import REGIONS, SCHEMES, LabelScheme, get_scheme
 from brats_ugrip.models import OUT_CHANNELS, get_spec
@@ -450,7 +450,8 @@ def load_member(member: EnsembleMember, key: str, device: str | torch.device) ->
         raise CheckpointError(f"{member.path}: takes {in_channels} input channels and predicts {out_channels}; an ensemble "
                               f"member must take the {len(MODALITIES)} modalities ({', '.join(MODALITIES)}) and predict "
                               f"the {OUT_CHANNELS} regions ({', '.join(REGIONS)})")
-    return LoadedMember(Path(member.path), model, meta, inference_settings(config), config.data.scheme)
+    settings = inference_settings(config)
+    return LoadedMember(Path(member.path), prepare_model(model, settings), meta, settings, config.data.scheme)
 
 
 def check_compatible(members: Sequence[LoadedMember], label_scheme: str | None) -> str:

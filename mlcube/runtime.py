@@ -45,7 +45,7 @@ from brats_ugrip.config import apply_overrides, config_from_dict
 from brats_ugrip.data import NAMINGS, Case, brats_case_number, check_case
 from brats_ugrip.ensemble import Ensemble, EnsembleSpec, LoadedMember
 from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
-from brats_ugrip.inference import inference_settings
+from brats_ugrip.inference import inference_settings, prepare_model
 from brats_ugrip.io import write_label_map
 
 PACKAGE_FORMAT = 1
@@ -105,7 +105,8 @@ def load_packaged_member(path: Path, inference: dict[str, Any], key: str, device
         config = config_from_dict(apply_overrides(meta["config"], {f"inference.{k}": v for k, v in inference.items()}))
     except ConfigError as error:
         raise ConfigError(f"{key}.{error.key_path}", str(error).split(": ", 1)[1]) from None
-    return LoadedMember(path, model.to(device).eval(), meta, inference_settings(config), config.data.scheme)
+    settings = inference_settings(config)
+    return LoadedMember(path, prepare_model(model.to(device), settings), meta, settings, config.data.scheme)
 
 
 @dataclass
