@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.environments import LightningEnvironment
 
 from brats_ugrip.cli import console, run
 from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict
@@ -116,7 +117,7 @@ def project_steps(args: argparse.Namespace, precision: str, compile_model: bool)
         trainer = pl.Trainer(default_root_dir=tmp, max_steps=steps, accelerator=config.trainer.accelerator, devices=1,
                              precision=precision, benchmark=config.trainer.cudnn_benchmark, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             num_sanity_val_steps=0, callbacks=[timer])
+                             limit_val_batches=0, plugins=[LightningEnvironment()], callbacks=[timer])
         trainer.fit(module, loader)
     return timer.seconds
 
