@@ -2,13 +2,13 @@
 
     python bench/infer.py [--ckpt C | --model segresnet --init-filters 8 --train-epochs 30]
                           [--size full|N] [--roi X Y Z] [--overlap 0.5] [--sw-batch-size 4]
-                          [--precision 32|bf16] [--compile] [--tta] [--repeat 3] [--device cuda]
+                          [--precision 32|bf16] [--compile] [--tta] [--test-cases 3] [--repeat 3] [--device cuda]
 
-Phantoms at ``--size`` (``full``: the 240×240×155 BraTS grid; a number: cubes): the last one is predicted, the
-others train a model with the project's own ``train`` (window-sized patches, schedule-free AdamW; not timed), or
-``--ckpt`` gives a trained one (``--roi`` then defaults to its inference window). Timed paths, each through
-``predict_preprocessed`` (windows, blending, paste-back, label map; preprocessing excluded), the minimum of
-``--repeat``:
+Phantoms at ``--size`` (``full``: the 240×240×155 BraTS grid; a number: cubes): ``--test-cases`` of them (a seed
+of their own) are predicted; ``--train-cases`` others train a model with the project's own ``train``
+(window-sized patches, schedule-free AdamW; not timed), or ``--ckpt`` gives a trained one (``--roi`` then
+defaults to its inference window). Timed paths, each through ``predict_preprocessed`` (windows, blending,
+paste-back, label map; preprocessing excluded), seconds per case (per case the minimum of ``--repeat``):
 
 * **full fp32**: the windows over the whole grid, fp32, eager: the baseline.
 * **box fp32**: the project's brain bounding box (12 → 8 windows on the BraTS grid; 1.5× is cropping's bound).
@@ -16,8 +16,8 @@ others train a model with the project's own ``train`` (window-sized patches, sch
 * **box, flip TTA batched** (``--tta``): the 8 flips go through the network with their window, in one batch,
   vs **8 separate passes** (one sliding window per flip): what batching saves.
 
-Each row's Dice per region against the phantom's reference, and the largest |ΔDice| to the full fp32 path (goal
-≤ 0.001). Agreement needs a trained network: a network's group/instance norms see each window's share of
+Each row's mean Dice per region over the test cases against the phantoms' references, and the largest |ΔDice| to
+the full fp32 path (goal ≤ 0.001). Agreement needs a trained network: a network's group/instance norms see each window's share of
 background, and only a network that learnt the task predicts the same whatever that share.
 Goal on an H100: ≤ 0.22 s per case for MedNeXt-B (``--ckpt`` of a MedNeXt-B run, ``--size full``; for timings
 alone, ``--model mednext_b --init-filters 32 --train-epochs 0`` uses an untrained network, Dice meaningless).
@@ -124,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the project path's precision (default bf16 on a GPU, 32 on a CPU)")
     parser.add_argument("--compile", action="store_true", help="add a row with the network compiled")
     parser.add_argument("--tta", action="store_true", help="add flip-TTA rows: batched vs 8 separate passes")
-    parser.add_argument("--repeat", type=int, default=3, help="timed predictions per row (the minimum is kept)")
+    parser.add_argument("--test-cases", type=int, default=3, help="phantoms predicted; Dice is their mean (default 3)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed predictions per case and row (the minimum is kept)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     precision = args.precision or ("bf16" if args.device == "cuda" else "32")
@@ -134,8 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        # The predicted case has a seed of its own: it is never among the training phantoms.
-        (case_dir,) = write_phantoms(work / "test", 1, shape, seed=1, progress=True)
+        # The predicted cases have a seed of their own: they are never among the training phantoms.
+        case_dirs = write_phantoms(work / "test", args.test_cases, shape, seed=1, progress=True)
         if args.ckpt:
             model, meta = load_model(args.ckpt)
             name = meta["model"]["name"]
@@ -150,13 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 torch.manual_seed(0)
                 model = create_model(args.model, init_filters=args.init_filters)
         model = model.to(args.device).eval()
-        (case,) = cases_from_dir(case_dir)
-        reference = scheme.to_regions(read_volume(case.label, np.int16)[0])
-        full = preprocess_case(case.images, None, scheme, margin=FULL_VOLUME_MARGIN, case_id=case.case_id)
-        box = preprocess_case(case.images, None, scheme, margin=2, case_id=case.case_id)
+        cases = cases_from_dir(case_dirs[0].parent)
+        references = [scheme.to_regions(read_volume(case.label, np.int16)[0]) for case in cases]
+        full = [preprocess_case(c.images, None, scheme, margin=FULL_VOLUME_MARGIN, case_id=c.case_id) for c in cases]
+        box = [preprocess_case(c.images, None, scheme, margin=2, case_id=c.case_id) for c in cases]
         base = InferenceConfig(roi_size=tuple(args.roi), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
         fast = dataclasses.replace(base, precision=precision)
-        rows: list[tuple[str, PreprocessedCase, torch.nn.Module, InferenceConfig, Callable]] = [
+        rows: list[tuple[str, list[PreprocessedCase], torch.nn.Module, InferenceConfig, Callable]] = [
             ("full fp32", full, model, base, predict_preprocessed),
             ("box fp32", box, model, base, predict_preprocessed)]
         if precision != "32":
@@ -170,22 +172,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                      (f"box {fast_name}, flip TTA 8 passes", box, model, tta, separate_flip_passes)]
 
         results: list[dict[str, Any]] = []
-        for label, pre, network, settings, predict in rows:
-            with console.status(f"{label}: warm-up and {args.repeat} timed predictions"):
-                predict(network, pre, settings, scheme)  # warm-up: allocator, cuDNN autotuning, compilation
-                prediction, seconds, cpu_seconds = timed(lambda: predict(network, pre, settings, scheme), args.repeat,
-                                                         args.device)
-            regions = scheme.to_regions(prediction.labels)
-            results.append({"path": label, "volume": list(pre.image.shape[1:]),
-                            "windows": window_count(pre.image.shape[1:], args.roi, args.overlap),
-                            "seconds": round(seconds, 4), "cpu_seconds": round(cpu_seconds, 3),
-                            "dice": {r: round(dice(p, t), 5) for r, p, t in zip(REGIONS, regions, reference)},
-                            "labels": prediction.labels})
+        for label, preprocessed, network, settings, predict in rows:
+            seconds, cpu_seconds, labels, case_dice = 0.0, 0.0, [], []
+            with console.status(f"{label}: warm-up and {args.repeat} timed predictions of {len(cases)} cases"):
+                predict(network, preprocessed[0], settings, scheme)  # warm-up: allocator, cuDNN autotuning, compilation
+                for pre, reference in zip(preprocessed, references):
+                    prediction, case_seconds, case_cpu = timed(lambda: predict(network, pre, settings, scheme),
+                                                               args.repeat, args.device)
+                    seconds, cpu_seconds = seconds + case_seconds, cpu_seconds + case_cpu
+                    labels.append(prediction.labels)
+                    case_dice.append([dice(p, t) for p, t in zip(scheme.to_regions(prediction.labels), reference)])
+            results.append({"path": label, "volume": list(preprocessed[0].image.shape[1:]),
+                            "windows": window_count(preprocessed[0].image.shape[1:], args.roi, args.overlap),
+                            "seconds": round(seconds / len(cases), 4), "cpu_seconds": round(cpu_seconds / len(cases), 3),
+                            "dice": {r: round(float(v), 5) for r, v in zip(REGIONS, np.mean(case_dice, axis=0))},
+                            "labels": labels})
     baseline = results[0]
     for r in results:
         r["speedup"] = round(baseline["seconds"] / r["seconds"], 3)
         r["max_dice_difference"] = round(max(abs(r["dice"][k] - baseline["dice"][k]) for k in REGIONS), 6)
-        r["voxels_differing"] = int((r.pop("labels") != baseline["labels"]).sum()) if r is not baseline else 0
+        r["voxels_differing"] = (sum(int((a != b).sum()) for a, b in zip(r.pop("labels"), baseline["labels"]))
+                                 if r is not baseline else 0)
     baseline.pop("labels")
     # The project's inference: its fastest brain-box setting without TTA (issue 3's goal: ≥ 1.8× the full path).
     project = min((r for r in results if r["path"].startswith("box") and "TTA" not in r["path"]), key=lambda r: r["seconds"])

@@ -34,7 +34,7 @@ def test_train_step_bench_refuses_gpu_precision_on_cpu(capsys):
 
 def test_infer_bench_trains_and_compares_paths(capsys):
     assert infer_bench.main(["--size", "48", "--roi", "32", "32", "32", "--train-epochs", "1", "--train-cases", "3",
-                             "--repeat", "1", "--tta", "--device", "cpu"]) == 0
+                             "--test-cases", "2", "--repeat", "1", "--tta", "--device", "cpu"]) == 0
     result = _json_line(capsys.readouterr().out)
     paths = [r["path"] for r in result["rows"]]
     assert paths == ["full fp32", "box fp32", "box fp32, flip TTA batched", "box fp32, flip TTA 8 passes"]
