@@ -41,7 +41,7 @@ from brats_ugrip.checkpoints import load_model
 from brats_ugrip.cli import console, run
 from brats_ugrip.config import InferenceConfig
 from brats_ugrip.data import cases_from_dir, make_datalist, save_datalist
-from brats_ugrip.inference import (ALL_FLIPS, CasePrediction, predict_preprocessed, prepare_model,
+from brats_ugrip.inference import (ALL_FLIPS, CasePrediction, crop_prediction, predict_preprocessed, prepare_model,
                                    sliding_window_probabilities)
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import REGIONS, get_scheme
@@ -91,8 +91,7 @@ def separate_flip_passes(model: torch.nn.Module, case: PreprocessedCase, setting
     single = dataclasses.replace(settings, tta=False)
     total = sum(sliding_window_probabilities(model, image.flip(f) if f else image, single).flip(f) if f
                 else sliding_window_probabilities(model, image, single) for f in ALL_FLIPS)
-    probabilities = case.restore((total / len(ALL_FLIPS))[0].cpu().numpy())
-    return CasePrediction(case.case_id, probabilities, get_scheme(scheme).to_labels(probabilities > settings.threshold))
+    return crop_prediction(case, (total / len(ALL_FLIPS))[0].cpu().numpy(), settings.threshold, scheme)
 
 
 def timed(predict: Callable[[], CasePrediction], repeat: int, device: str) -> tuple[CasePrediction, float, float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,27 +99,41 @@ def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, settings
 
 @dataclass
 class CasePrediction:
-    """A case's prediction in the input geometry.
+    """A case's prediction.
 
     Attributes:
         case_id: the case's id.
-        probabilities: float32 ``(3, X, Y, Z)`` TC, WT, ET in the input's shape and orientation (0 outside the brain).
-        labels: uint8 ``(X, Y, Z)`` label map in the scheme's labels.
+        labels: uint8 ``(X, Y, Z)`` label map in the scheme's labels, in the input's shape and orientation.
+        crop_probabilities: float32 ``(3, x, y, z)`` TC, WT, ET on the preprocessed brain crop.
+        case: the preprocessed case (its geometry restores arrays into the input's).
     """
 
     case_id: str
-    probabilities: np.ndarray
     labels: np.ndarray
+    crop_probabilities: np.ndarray
+    case: PreprocessedCase = dataclasses.field(repr=False)
+
+    @functools.cached_property
+    def probabilities(self) -> np.ndarray:
+        """float32 ``(3, X, Y, Z)`` in the input's shape and orientation (0 outside the brain box), restored on
+        first use: writing label maps never pays for pasting three float channels into the full volume."""
+        return self.case.restore(self.crop_probabilities)
+
+
+def crop_prediction(case: PreprocessedCase, crop_probabilities: np.ndarray, threshold: float,
+                    scheme: LabelScheme | str) -> CasePrediction:
+    """Threshold the region probabilities of ``case``'s crop, then restore the label map into the input geometry
+    (labelling the crop and pasting one uint8 channel back is several times cheaper than the other way round)."""
+    labels = get_scheme(scheme).to_labels(crop_probabilities > threshold)
+    return CasePrediction(case.case_id, case.restore(labels[None])[0], crop_probabilities, case)
 
 
 def predict_preprocessed(model: nn.Module, case: PreprocessedCase, settings: InferenceConfig,
                          scheme: LabelScheme | str = "brats2023") -> CasePrediction:
-    """Predict a preprocessed case and restore it into its input geometry."""
+    """Predict a preprocessed case; the label map in its input geometry."""
     image = torch.as_tensor(np.asarray(case.image, dtype=np.float32))[None]
-    cropped = sliding_window_probabilities(model, image, settings)[0].cpu().numpy()
-    probabilities = case.restore(cropped)
-    labels = get_scheme(scheme).to_labels(probabilities > settings.threshold)
-    return CasePrediction(case.case_id, probabilities, labels)
+    crop = sliding_window_probabilities(model, image, settings)[0].cpu().numpy()
+    return crop_prediction(case, crop, settings.threshold, scheme)
 
 
 def predict_case(model: nn.Module, image_paths: Sequence[str | os.PathLike[str]], settings: InferenceConfig,

@@ -10,6 +10,7 @@ from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.config import InferenceConfig, load_config
 from brats_ugrip.data import cases_from_dir
 from brats_ugrip.inference import ALL_FLIPS, FlipTTA, predict_case, sliding_window_probabilities
+from brats_ugrip.labels import get_scheme
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.preprocess import preprocess_case
 
@@ -31,6 +32,9 @@ def test_prediction_is_in_the_input_geometry(phantom_dir, model, tmp_path):
     pre = preprocess_case(case.images)
     box = pre.restore(np.ones((1, *pre.geometry.crop_shape), dtype=bool))[0]
     assert not box.all() and np.all(prediction.probabilities[:, ~box] == 0)  # nothing outside the brain box
+    # Labelled on the crop and pasted back = pasted back and labelled.
+    np.testing.assert_array_equal(prediction.labels, get_scheme("brats2023").to_labels(
+        prediction.probabilities > SETTINGS.threshold))
 
     # The same case stored in another orientation gives the same prediction, in that orientation.
     flipped = []
