@@ -48,15 +48,23 @@ class ExcludeWarning(UserWarning):
     """An exclude rule of a grid matches no combination (probably a typo in a value)."""
 
 
-class _GridLoader(yaml.SafeLoader):
-    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a grid of learning rates means numbers."""
+_SCIENTIFIC = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
-_GridLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a grid or base file, with ``1e-3`` (no dot) read as a number: YAML 1.1 keeps it a
+    string, and a grid of learning rates means numbers (their run ids say ``lr=0.001``)."""
+
+    def numbers(value: Any) -> Any:
+        if isinstance(value, str) and _SCIENTIFIC.match(value):
+            return float(value)
+        if isinstance(value, dict):
+            return {key: numbers(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [numbers(item) for item in value]
+        return value
+
+    return numbers(yaml.safe_load(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ class ParameterManager:
         if not path.is_file():
             raise ConfigError("<file>", "grid file not found", str(path))
         try:
-            grid = yaml.load(path.read_text(), Loader=_GridLoader)  # noqa: S506 (a SafeLoader subclass)
+            grid = read_yaml(path)
         except yaml.YAMLError as error:
             raise ConfigError("<file>", f"not valid YAML ({error})", str(path)) from error
         return cls(grid, str(path), path.stem)
@@ -142,7 +150,7 @@ class ParameterManager:
             path = Path(base)
             if not path.is_file():
                 raise self._error("base", f"config file {base} not found (paths are relative to the working directory)")
-            base = yaml.load(path.read_text(), Loader=_GridLoader)  # noqa: S506
+            base = read_yaml(path)
             if not isinstance(base, dict):
                 raise self._error("base", f"{path} is not a mapping of config sections")
         elif not isinstance(base, dict):
