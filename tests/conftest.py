@@ -27,3 +27,43 @@ def phantom_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
     write_phantoms(root, n_cases=6, size=48, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run_base():
+    """``base(datalist, max_epochs=1)``: the base run config of the sweep tests (a width-8 SegResNet on one 32³
+    patch per epoch and one validation case, CPU, no W&B)."""
+
+    def base(datalist, max_epochs: int = 1) -> dict:
+        return {"data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 1, "num_workers": 0},
+                "model": {"name": "segresnet", "init_filters": 8}, "optim": {"name": "adamw_sf", "lr": 0.003},
+                "trainer": {"max_epochs": max_epochs, "accelerator": "cpu", "limit_train_batches": 1,
+                            "limit_val_batches": 1, "log_every_n_steps": 1, "cudnn_benchmark": False},
+                "inference": {"sw_batch_size": 1, "overlap": 0.0}, "logging": {"mode": "disabled"}}
+
+    return base
+
+
+@pytest.fixture(scope="session")
+def launch_sweep():
+    """``launch(grid, directory, env)``: write ``grid`` to ``directory/grid.yaml``, submit it with
+    ``sweeps/launch.py --no-watch`` (which must succeed) and return the sweep folder ``directory/sweep``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def launch(grid: dict, directory, env: dict):
+        grid_path, sweep_dir, log_path = directory / "grid.yaml", directory / "sweep", directory / "launch.log"
+        grid_path.write_text(yaml.safe_dump(grid))
+        with open(log_path, "w") as log:  # not a pipe: local jobs inherit it and would hold it open until they end
+            launched = subprocess.run([sys.executable, str(repo / "sweeps" / "launch.py"), str(grid_path),
+                                       "--sweep-dir", str(sweep_dir), "--no-watch"],
+                                      stdout=log, stderr=subprocess.STDOUT, cwd=repo, env=env)
+        assert launched.returncode == 0, log_path.read_text()
+        return sweep_dir
+
+    return launch

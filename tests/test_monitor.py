@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import yaml
 from rich.text import Text
 from submitit.core.utils import DelayedSubmission, JobPaths
 
@@ -639,7 +638,7 @@ def test_cli_errors_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_sweep_monitor_killed_and_restarted(tmp_path, phantom_dir):
+def test_local_sweep_monitor_killed_and_restarted(tmp_path, phantom_dir, tiny_run_base, launch_sweep):
     from brats_ugrip.data import make_datalist, save_datalist
 
     good = tmp_path / "good.json"
@@ -648,25 +647,14 @@ def test_local_sweep_monitor_killed_and_restarted(tmp_path, phantom_dir):
     bad.write_text(good.read_text())
     grid = {
         "name": "monitor_local",
-        "base": {"data": {"datalist": str(good), "roi_size": [32, 32, 32], "batch_size": 1, "num_workers": 0},
-                 "model": {"name": "segresnet", "init_filters": 8}, "optim": {"name": "adamw_sf", "lr": 0.003},
-                 "trainer": {"max_epochs": 1, "accelerator": "cpu", "limit_train_batches": 1, "limit_val_batches": 1,
-                             "log_every_n_steps": 1, "cudnn_benchmark": False},
-                 "inference": {"sw_batch_size": 1, "overlap": 0.0}, "logging": {"mode": "disabled"}},
+        "base": tiny_run_base(good),
         "grid": {"data.datalist": [str(good), str(bad)], "optim.lr": [0.001, 0.01]},
         "exclude": [{"data.datalist": str(bad), "optim.lr": 0.01}],
         "max_retries": 1,
         "executor": {"cluster": "local", "array_parallelism": 2},
     }
-    grid_path = tmp_path / "grid.yaml"
-    grid_path.write_text(yaml.safe_dump(grid))
-    sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    launch_log = tmp_path / "launch.log"
-    with open(launch_log, "w") as log:  # not a pipe: local jobs inherit it and would hold it open until they end
-        launch = subprocess.run([sys.executable, str(REPO / "sweeps" / "launch.py"), str(grid_path), "--sweep-dir",
-                                 str(sweep_dir), "--no-watch"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    assert launch.returncode == 0, launch_log.read_text()
+    sweep_dir = launch_sweep(grid, tmp_path, env)
     bad.unlink()  # the run on this datalist now fails at start, every attempt
     monitor_command = [sys.executable, str(REPO / "slurm" / "monitor.py"), str(sweep_dir), "--interval", "1"]
     logs = [tmp_path / f"monitor{i}.log" for i in range(3)]

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from brats_ugrip.data import make_datalist, save_datalist
 from slurm.collect import verify_collected
@@ -54,31 +53,20 @@ def _rows(screen: str, run_ids: list[str]) -> dict[str, str]:
     return {run_id: line for line in screen.splitlines() for run_id in run_ids if line.startswith(run_id + " ")}
 
 
-def test_dashboard_in_tmux_while_a_local_sweep_trains(tmp_path, phantom_dir):
+def test_dashboard_in_tmux_while_a_local_sweep_trains(tmp_path, phantom_dir, tiny_run_base, launch_sweep):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install -y tmux)")
     datalist = tmp_path / "datalist.json"
     save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), datalist)
     grid = {
         "name": "tmux_demo",
-        "base": {"data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 1, "num_workers": 0},
-                 "model": {"name": "segresnet", "init_filters": 8}, "optim": {"name": "adamw_sf", "lr": 0.003},
-                 "trainer": {"max_epochs": 2, "accelerator": "cpu", "limit_train_batches": 1, "limit_val_batches": 1,
-                             "log_every_n_steps": 1, "cudnn_benchmark": False},
-                 "inference": {"sw_batch_size": 1, "overlap": 0.0}, "logging": {"mode": "disabled"}},
+        "base": tiny_run_base(datalist, max_epochs=2),
         "grid": {"optim.lr": [0.001, 0.01]},
         "max_retries": 0,
         "executor": {"cluster": "local", "array_parallelism": 2},
     }
-    grid_path = tmp_path / "grid.yaml"
-    grid_path.write_text(yaml.safe_dump(grid))
-    sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TERM": "xterm-256color"}
-    launch_log = tmp_path / "launch.log"
-    with open(launch_log, "w") as log:  # not a pipe: local jobs inherit it and would hold it open until they end
-        launch = subprocess.run([sys.executable, str(REPO / "sweeps" / "launch.py"), str(grid_path), "--sweep-dir",
-                                 str(sweep_dir), "--no-watch"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    assert launch.returncode == 0, launch_log.read_text()
+    sweep_dir = launch_sweep(grid, tmp_path, env)
     run_ids = ["lr=0.001", "lr=0.01"]
     pane = TmuxPane(f"brats-monitor-{os.getpid()}",
                     f"cd {REPO} && {sys.executable} slurm/monitor.py {sweep_dir} --interval 1", env)

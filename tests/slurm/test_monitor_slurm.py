@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from brats_ugrip.data import make_datalist, save_datalist
 from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
@@ -29,30 +28,22 @@ def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pop
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slurm_job_dir: Path, phantom_dir):
+def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slurm_job_dir: Path, phantom_dir,
+                                                             tiny_run_base, launch_sweep):
     good = slurm_job_dir / "good.json"
     save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), good)
     bad = slurm_job_dir / "bad.json"
     bad.write_text(good.read_text())
     grid = {
         "name": "monitor_slurm",
-        "base": {"data": {"datalist": str(good), "roi_size": [32, 32, 32], "batch_size": 1, "num_workers": 0},
-                 "model": {"name": "segresnet", "init_filters": 8}, "optim": {"name": "adamw_sf", "lr": 0.003},
-                 "trainer": {"max_epochs": 1, "accelerator": "cpu", "limit_train_batches": 1, "limit_val_batches": 1,
-                             "log_every_n_steps": 1, "cudnn_benchmark": False},
-                 "inference": {"sw_batch_size": 1, "overlap": 0.0}, "logging": {"mode": "disabled"}},
+        "base": tiny_run_base(good),
         "grid": {"data.datalist": [str(good), str(bad)], "optim.lr": [0.001, 0.01]},
         "exclude": [{"data.datalist": str(bad), "optim.lr": 0.01}],
         "max_retries": 1,
         "executor": {"cluster": "slurm", "partition": "debug", "time": 20, "cpus_per_task": 1, "signal_delay_s": 30},
     }
-    grid_path = slurm_job_dir / "grid.yaml"
-    grid_path.write_text(yaml.safe_dump(grid))
-    sweep_dir = slurm_job_dir / "sweep"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launch = subprocess.run([sys.executable, str(REPO / "sweeps" / "launch.py"), str(grid_path), "--sweep-dir",
-                             str(sweep_dir), "--no-watch"], capture_output=True, text=True, cwd=REPO, env=env)
-    assert launch.returncode == 0, launch.stdout + launch.stderr
+    sweep_dir = launch_sweep(grid, slurm_job_dir, env)
     bad.unlink()  # the run on this datalist now fails at start, every attempt
     state = SweepState(sweep_db_path(sweep_dir))
     first_jobs = {a.run_id: a.job_id for a in state.attempts()}
@@ -93,7 +84,7 @@ def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slu
     state.close()
 
 
-def test_cancel_and_retry_with_scancel_and_sbatch(slurm_cluster, slurm_job_dir: Path, phantom_dir):
+def test_cancel_and_retry_with_scancel_and_sbatch(slurm_cluster, slurm_job_dir: Path, phantom_dir, launch_sweep):
     datalist = slurm_job_dir / "datalist.json"
     save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), datalist)
     grid = {
@@ -105,13 +96,8 @@ def test_cancel_and_retry_with_scancel_and_sbatch(slurm_cluster, slurm_job_dir: 
         "grid": {"optim.lr": [0.001]},
         "executor": {"cluster": "slurm", "partition": "debug", "time": 20, "cpus_per_task": 1},
     }
-    grid_path = slurm_job_dir / "grid.yaml"
-    grid_path.write_text(yaml.safe_dump(grid))
-    sweep_dir = slurm_job_dir / "sweep"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launch = subprocess.run([sys.executable, str(REPO / "sweeps" / "launch.py"), str(grid_path), "--sweep-dir",
-                             str(sweep_dir), "--no-watch"], capture_output=True, text=True, cwd=REPO, env=env)
-    assert launch.returncode == 0, launch.stdout + launch.stderr
+    sweep_dir = launch_sweep(grid, slurm_job_dir, env)
     monitor = [sys.executable, str(REPO / "slurm" / "monitor.py"), str(sweep_dir)]
     state = SweepState(sweep_db_path(sweep_dir))
     first = state.latest_attempt("lr=0.001").job_id
