@@ -16,24 +16,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.cli import progress_bar, run
 from brats_ugrip.heldout import HeldOutScore
 from souping.ingredients import load_ingredients
 from souping.report import print_summary, test_scores, write_report
-from souping.session import (Scores, SoupSession, add_data_arguments, print_warnings_on_console, report_dir,
-                             soup_meta)
+from souping.session import Scores, SoupSession, print_warnings_on_console, report_dir, soup_meta, soup_parser
 from souping.soups import StateDict, greedy_soup, uniform_soup
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpts", required=True, type=Path, help="folder of checkpoints (*.ckpt, *.pt, *.pth)")
-    parser.add_argument("--out", required=True, type=Path, help="soup checkpoint to write")
+    parser = soup_parser(__doc__)
     parser.add_argument("--strict", action="store_true", help="keep an ingredient only if the score improves (>)")
-    add_data_arguments(parser)
     return parser.parse_args(argv)
 
 

@@ -53,8 +53,12 @@ class Scores:
         return ReportRow(model, self.dice, self.hd95)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options both soup commands take to choose and read the held-out cases."""
+def soup_parser(description: str | None) -> argparse.ArgumentParser:
+    """The options both soup commands take: ``--ckpts``, ``--out`` and how to choose and read the held-out cases
+    (the ``args`` of :class:`SoupSession`); each command adds its own."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpts", required=True, type=Path, help="folder of checkpoints (*.ckpt, *.pt, *.pth)")
+    parser.add_argument("--out", required=True, type=Path, help="soup checkpoint to write")
     group = parser.add_argument_group("held-out data")
     group.add_argument("--datalist", help="datalist JSON (default: the one the ingredients were trained with)")
     group.add_argument("--data-root", help="folder the datalist's paths are relative to (default: the datalist's)")
@@ -75,6 +79,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        "soup on training patches (BatchNorm models only; GroupNorm models need none)")
     group.add_argument("--bn-batches", type=int, default=16, help="training batches for --recalibrate-bn")
     group.add_argument("--report-dir", help="where report.md/.csv/.png go (default: next to --out, <name>_report)")
+    return parser
 
 
 def report_dir(args: argparse.Namespace) -> Path:
@@ -132,7 +137,7 @@ class SoupSession:
 
     Args:
         ingredients: the checked ingredients.
-        args: the options of :func:`add_data_arguments`.
+        args: the options of :func:`soup_parser`.
 
     Attributes:
         on_evaluation: called after every evaluation (e.g. to advance a progress bar).

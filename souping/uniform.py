@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.cli import console, progress_bar, run
 from souping.ingredients import load_ingredients
 from souping.report import print_summary, test_scores, write_report
-from souping.session import (Scores, SoupSession, add_data_arguments, print_warnings_on_console, report_dir,
-                             soup_meta)
+from souping.session import Scores, SoupSession, print_warnings_on_console, report_dir, soup_meta, soup_parser
 from souping.soups import uniform_soup
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpts", required=True, type=Path, help="folder of checkpoints (*.ckpt, *.pt, *.pth)")
-    parser.add_argument("--out", required=True, type=Path, help="soup checkpoint to write")
+    parser = soup_parser(__doc__)
     parser.add_argument("--no-score", dest="score", action="store_false",
                         help="only average the weights: no held-out scores, no report")
-    add_data_arguments(parser)
     return parser.parse_args(argv)
 
 
