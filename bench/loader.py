@@ -13,8 +13,8 @@ the other rounds: samples/s, and samples/s per worker (with 0 workers the main p
 
 Consumption is ``batch_size / step time``, the step time either given (``--step-seconds``; MedNeXt-B bf16 at
 128×160×112, batch 2, takes ≈ 0.255 s on an H100, 0.201 s compiled: see ``bench/train_step.py``) or measured
-here: forward + backward + AdamW step of ``--model`` on a batch from the loader, median of ``--steps`` after two
-warm-up steps.
+here: forward + backward + AdamW step of ``--model`` on a batch of the same size (``bench/train_step.py``'s bare
+loop), median of ``--steps`` after two warm-up steps.
 
 ``workers_needed`` is the smallest measured count ≥ 1 whose rate is at least ``--target`` (2) × the consumption
 (0 workers never overlaps loading with the step, so it cannot keep a GPU fed); when no measured count reaches
@@ -45,14 +45,12 @@ from typing import Any
 import torch
 
 from brats_ugrip.cli import console, run, track
-from brats_ugrip.config import LossConfig, OptimConfig
 from brats_ugrip.data import Datalist, make_datalist
-from brats_ugrip.datasets import make_loaders, training_batch
+from brats_ugrip.datasets import make_loaders
 from brats_ugrip.errors import ConfigError
-from brats_ugrip.losses import SegmentationLoss
-from brats_ugrip.models import create_model, get_spec, resolve_kwargs
-from brats_ugrip.optim import build_optimizer
+from brats_ugrip.models import get_spec, resolve_kwargs
 from brats_ugrip.preprocess import CaseCache
+from bench.train_step import bare_steps
 from synthetic.anatomy import BRATS_SHAPE
 from synthetic.phantom import write_phantoms
 
@@ -73,8 +71,8 @@ class LoaderRate:
 
 
 def measure_loader(datalist: Datalist, roi: Sequence[int], batch_size: int, cache_dir: Path, workers: int,
-                   batches: int) -> tuple[LoaderRate, dict[str, torch.Tensor]]:
-    """Drain the project's training loader with ``workers`` workers; returns its rate and the last batch."""
+                   batches: int) -> LoaderRate:
+    """Drain the project's training loader with ``workers`` workers; returns its rate."""
     rounds_of = max(workers, 1)
     total = rounds_of * max(2, math.ceil(batches / rounds_of))  # ≥ 2 rounds: the first one is start-up
     cases = datalist.training
@@ -83,37 +81,21 @@ def measure_loader(datalist: Datalist, roi: Sequence[int], batch_size: int, cach
     start = time.perf_counter()
     iterator = iter(loader)
     for _ in range(rounds_of):
-        batch = next(iterator)
+        next(iterator)
     first_round = time.perf_counter() - start
     for _ in range(total - rounds_of):
-        batch = next(iterator)
+        next(iterator)
     steady = time.perf_counter() - start - first_round
     del iterator, loader  # shuts the persistent workers down before the next count starts its own
-    return LoaderRate(workers, first_round, (total - rounds_of) * batch_size / steady), batch
+    return LoaderRate(workers, first_round, (total - rounds_of) * batch_size / steady)
 
 
-def measure_step(batch: dict[str, torch.Tensor], model_name: str, model_kwargs: dict[str, Any], device: torch.device,
-                 precision: str, steps: int) -> float:
-    """Median seconds of a forward + backward + AdamW step (the project's loss and optimizer) on ``batch``."""
-    torch.backends.cudnn.benchmark = True  # the trainer's default
-    model = create_model(model_name, **model_kwargs).to(device).train()
-    optimizer = build_optimizer(model.parameters(), OptimConfig(name="adamw"))
-    criterion = SegmentationLoss(LossConfig())
-    inputs = training_batch({key: value.to(device) for key, value in batch.items()})
-    image, label = inputs["image"], inputs["label"]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-    times = []
-    for _ in range(WARMUP_STEPS + steps):
-        start = time.perf_counter()
-        with autocast:
-            loss = criterion(model(image), label)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[WARMUP_STEPS:])
+def measure_step(model_name: str, model_kwargs: dict[str, Any], roi: Sequence[int], batch_size: int,
+                 device: str, precision: str, steps: int) -> float:
+    """Median seconds of a training step of ``model_name`` on ``batch_size × roi`` patches (the bare loop of
+    ``bench/train_step.py``, which the project's step matches within a few per cent), after warm-up steps."""
+    seconds = bare_steps(model_name, model_kwargs, roi, batch_size, precision, False, WARMUP_STEPS + steps, device)
+    return statistics.median(seconds[WARMUP_STEPS:])
 
 
 def workers_needed(rates: Sequence[LoaderRate], target: float) -> tuple[int, str]:
@@ -186,15 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache = CaseCache(cache_dir)
         for case in track(datalist.training, "filling the cache"):
             cache.get(case, datalist.label_scheme)
-        rates = []
-        for workers in track(args.workers, "loader worker counts"):
-            rate, batch = measure_loader(datalist, args.roi, args.batch_size, cache_dir, workers, args.batches)
-            rates.append(rate)
+        rates = [measure_loader(datalist, args.roi, args.batch_size, cache_dir, workers, args.batches)
+                 for workers in track(args.workers, "loader worker counts")]
     if args.step_seconds is not None:
         step_s, step_source = args.step_seconds, "given"
     else:
         console.print(f"measuring the training step of {args.model} on {args.device}")
-        step_s = measure_step(batch, args.model, model_kwargs(args), torch.device(args.device), args.precision,
+        step_s = measure_step(args.model, model_kwargs(args), args.roi, args.batch_size, args.device, args.precision,
                               args.steps)
         step_source = (f"{args.model} f{args.init_filters}{' ds' if args.deep_supervision else ''} "
                        f"{'fp32' if args.precision == '32' else 'bf16'} on {args.device}")

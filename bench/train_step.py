@@ -122,21 +122,24 @@ def project_steps(args: argparse.Namespace, precision: str, compile_model: bool)
     return timer.seconds
 
 
-def bare_steps(args: argparse.Namespace, precision: str, compile_model: bool) -> list[float]:
-    """Step seconds of a plain PyTorch loop over the same network, loss terms, precision and patch."""
+def bare_steps(model_name: str, model_kwargs: dict[str, Any], roi: Sequence[int], batch_size: int, precision: str,
+               compile_model: bool, steps: int, device: str | torch.device) -> list[float]:
+    """Seconds of each of ``steps`` plain PyTorch training steps (forward, deep-supervision Dice + BCE, backward,
+    AdamW) of a registry network on random ``batch_size × roi`` patches; the first ones include warm-up."""
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    network = create_model(args.model, **model_overrides(args)).to(device).train()
+    torch.backends.cudnn.benchmark = True  # as the project's trainer
+    device = torch.device(device)
+    network = create_model(model_name, **model_kwargs).to(device).train()
     model = torch.compile(network) if compile_model else network
     optimizer = torch.optim.AdamW(network.parameters(), lr=1e-3, fused=device.type == "cuda" or None)
     dice, bce = DiceLoss(sigmoid=True, smooth_nr=0.0, smooth_dr=1e-5, batch=True), torch.nn.BCEWithLogitsLoss()
-    data = RandomPatches(args.roi, 1)
-    image = data.image.expand(args.batch_size, *data.image.shape).contiguous().to(device)
-    label = data.label.expand(args.batch_size, *data.label.shape).contiguous().to(device)
+    data = RandomPatches(roi, 1)
+    image = data.image.expand(batch_size, *data.image.shape).contiguous().to(device)
+    label = data.label.expand(batch_size, *data.label.shape).contiguous().to(device)
     autocast = (torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES
                 else contextlib.nullcontext())
     seconds = []
-    for _ in range(args.warmup + args.steps):
+    for _ in range(steps):
         start = time.perf_counter()
         with autocast:
             outputs = model(image)
@@ -160,7 +163,9 @@ def measure(path: str, args: argparse.Namespace, precision: str, compile_model: 
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with console.status(f"{path}: precision {precision}{', compiled' if compile_model else ''}"):
-        seconds = (project_steps if path == "project" else bare_steps)(args, precision, compile_model)
+        seconds = (project_steps(args, precision, compile_model) if path == "project" else
+                   bare_steps(args.model, model_overrides(args), args.roi, args.batch_size, precision, compile_model,
+                              args.warmup + args.steps, args.device))
     return {"path": path, "precision": precision, "compile": compile_model,
             "ms_per_step": round(1000 * statistics.median(seconds[args.warmup:]), 2),
             "first_step_seconds": round(seconds[0], 2),
