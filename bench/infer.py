@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = cases_from_dir(case_dirs[0].parent)
         references = [scheme.to_regions(read_volume(case.label, np.int16)[0]) for case in cases]
         full = [preprocess_case(c.images, None, scheme, margin=FULL_VOLUME_MARGIN, case_id=c.case_id) for c in cases]
-        box = [preprocess_case(c.images, None, scheme, margin=2, case_id=c.case_id) for c in cases]
+        box = [preprocess_case(c.images, None, scheme, case_id=c.case_id) for c in cases]
         base = InferenceConfig(roi_size=tuple(args.roi), overlap=args.overlap, sw_batch_size=args.sw_batch_size)
         fast = dataclasses.replace(base, precision=precision)
         rows: list[tuple[str, list[PreprocessedCase], torch.nn.Module, InferenceConfig, Callable]] = [

@@ -61,7 +61,7 @@ from brats_ugrip.inference import inference_settings, prepare_model, sliding_win
 from brats_ugrip.io import load_nifti, write_label_map, write_volume
 from brats_ugrip.labels import REGIONS, SCHEMES, LabelScheme, get_scheme
 from brats_ugrip.models import OUT_CHANNELS, get_spec
-from brats_ugrip.preprocess import PreprocessedCase, preprocess_case
+from brats_ugrip.preprocess import BRAIN_MARGIN, PreprocessedCase, preprocess_case
 
 SPEC_FORMAT = 1
 INFERENCE_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(InferenceConfig) if f.name != "threshold")
@@ -560,8 +560,8 @@ class Ensemble:
             result.uncertainty = case.restore(voxelwise.cpu().numpy()[None].astype(np.float32))[0]
         return result
 
-    def predict_case(self, image_paths: Sequence[str | os.PathLike[str]], case_id: str | None = None, margin: int = 2,
-                     **kwargs: Any) -> EnsemblePrediction:
+    def predict_case(self, image_paths: Sequence[str | os.PathLike[str]], case_id: str | None = None,
+                     margin: int = BRAIN_MARGIN, **kwargs: Any) -> EnsemblePrediction:
         """Read the four modality files (``t1c, t1n, t2f, t2w``) and predict (keywords of :meth:`predict_preprocessed`)."""
         case = preprocess_case(image_paths, None, self.scheme, margin=margin, case_id=case_id)
         return self.predict_preprocessed(case, **kwargs)

@@ -36,7 +36,7 @@ from brats_ugrip.errors import BratsUgripError, DataError
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.labels import REGIONS, LabelScheme, get_scheme
 from brats_ugrip.metrics.regions import dice, hd95
-from brats_ugrip.preprocess import CaseCache, CaseGeometry
+from brats_ugrip.preprocess import BRAIN_MARGIN, CaseCache, CaseGeometry
 
 FINGERPRINT_SETTINGS: tuple[str, ...] = ("roi_size", "overlap", "mode", "tta", "precision", "threshold")
 """Inference settings that change predictions, hence scores (``sw_batch_size`` only changes speed)."""
@@ -79,7 +79,7 @@ def validation_fingerprint(meta: dict[str, Any]) -> str | None:
         cases = cases[:limit]
     elif isinstance(limit, float):
         cases = cases[:int(len(cases) * limit)]
-    return fingerprint([c.case_id for c in cases], config.data.scheme, CaseCache(None).margin,
+    return fingerprint([c.case_id for c in cases], config.data.scheme, BRAIN_MARGIN,
                        inference_settings(config))
 
 

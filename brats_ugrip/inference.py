@@ -27,7 +27,7 @@ from torch import nn
 
 from brats_ugrip.config import InferenceConfig, RunConfig
 from brats_ugrip.labels import LabelScheme, get_scheme
-from brats_ugrip.preprocess import PreprocessedCase, preprocess_case
+from brats_ugrip.preprocess import BRAIN_MARGIN, PreprocessedCase, preprocess_case
 
 SPATIAL_DIMS = (2, 3, 4)
 ALL_FLIPS: tuple[tuple[int, ...], ...] = tuple(c for k in range(4) for c in combinations(SPATIAL_DIMS, k))
@@ -138,7 +138,7 @@ def predict_preprocessed(model: nn.Module, case: PreprocessedCase, settings: Inf
 
 def predict_case(model: nn.Module, image_paths: Sequence[str | os.PathLike[str]], settings: InferenceConfig,
                  scheme: LabelScheme | str = "brats2023", case_id: str | None = None,
-                 margin: int = 2) -> CasePrediction:
+                 margin: int = BRAIN_MARGIN) -> CasePrediction:
     """Read the four modality files (``t1c, t1n, t2f, t2w``), predict, and return probabilities and the label map
     in the geometry of the input files.
 

@@ -27,6 +27,8 @@ from brats_ugrip.io import read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
 
 CACHE_VERSION = 2
+BRAIN_MARGIN = 2
+"""Voxels kept around the brain's bounding box by default (training, validation and inference alike)."""
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
 
 
@@ -128,7 +130,8 @@ def normalise_nonzero(image: np.ndarray) -> np.ndarray:
 
 
 def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: str | os.PathLike[str] | None = None,
-                    scheme: LabelScheme | str = "brats2023", margin: int = 2, case_id: str | None = None) -> PreprocessedCase:
+                    scheme: LabelScheme | str = "brats2023", margin: int = BRAIN_MARGIN,
+                    case_id: str | None = None) -> PreprocessedCase:
     """Read, reorient to RAS, crop to the brain and normalise one case (see the module docstring)."""
     if len(image_paths) != len(MODALITIES):
         raise DataError(f"expected {len(MODALITIES)} images ({', '.join(MODALITIES)}), got {len(image_paths)}")
@@ -165,7 +168,7 @@ class CaseCache:
     loader workers may fill the cache concurrently.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None, margin: int = 2):
+    def __init__(self, cache_dir: str | os.PathLike[str] | None, margin: int = BRAIN_MARGIN):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.margin = margin
 

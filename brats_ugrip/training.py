@@ -60,7 +60,7 @@ from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_but_last, get_spec, reset_last_convolutions,
                                 resolve_kwargs, upkern_state_dict)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
-from brats_ugrip.preprocess import CaseCache
+from brats_ugrip.preprocess import BRAIN_MARGIN
 from brats_ugrip.sources import select_training_cases
 
 MONITOR = "val/dice_mean"
@@ -196,7 +196,7 @@ class SegmentationModule(pl.LightningModule):
             return
         self.val_metrics = summarise_dice(self._case_scores)
         self.val_epoch = self.current_epoch + 1
-        self.val_fingerprint = fingerprint(self._case_ids, self.config.data.scheme, CaseCache(None).margin, self.settings)
+        self.val_fingerprint = fingerprint(self._case_ids, self.config.data.scheme, BRAIN_MARGIN, self.settings)
         for name, value in self.val_metrics.items():
             self.log(f"val/dice_{name}", value, prog_bar=name == "mean")
 
