@@ -125,7 +125,9 @@ def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, m
     """
     calibration = make_grid("calibration", {"optim.lr": [0.003]}, trainer={"max_epochs": 2, "val_every": 2})
     epoch_s = _epoch_seconds(calibration, slurm_job_dir / "calibration")
-    max_epochs = min(60, max(6, math.ceil(2 + 50 / epoch_s)))
+    # ~150 s of training after the first epoch: the signal comes within ~60 s, with room for a calibration
+    # measured while the machine was busier than during the run.
+    max_epochs = min(150, max(6, math.ceil(2 + 150 / epoch_s)))
     grid = make_grid("timeout", {"optim.lr": [0.003]}, executor={"signal_delay_s": 90, "max_num_timeout": 4},
                      trainer={"max_epochs": max_epochs, "val_every": max_epochs})
     sweep = slurm_job_dir / "sweep"
@@ -141,6 +143,7 @@ def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, m
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={limit_min}"], check=True)
     while "REQUEUED" not in slurm_cluster.history(job.job_id):
         assert time.monotonic() < deadline, slurm_cluster.history(job.job_id)
+        assert slurm_cluster.state(job.job_id) != "COMPLETED", f"the run ended before its limit ({max_epochs} epochs)"
         time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", "TimeLimit=10"], check=True)
 
