@@ -220,7 +220,7 @@ class SweepState:
             # isolation_level=None: no implicit transactions; ours are explicit BEGIN IMMEDIATE ... COMMIT.
             self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal(timeout_s)
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._depth = 0
@@ -234,6 +234,19 @@ class SweepState:
         version = int(self.get_meta("schema_version") or SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise SweepStateError(f"{self.path}: schema version {version}, this code reads version {SCHEMA_VERSION}")
+
+    def _enable_wal(self, timeout_s: float) -> None:
+        # Switching to WAL (or opening a WAL file while another process commits) can report "database is locked"
+        # at once, without SQLite's busy handler: retry it ourselves up to the same timeout.
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def close(self) -> None:
         self._db.close()
