@@ -67,3 +67,22 @@ def launch_sweep():
         return sweep_dir
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def retry_grid(phantom_dir, tiny_run_base):
+    """``retry_grid(directory, executor) -> (grid, bad)``: the monitor tests' sweep of three one-epoch runs, two on
+    a good datalist (two learning rates) and one on the datalist ``bad``, which the test deletes after launch so
+    that run fails at every attempt; ``max_retries: 1``."""
+    from brats_ugrip.data import make_datalist, save_datalist
+
+    def grid(directory, executor: dict) -> tuple[dict, object]:
+        good, bad = directory / "good.json", directory / "bad.json"
+        save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), good)
+        bad.write_text(good.read_text())
+        return {"name": f"monitor_{executor['cluster']}", "base": tiny_run_base(good),
+                "grid": {"data.datalist": [str(good), str(bad)], "optim.lr": [0.001, 0.01]},
+                "exclude": [{"data.datalist": str(bad), "optim.lr": 0.01}],
+                "max_retries": 1, "executor": executor}, bad
+
+    return grid

@@ -638,21 +638,8 @@ def test_cli_errors_exit_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_sweep_monitor_killed_and_restarted(tmp_path, phantom_dir, tiny_run_base, launch_sweep):
-    from brats_ugrip.data import make_datalist, save_datalist
-
-    good = tmp_path / "good.json"
-    save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), good)
-    bad = tmp_path / "bad.json"
-    bad.write_text(good.read_text())
-    grid = {
-        "name": "monitor_local",
-        "base": tiny_run_base(good),
-        "grid": {"data.datalist": [str(good), str(bad)], "optim.lr": [0.001, 0.01]},
-        "exclude": [{"data.datalist": str(bad), "optim.lr": 0.01}],
-        "max_retries": 1,
-        "executor": {"cluster": "local", "array_parallelism": 2},
-    }
+def test_local_sweep_monitor_killed_and_restarted(tmp_path, retry_grid, launch_sweep):
+    grid, bad = retry_grid(tmp_path, {"cluster": "local", "array_parallelism": 2})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     sweep_dir = launch_sweep(grid, tmp_path, env)
     bad.unlink()  # the run on this datalist now fails at start, every attempt

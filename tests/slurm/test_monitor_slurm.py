@@ -28,20 +28,10 @@ def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pop
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slurm_job_dir: Path, phantom_dir,
-                                                             tiny_run_base, launch_sweep):
-    good = slurm_job_dir / "good.json"
-    save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), good)
-    bad = slurm_job_dir / "bad.json"
-    bad.write_text(good.read_text())
-    grid = {
-        "name": "monitor_slurm",
-        "base": tiny_run_base(good),
-        "grid": {"data.datalist": [str(good), str(bad)], "optim.lr": [0.001, 0.01]},
-        "exclude": [{"data.datalist": str(bad), "optim.lr": 0.01}],
-        "max_retries": 1,
-        "executor": {"cluster": "slurm", "partition": "debug", "time": 20, "cpus_per_task": 1, "signal_delay_s": 30},
-    }
+def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slurm_job_dir: Path, retry_grid,
+                                                             launch_sweep):
+    grid, bad = retry_grid(slurm_job_dir, {"cluster": "slurm", "partition": "debug", "time": 20, "cpus_per_task": 1,
+                                           "signal_delay_s": 30})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sweep_dir = launch_sweep(grid, slurm_job_dir, env)
     bad.unlink()  # the run on this datalist now fails at start, every attempt
