@@ -127,8 +127,13 @@ AccountingStorageHost=localhost
 JobCompType=jobcomp/none
 MailProg=/bin/true
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$real_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=long Nodes=$NODE MaxTime=INFINITE State=UP
+# Jobs in 'urgent' preempt jobs in the other partitions: those get the user signal (USR2: submitit checkpoints)
+# and are requeued; GraceTime leaves them time to save.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=long Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=30
+PartitionName=urgent Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 
 cat >"$ETC/slurmdbd.conf" <<EOF

@@ -1,5 +1,5 @@
 """Sweeps on the real single-node SLURM dev cluster: one array per resource request, timeout → requeue → resume,
-a failing run, scancel, a partition SLURM refuses.
+preemption → requeue → resume, a failing run, scancel, a partition SLURM refuses.
 
 Each run trains a tiny SegResNet on 48³ phantoms for a few epochs (CPU), so every test takes a minute or a few.
 """
@@ -163,6 +163,46 @@ def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, m
     with SweepState(sweep_db_path(sweep)) as state:
         run = state.get_run("lr=0.003")
         assert run.attempts == 1 and run.metrics["epochs"] == max_epochs  # requeued within its one attempt
+
+
+def test_preempted_run_is_requeued_and_resumes(slurm_cluster, make_grid, slurm_job_dir):
+    """A job in the ``urgent`` partition needs the whole node: SLURM preempts the run (``PreemptMode=REQUEUE``,
+    ``GraceTime=30``), sends it USR2 at once (``preempt_send_user_signal``), submitit checkpoints and requeues it,
+    and once the urgent job is done the run resumes from last.ckpt within the same attempt."""
+    calibration = make_grid("calibration", {"optim.lr": [0.003]}, trainer={"max_epochs": 2, "val_every": 2})
+    epoch_s = _epoch_seconds(calibration, slurm_job_dir / "calibration")
+    max_epochs = min(100, max(5, math.ceil(2 + 60 / epoch_s)))  # still training ~60 s after its first epoch
+    # time 20: submitit calls a signal a timeout, not a preemption, once the job ran min(80 %, limit - 10 min).
+    grid = make_grid("preempt", {"optim.lr": [0.003]}, executor={"time": 20},
+                     trainer={"max_epochs": max_epochs, "val_every": max_epochs})
+    sweep = slurm_job_dir / "sweep"
+    _, jobs = _launch(grid, sweep)
+    (job,) = jobs.values()
+    run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
+
+    deadline = time.monotonic() + WAIT_S
+    while (read_progress(run_dir) or {}).get("epoch", 0) < 1:
+        assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
+        time.sleep(0.5)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--time=5",
+                             f"--output={slurm_job_dir / 'urgent.out'}", "--wrap", "sleep 2"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert slurm_cluster.wait_until_final(urgent, timeout_s=300) == "COMPLETED"
+    assert slurm_cluster.history(job.job_id)[0] in ("REQUEUED", "PREEMPTED"), slurm_cluster.history(job.job_id)
+
+    final = _wait(sweep, jobs)
+    assert final == {"lr=0.003": RunState.COMPLETED}
+    assert slurm_cluster.wait_until_final(job.job_id) == "COMPLETED"
+    starts = read_job_info(run_dir)["starts"]
+    epochs = [s["start_epoch"] for s in starts]
+    assert len(starts) == 2 and epochs[0] == 0 and epochs[1] >= 1, epochs  # resumed, not from epoch 0
+    log = (run_dir / "logs" / f"{job.job_id}.err").read_text()
+    assert "this job is preempted" in log and "Restoring states from the checkpoint path at" in log
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == max_epochs
+    with SweepState(sweep_db_path(sweep)) as state:
+        run = state.get_run("lr=0.003")
+        assert run.attempts == 1 and run.state == RunState.COMPLETED  # a preemption is not a failed attempt
 
 
 def _epoch_seconds(grid: Path, run_dir: Path) -> float:
