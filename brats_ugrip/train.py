@@ -29,12 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         print(f"# config hash {config.hash()}")
         return 0
-    from brats_ugrip.training import train  # heavy imports only once the config is valid
+    from pytorch_lightning.utilities import rank_zero_only  # heavy imports only once the config is valid
+
+    from brats_ugrip.training import train
 
     summary = train(config, args.run_dir)
-    console.print(f"[bold green]done[/] {summary['epochs']} epochs, best val mean Dice "
-                  f"{summary['best_val_dice'] if summary['best_val_dice'] is not None else float('nan'):.4f} "
-                  f"(epoch {summary['best_epoch']}) → {summary['best_checkpoint']}")
+    if rank_zero_only.rank == 0:  # once per run, not per process of a multi-process (DDP) run
+        console.print(f"[bold green]done[/] {summary['epochs']} epochs, best val mean Dice "
+                      f"{summary['best_val_dice'] if summary['best_val_dice'] is not None else float('nan'):.4f} "
+                      f"(epoch {summary['best_epoch']}) → {summary['best_checkpoint']}")
     return 0
 
 

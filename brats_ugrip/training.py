@@ -42,7 +42,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import LightningEnvironment, SLURMEnvironment
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_ugrip.atomic import atomic_write, atomic_write_json
@@ -160,7 +160,8 @@ class SegmentationModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.model(batch["image"]), batch["label"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -192,13 +193,22 @@ class SegmentationModule(pl.LightningModule):
         self._case_ids.extend(batch["case_id"])
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self._case_scores:
+        if self.trainer.sanity_checking:
             return
-        self.val_metrics = summarise_dice(self._case_scores)
+        scores = dict(zip(self._case_ids, self._case_scores))
+        if self.trainer.world_size > 1:
+            # Each process scored its share of the fold (DistributedSampler repeats cases to even the shares):
+            # gather every case once, so all processes log, compare and checkpoint the same fold metrics.
+            shares: list[dict[str, list[float]]] = [{} for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(shares, scores)
+            scores = {case_id: share[case_id] for share in shares for case_id in share}
+        if not scores:
+            return
+        self.val_metrics = summarise_dice([scores[case_id] for case_id in sorted(scores)])
         self.val_epoch = self.current_epoch + 1
-        self.val_fingerprint = fingerprint(self._case_ids, self.config.data.scheme, BRAIN_MARGIN, self.settings)
+        self.val_fingerprint = fingerprint(scores, self.config.data.scheme, BRAIN_MARGIN, self.settings)
         for name, value in self.val_metrics.items():
-            self.log(f"val/dice_{name}", value, prog_bar=name == "mean")
+            self.log(f"val/dice_{name}", value, prog_bar=name == "mean", sync_dist=True)  # equal on every rank
 
     # checkpoints ------------------------------------------------------------------------------------------
 
@@ -315,7 +325,8 @@ class ProgressFile(Callback):
 
     def write(self, **updates: Any) -> None:
         self.state.update(updates, updated_at=now_iso())
-        atomic_write_json(self.path, self.state)
+        if rank_zero_only.rank == 0:  # one writer when several processes train the run (DDP)
+            atomic_write_json(self.path, self.state)
 
     def state_dict(self) -> dict[str, Any]:
         return {k: self.state[k] for k in ("best_val_dice", "best_epoch", "started_at")}
@@ -412,6 +423,16 @@ def check_data(config: RunConfig, datalist: Datalist) -> list[Case]:
     return train_cases
 
 
+def _process_layout() -> tuple[int | str, int]:
+    """Lightning's ``(devices, num_nodes)``: from the task layout when a scheduler started one process per device
+    (``brats_ugrip.jobs`` exports ``LOCAL_WORLD_SIZE`` and ``WORLD_SIZE`` for multi-task jobs), else every
+    visible device of one node (``"auto"``: Lightning starts a process per GPU itself)."""
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return "auto", 1
+    local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ.get("WORLD_SIZE", os.environ["LOCAL_WORLD_SIZE"]))
+    return local, max(1, world // local)
+
+
 def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="",
                                                     flush_logs_every_n_steps=1)]
@@ -461,7 +482,7 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
                           f"{config.hash()}); use a new run directory or the original config")
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in checkpoint_dir.glob(".*.tmp"):  # left by a process killed while writing; the target is intact
-        stale.unlink()
+        stale.unlink(missing_ok=True)  # several processes of one DDP run clean up at once
     save_config(config, run_dir / "config.yaml")
     progress = ProgressFile(run_dir / PROGRESS_FILE, config)
     progress.write()
@@ -479,11 +500,12 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
     # (which also spares the "srun is available but not used" warning on SLURM login nodes).
     environment = SLURMEnvironment(auto_requeue=False) if "SLURM_JOB_ID" in os.environ else LightningEnvironment()
     plugins: list[Any] = [AtomicCheckpointIO(), environment]
+    devices, num_nodes = _process_layout()
     trainer_config = config.trainer
     warnings.filterwarnings("ignore", message="The `srun` command is available")  # login nodes have srun
     trainer = pl.Trainer(
         default_root_dir=str(run_dir), max_epochs=trainer_config.max_epochs, accelerator=trainer_config.accelerator,
-        devices="auto", precision=trainer_config.precision, benchmark=trainer_config.cudnn_benchmark,
+        devices=devices, num_nodes=num_nodes, precision=trainer_config.precision, benchmark=trainer_config.cudnn_benchmark,
         check_val_every_n_epoch=trainer_config.val_every, num_sanity_val_steps=0,
         limit_train_batches=trainer_config.limit_train_batches, limit_val_batches=trainer_config.limit_val_batches,
         gradient_clip_val=trainer_config.gradient_clip, log_every_n_steps=trainer_config.log_every_n_steps,

@@ -8,7 +8,8 @@ Example (every key optional except ``cluster``)::
       account: brats
       qos: normal
       constraint: a100
-      gpus_per_node: 1          # multi-GPU: one task per GPU (tasks_per_node = gpus_per_node)
+      gpus_per_node: 1          # multi-GPU: one task per GPU (tasks_per_node = gpus_per_node), DDP
+      tasks_per_node: 2         # SLURM only; without GPUs, DDP on CPU processes (default: gpus_per_node or 1)
       cpus_per_task: 8
       mem_gb: 64
       time: "24:00:00"          # minutes (an integer) or [D-]HH:MM[:SS]
@@ -61,6 +62,7 @@ class ExecutorSection:
     mem_gb: float | None = None
     time: int | None = None
     nodes: int = 1
+    tasks_per_node: int | None = None
     array_parallelism: int | None = None
     max_num_timeout: int = 3
     signal_delay_s: int = 120
@@ -89,13 +91,20 @@ class ExecutorSection:
                 if not isinstance(raw[key], str) or not raw[key].strip():
                     raise ConfigError(f"{key_path}.{key}", f"expected a non-empty string, got {raw[key]!r}")
                 values[key] = raw[key].strip()
-        for key, minimum in (("gpus_per_node", 0), ("cpus_per_task", 1), ("nodes", 1), ("array_parallelism", 1),
-                             ("max_num_timeout", 0), ("signal_delay_s", 0)):
+        for key, minimum in (("gpus_per_node", 0), ("cpus_per_task", 1), ("nodes", 1), ("tasks_per_node", 1),
+                             ("array_parallelism", 1), ("max_num_timeout", 0), ("signal_delay_s", 0)):
             if raw.get(key) is not None:
                 value = raw[key]
                 if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                     raise ConfigError(f"{key_path}.{key}", f"expected an integer ≥ {minimum}, got {value!r}")
                 values[key] = value
+        tasks = values.get("tasks_per_node")
+        if tasks is not None and cluster == "local" and tasks > 1:
+            raise ConfigError(f"{key_path}.tasks_per_node", "several tasks per node need cluster: slurm; a local run "
+                              "uses all its GPUs from one task (Lightning starts a process per GPU)")
+        if tasks is not None and values.get("gpus_per_node", 0) not in (0, tasks):
+            raise ConfigError(f"{key_path}.tasks_per_node", f"one task per GPU: expected {values['gpus_per_node']} "
+                              f"(gpus_per_node), got {tasks}")
         if raw.get("mem_gb") is not None:
             mem = raw["mem_gb"]
             if not isinstance(mem, (int, float)) or isinstance(mem, bool) or mem <= 0:
@@ -120,10 +129,9 @@ class ExecutorSection:
 
     def submit_spec(self, default_name: str) -> SubmitSpec:
         """The submitit parameters of this section (``default_name`` names SLURM jobs without ``job_name``)."""
-        tasks_per_node = max(1, self.gpus_per_node)
         if self.cluster == "local":
             parameters: dict[str, Any] = {"timeout_min": self.time or LOCAL_DEFAULT_TIME_MIN,
-                                          "gpus_per_node": self.gpus_per_node, "tasks_per_node": tasks_per_node}
+                                          "gpus_per_node": self.gpus_per_node, "tasks_per_node": 1}
             if self.setup:
                 parameters["setup"] = list(self.setup)
             return SubmitSpec("local", parameters, self.max_num_timeout, self.array_parallelism or 1)
@@ -131,7 +139,7 @@ class ExecutorSection:
             "job_name": self.job_name or default_name,
             "time": self.time or 60,
             "nodes": self.nodes,
-            "ntasks_per_node": tasks_per_node,
+            "ntasks_per_node": self.tasks_per_node or max(1, self.gpus_per_node),
             "signal_delay_s": self.signal_delay_s,
         }
         optional = {"partition": self.partition, "account": self.account, "qos": self.qos,

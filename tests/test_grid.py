@@ -143,6 +143,11 @@ def test_executor_section_to_submitit_parameters():
         assert line in script
     local = ExecutorSection.from_dict({"cluster": "local", "array_parallelism": 2}).submit_spec("x")
     assert local.cluster == "local" and local.local_slots == 2 and local.parameters["timeout_min"] > 60
+    # CPU DDP: several tasks without GPUs; a local job is one task (Lightning starts a process per GPU itself)
+    cpu_ddp = ExecutorSection.from_dict({"cluster": "slurm", "tasks_per_node": 2}).submit_spec("x")
+    assert cpu_ddp.parameters["ntasks_per_node"] == 2 and "gpus_per_node" not in cpu_ddp.parameters
+    local_gpus = ExecutorSection.from_dict({"cluster": "local", "gpus_per_node": 2}).submit_spec("x")
+    assert local_gpus.parameters["tasks_per_node"] == 1 and local_gpus.parameters["gpus_per_node"] == 2
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -152,6 +157,8 @@ def test_executor_section_to_submitit_parameters():
     ({"gpus_per_node": -1}, "executor.gpus_per_node"),
     ({"mem_gb": "lots"}, "executor.mem_gb"),
     ({"setup": [1, 2]}, "executor.setup"),
+    ({"cluster": "slurm", "gpus_per_node": 2, "tasks_per_node": 1}, "executor.tasks_per_node"),
+    ({"cluster": "local", "tasks_per_node": 2}, "executor.tasks_per_node"),
 ])
 def test_executor_bad_values_name_their_key(raw, key):
     with pytest.raises(ConfigError) as error:

@@ -17,7 +17,7 @@ from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dic
 from brats_ugrip.config import LossConfig, OptimConfig, load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.datasets import make_loaders
-from brats_ugrip.heldout import validation_fingerprint
+from brats_ugrip.heldout import HeldOutSet, checkpoint_settings, validation_fingerprint
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.losses import SegmentationLoss, mednext_ds_weights
 from brats_ugrip.optim import WarmupSchedule, averaged_parameters, build_optimizer, set_train_mode
@@ -226,6 +226,35 @@ def test_resume_after_sigkill_mid_epoch_finishes_the_same_epochs(workspace, tmp_
     assert progress["status"] == "completed" and progress["epoch"] == 3
     epochs_logged = {int(r["epoch"]) for r in csv_rows(run_dir) if r.get("train/loss_epoch")}
     assert epochs_logged == {0, 1, 2}  # the log of the killed attempt is continued, not replaced
+
+
+@pytest.mark.slow
+def test_two_process_run_scores_the_whole_fold_once(phantom_dir, tmp_path):
+    """Two processes (torchrun; DDP with gloo on CPU) train one run. Each scores its share of the 3 validation
+    cases (the sampler repeats one to even the shares); the shares are gathered, so the checkpoint holds the
+    metrics and fingerprint of the whole fold, as one process scores it."""
+    datalist = save_datalist(make_datalist(phantom_dir, 2, 0), tmp_path / "datalist.json")
+    config = tiny_config((tmp_path, datalist), **{"trainer.val_every": 1})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "brats_ugrip.train", str(path), "--run-dir", str(run_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Starting with 2 processes" in output and output.count("done 2 epochs") == 1  # one summary: rank 0's
+
+    model, meta = load_model(run_dir / "checkpoints" / "best.ckpt")
+    held_out = HeldOutSet.from_fold(Datalist.load(datalist), 0, cache_dir=tmp_path / "cache")
+    settings = checkpoint_settings(meta)
+    assert len(held_out) == 3 and meta["val_fingerprint"] == held_out.fingerprint(settings)
+    score = held_out.score(model, settings)
+    assert meta["val_metrics"] == pytest.approx({**score.dice, "mean": score.mean}, abs=1e-6)
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == 2
+    assert progress["best_val_dice"] == pytest.approx(meta["val_metrics"]["mean"])
 
 
 def test_schedules_and_deep_supervision_weights():

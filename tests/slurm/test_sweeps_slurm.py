@@ -1,5 +1,5 @@
 """Sweeps on the real single-node SLURM dev cluster: one array per resource request, timeout → requeue → resume,
-preemption → requeue → resume, a failing run, scancel, a partition SLURM refuses.
+preemption → requeue → resume, two tasks training one run (DDP), a failing run, scancel, a partition SLURM refuses.
 
 Each run trains a tiny SegResNet on 48³ phantoms for a few epochs (CPU), so every test takes a minute or a few.
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brats_ugrip.data import make_datalist, save_datalist
+from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
+from brats_ugrip.data import Datalist, make_datalist, save_datalist
+from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
 from brats_ugrip.jobs import SubmissionError, read_job_info
 from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
 from brats_ugrip.training import read_progress
@@ -203,6 +205,25 @@ def test_preempted_run_is_requeued_and_resumes(slurm_cluster, make_grid, slurm_j
     with SweepState(sweep_db_path(sweep)) as state:
         run = state.get_run("lr=0.003")
         assert run.attempts == 1 and run.state == RunState.COMPLETED  # a preemption is not a failed attempt
+
+
+def test_two_tasks_train_one_run_together(slurm_cluster, make_grid, slurm_job_dir):
+    """``executor.tasks_per_node: 2`` (no GPUs): one job of two tasks that train the run together (DDP over gloo,
+    as GPUs would over NCCL); the checkpoint's validation covers the whole fold, not one task's share."""
+    grid = make_grid("ddp", {"optim.lr": [0.003]}, executor={"tasks_per_node": 2}, trainer={"val_every": 1})
+    sweep = slurm_job_dir / "sweep"
+    _, jobs = _launch(grid, sweep)
+    (job,) = jobs.values()
+    assert _wait(sweep, jobs) == {"lr=0.003": RunState.COMPLETED}
+    assert slurm_cluster.wait_until_final(job.job_id) == "COMPLETED"
+    run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
+    assert "Starting with 2 processes" in (run_dir / "logs" / f"{job.job_id}.err").read_text()
+    assert len(read_job_info(run_dir)["starts"]) == 1  # one record per job start, written by rank 0
+    meta = checkpoint_meta(load_checkpoint(run_dir / "checkpoints" / "best.ckpt"))
+    held_out = HeldOutSet.from_fold(Datalist.load(slurm_job_dir / "datalist.json"), 0)
+    assert meta["val_fingerprint"] == held_out.fingerprint(checkpoint_settings(meta))
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == 2
 
 
 def _epoch_seconds(grid: Path, run_dir: Path) -> float:
