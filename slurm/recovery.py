@@ -23,6 +23,8 @@ Policy per attempt (scheduler state → run):
 - TIMEOUT (not requeued by its job: killed hard, or requeued too often) → resubmitted to resume from
   ``last.ckpt`` when that attempt wrote a newer one (not counted as a failure); without progress it is FAILED
   (one epoch does not fit the time limit, and retrying would not change that);
+- PREEMPTED → REQUEUED while SLURM requeues the job; still PREEMPTED after ``PREEMPTED_GRACE_S``, it was not
+  requeued and is resumed like a TIMEOUT;
 - CANCELLED → CANCELLED. Other runs are never touched by a run's failure.
 """
 from __future__ import annotations

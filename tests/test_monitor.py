@@ -32,7 +32,7 @@ from slurm.collect import (copy_verified, is_collected, model_paths, read_collec
                            sweep_summary, verify_collected)
 from slurm.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
 from slurm.job_states import JobStatus, LocalJobStates
-from slurm.recovery import INTENT_FILE, MonitorError, SweepMonitor
+from slurm.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
 from slurm.sacct import expand_task_ids, parse_sacct, sacct_command
 from slurm.view import ProgressReader
 from sweeps.launch import jobs_folder
@@ -276,6 +276,26 @@ def test_timeout_not_requeued_resumes_only_after_progress(sweep):
     retry_job = report.resubmitted[moved]
     sweep.scheduler.set(retry_job, "NODE_FAIL")
     assert moved in sweep.monitor.poll().resubmitted
+
+
+def test_preempted_run_waits_for_slurm_then_resumes_itself(sweep):
+    """PREEMPTED: SLURM requeues the job (the run is REQUEUED until it runs again); a job still PREEMPTED after the
+    grace period was not requeued, so the monitor resumes it from last.ckpt, and that is not a failure."""
+    run_id = "fold=0-lr=0.001"
+    job = sweep.job[run_id]
+    sweep.scheduler.set(job, "RUNNING", started_at=time.time() - 100)
+    sweep.monitor.poll()
+    _write_checkpoint(run_dir_path(sweep.dir, run_id), "last.ckpt")
+    sweep.scheduler.set(job, "PREEMPTED", ended_at=time.time())
+    assert sweep.monitor.poll().resubmitted == {}
+    assert sweep.monitor.state.get_run(run_id).state == RunState.REQUEUED
+    sweep.scheduler.set(job, "PREEMPTED", ended_at=time.time() - PREEMPTED_GRACE_S - 1)
+    report = sweep.monitor.poll()
+    assert list(report.resubmitted) == [run_id]
+    assert "PREEMPTED (not requeued): resuming from last.ckpt" in sweep.monitor.state.get_run(run_id).reason
+    assert sweep.monitor.state.attempt(run_id, 1).state == "PREEMPTED"
+    sweep.scheduler.set(report.resubmitted[run_id], "NODE_FAIL")  # the resumed run still has its one retry
+    assert run_id in sweep.monitor.poll().resubmitted
 
 
 def test_unknown_jobs_and_sacct_errors_change_nothing(sweep):
