@@ -183,7 +183,9 @@ def test_preempted_run_is_requeued_and_resumes(slurm_cluster, make_grid, slurm_j
     run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
 
     deadline = time.monotonic() + WAIT_S
-    while (read_progress(run_dir) or {}).get("epoch", 0) < 1:
+    # last.ckpt, not progress.json: the epoch count is written just before the checkpoint (Lightning runs
+    # checkpoint callbacks last), and a preemption in between would rightly restart from epoch 0.
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
         assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
         time.sleep(0.5)
     urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--time=5",
