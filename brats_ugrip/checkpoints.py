@@ -44,13 +44,15 @@ LIGHTNING_PREFIX = "model."
 COMPILE_PREFIX = "_orig_mod."
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear :class:`CheckpointError` otherwise."""
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear :class:`CheckpointError` otherwise.
+    ``mmap``: tensors stay on disk until used (cheap when only the metadata is read)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{path}: refused by weights_only loading: it holds pickled Python objects, not only "
                               f"tensors and plain types; it was not written by brats-ugrip ({error})") from error

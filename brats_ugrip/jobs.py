@@ -31,7 +31,7 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from brats_ugrip.atomic import atomic_write_json, atomic_write_yaml
-from brats_ugrip.errors import BratsUgripError
+from brats_ugrip.errors import BratsUgripError, CheckpointError
 from brats_ugrip.sweep_state import RunRecord, RunState, SweepState
 
 CLUSTERS = ("local", "slurm")
@@ -241,13 +241,12 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def _prepare_run_dir(self, run_dir: Path, env: submitit.JobEnvironment | None) -> None:
         """Link this job's logs into ``run_dir/logs/`` and add this start to ``run_dir/job.json``."""
-        from brats_ugrip.training import CHECKPOINT_DIR, read_progress
+        from brats_ugrip.training import CHECKPOINT_DIR
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        resuming = (run_dir / CHECKPOINT_DIR / "last.ckpt").is_file()
         start: dict[str, Any] = {"job_id": env.job_id if env else None, "cluster": env.cluster if env else None,
                                  "node": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
-                                 "start_epoch": (read_progress(run_dir) or {}).get("epoch", 0) if resuming else 0}
+                                 "start_epoch": _completed_epochs(run_dir / CHECKPOINT_DIR / "last.ckpt")}
         if env is not None:
             logs = run_dir / "logs"
             logs.mkdir(exist_ok=True)
@@ -260,6 +259,19 @@ class TrainingJob(submitit.helpers.Checkpointable):
                         pass
         starts = (read_job_info(run_dir) or {}).get("starts", [])
         atomic_write_json(run_dir / JOB_INFO_FILE, {**start, "starts": [*starts, start]})
+
+
+def _completed_epochs(last: Path) -> int | None:
+    """Epochs held by ``last.ckpt``, which training resumes from (0 without one, None if it is unreadable).
+    Not progress.json's count: that is written just before the checkpoint, so it can be one ahead."""
+    from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
+
+    if not last.is_file():
+        return 0
+    try:
+        return int(checkpoint_meta(load_checkpoint(last, mmap=True), last)["epoch"])
+    except (CheckpointError, KeyError):
+        return None
 
 
 def read_job_info(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
