@@ -125,24 +125,15 @@ def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, m
     that the rest of the run finishes. The number of epochs is sized from this machine's speed so that the run
     is still training when the signal comes, whatever the machine.
     """
-    calibration = make_grid("calibration", {"optim.lr": [0.003]}, trainer={"max_epochs": 2, "val_every": 2})
-    epoch_s = _epoch_seconds(calibration, slurm_job_dir / "calibration")
     # ~150 s of training after the first epoch: the signal comes within ~60 s, with room for a calibration
     # measured while the machine was busier than during the run.
-    max_epochs = min(150, max(6, math.ceil(2 + 150 / epoch_s)))
-    grid = make_grid("timeout", {"optim.lr": [0.003]}, executor={"signal_delay_s": 90, "max_num_timeout": 4},
-                     trainer={"max_epochs": max_epochs, "val_every": max_epochs})
-    sweep = slurm_job_dir / "sweep"
-    _, jobs = _launch(grid, sweep)
+    sweep, jobs, run_dir, max_epochs = _start_sized_run(
+        slurm_cluster, make_grid, slurm_job_dir, "timeout", seconds_after_first_epoch=150, min_epochs=6,
+        executor={"signal_delay_s": 90, "max_num_timeout": 4})
     (job,) = jobs.values()
-    run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
-
-    deadline = time.monotonic() + WAIT_S
-    while (read_progress(run_dir) or {}).get("epoch", 0) < 1:
-        assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
-        time.sleep(0.5)
     limit_min = _elapsed_seconds(job.job_id) // 60 + 2  # 60–120 s left: ≤ the 90 s delay + the 30 s check period
     subprocess.run(["scontrol", "update", f"JobId={job.job_id}", f"TimeLimit={limit_min}"], check=True)
+    deadline = time.monotonic() + WAIT_S
     while "REQUEUED" not in slurm_cluster.history(job.job_id):
         assert time.monotonic() < deadline, slurm_cluster.history(job.job_id)
         assert slurm_cluster.state(job.job_id) != "COMPLETED", f"the run ended before its limit ({max_epochs} epochs)"
@@ -171,23 +162,11 @@ def test_preempted_run_is_requeued_and_resumes(slurm_cluster, make_grid, slurm_j
     """A job in the ``urgent`` partition needs the whole node: SLURM preempts the run (``PreemptMode=REQUEUE``,
     ``GraceTime=30``), sends it USR2 at once (``preempt_send_user_signal``), submitit checkpoints and requeues it,
     and once the urgent job is done the run resumes from last.ckpt within the same attempt."""
-    calibration = make_grid("calibration", {"optim.lr": [0.003]}, trainer={"max_epochs": 2, "val_every": 2})
-    epoch_s = _epoch_seconds(calibration, slurm_job_dir / "calibration")
-    max_epochs = min(100, max(5, math.ceil(2 + 60 / epoch_s)))  # still training ~60 s after its first epoch
     # time 20: submitit calls a signal a timeout, not a preemption, once the job ran min(80 %, limit - 10 min).
-    grid = make_grid("preempt", {"optim.lr": [0.003]}, executor={"time": 20},
-                     trainer={"max_epochs": max_epochs, "val_every": max_epochs})
-    sweep = slurm_job_dir / "sweep"
-    _, jobs = _launch(grid, sweep)
+    sweep, jobs, run_dir, max_epochs = _start_sized_run(
+        slurm_cluster, make_grid, slurm_job_dir, "preempt", seconds_after_first_epoch=60, min_epochs=5,
+        executor={"time": 20})
     (job,) = jobs.values()
-    run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
-
-    deadline = time.monotonic() + WAIT_S
-    # last.ckpt, not progress.json: the epoch count is written just before the checkpoint (Lightning runs
-    # checkpoint callbacks last), and a preemption in between would rightly restart from epoch 0.
-    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
-        time.sleep(0.5)
     urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--exclusive", "--time=5",
                              f"--output={slurm_job_dir / 'urgent.out'}", "--wrap", "sleep 2"],
                             capture_output=True, text=True, check=True).stdout.strip()
@@ -226,6 +205,27 @@ def test_two_tasks_train_one_run_together(slurm_cluster, make_grid, slurm_job_di
     assert meta["val_fingerprint"] == held_out.fingerprint(checkpoint_settings(meta))
     progress = read_progress(run_dir)
     assert progress["status"] == "completed" and progress["epoch"] == 2
+
+
+def _start_sized_run(slurm_cluster, make_grid, slurm_job_dir: Path, name: str, seconds_after_first_epoch: float,
+                     min_epochs: int, executor: dict) -> tuple[Path, dict, Path, int]:
+    """Launch a one-run sweep sized from this machine's speed to train ``seconds_after_first_epoch`` after its
+    first epoch, and wait for its first last.ckpt (not progress.json's epoch count: that is written just before
+    the checkpoint). Returns ``(sweep_dir, jobs, run_dir, max_epochs)``."""
+    calibration = make_grid("calibration", {"optim.lr": [0.003]}, trainer={"max_epochs": 2, "val_every": 2})
+    epoch_s = _epoch_seconds(calibration, slurm_job_dir / "calibration")
+    max_epochs = min(150, max(min_epochs, math.ceil(2 + seconds_after_first_epoch / epoch_s)))
+    grid = make_grid(name, {"optim.lr": [0.003]}, executor=executor,
+                     trainer={"max_epochs": max_epochs, "val_every": max_epochs})
+    sweep = slurm_job_dir / "sweep"
+    _, jobs = _launch(grid, sweep)
+    (job,) = jobs.values()
+    run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
+    deadline = time.monotonic() + WAIT_S
+    while not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
+        time.sleep(0.5)
+    return sweep, jobs, run_dir, max_epochs
 
 
 def _epoch_seconds(grid: Path, run_dir: Path) -> float:
