@@ -145,17 +145,7 @@ def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, m
     assert slurm_cluster.wait_until_final(job.job_id) == "COMPLETED"
     history = slurm_cluster.history(job.job_id)
     assert history[0] == "REQUEUED" and history[-1] == "COMPLETED", history
-    starts = read_job_info(run_dir)["starts"]
-    assert len(starts) >= 2 and all(s["job_id"] == job.job_id for s in starts)
-    epochs = [s["start_epoch"] for s in starts]
-    assert epochs[0] == 0 and epochs[1] >= 1 and epochs == sorted(epochs), epochs  # resumed, never from epoch 0
-    log = (run_dir / "logs" / f"{job.job_id}.err").read_text()
-    assert "this job is timed-out" in log and "Restoring states from the checkpoint path at" in log
-    progress = read_progress(run_dir)
-    assert progress["status"] == "completed" and progress["epoch"] == max_epochs
-    with SweepState(sweep_db_path(sweep)) as state:
-        run = state.get_run("lr=0.003")
-        assert run.attempts == 1 and run.metrics["epochs"] == max_epochs  # requeued within its one attempt
+    _assert_resumed_within_one_attempt(sweep, run_dir, job.job_id, max_epochs, "timed-out")
 
 
 def test_preempted_run_is_requeued_and_resumes(slurm_cluster, make_grid, slurm_job_dir):
@@ -176,16 +166,7 @@ def test_preempted_run_is_requeued_and_resumes(slurm_cluster, make_grid, slurm_j
     final = _wait(sweep, jobs)
     assert final == {"lr=0.003": RunState.COMPLETED}
     assert slurm_cluster.wait_until_final(job.job_id) == "COMPLETED"
-    starts = read_job_info(run_dir)["starts"]
-    epochs = [s["start_epoch"] for s in starts]
-    assert len(starts) == 2 and epochs[0] == 0 and epochs[1] >= 1, epochs  # resumed, not from epoch 0
-    log = (run_dir / "logs" / f"{job.job_id}.err").read_text()
-    assert "this job is preempted" in log and "Restoring states from the checkpoint path at" in log
-    progress = read_progress(run_dir)
-    assert progress["status"] == "completed" and progress["epoch"] == max_epochs
-    with SweepState(sweep_db_path(sweep)) as state:
-        run = state.get_run("lr=0.003")
-        assert run.attempts == 1 and run.state == RunState.COMPLETED  # a preemption is not a failed attempt
+    _assert_resumed_within_one_attempt(sweep, run_dir, job.job_id, max_epochs, "preempted")
 
 
 def test_two_tasks_train_one_run_together(slurm_cluster, make_grid, slurm_job_dir):
@@ -226,6 +207,22 @@ def _start_sized_run(slurm_cluster, make_grid, slurm_job_dir: Path, name: str, s
         assert time.monotonic() < deadline and slurm_cluster.state(job.job_id) in (None, "PENDING", "RUNNING")
         time.sleep(0.5)
     return sweep, jobs, run_dir, max_epochs
+
+
+def _assert_resumed_within_one_attempt(sweep: Path, run_dir: Path, job_id: str, max_epochs: int, case: str) -> None:
+    """The job (submitit's word for why it was signalled: ``case``) started again, resumed from last.ckpt, never
+    from epoch 0, and finished every epoch within the run's one attempt."""
+    starts = read_job_info(run_dir)["starts"]
+    assert len(starts) >= 2 and all(s["job_id"] == job_id for s in starts)
+    epochs = [s["start_epoch"] for s in starts]
+    assert epochs[0] == 0 and epochs[1] >= 1 and epochs == sorted(epochs), epochs
+    log = (run_dir / "logs" / f"{job_id}.err").read_text()
+    assert f"this job is {case}" in log and "Restoring states from the checkpoint path at" in log
+    progress = read_progress(run_dir)
+    assert progress["status"] == "completed" and progress["epoch"] == max_epochs
+    with SweepState(sweep_db_path(sweep)) as state:
+        run = state.get_run("lr=0.003")
+        assert run.state == RunState.COMPLETED and run.attempts == 1 and run.metrics["epochs"] == max_epochs
 
 
 def _epoch_seconds(grid: Path, run_dir: Path) -> float:
