@@ -208,7 +208,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_epoch = self.current_epoch + 1
         self.val_fingerprint = fingerprint(scores, self.config.data.scheme, BRAIN_MARGIN, self.settings)
         for name, value in self.val_metrics.items():
-            self.log(f"val/dice_{name}", value, prog_bar=name == "mean", sync_dist=True)  # equal on every rank
+            # Equal on every rank already; sync_dist keeps Lightning from warning about epoch-level DDP logs.
+            self.log(f"val/dice_{name}", value, prog_bar=name == "mean", sync_dist=True)
 
     # checkpoints ------------------------------------------------------------------------------------------
 
@@ -429,8 +430,8 @@ def _process_layout() -> tuple[int | str, int]:
     visible device of one node (``"auto"``: Lightning starts a process per GPU itself)."""
     if "LOCAL_WORLD_SIZE" not in os.environ:
         return "auto", 1
-    local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ.get("WORLD_SIZE", os.environ["LOCAL_WORLD_SIZE"]))
-    return local, max(1, world // local)
+    local = int(os.environ["LOCAL_WORLD_SIZE"])
+    return local, max(1, int(os.environ.get("WORLD_SIZE", local)) // local)
 
 
 def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:

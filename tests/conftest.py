@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -50,7 +51,6 @@ def launch_sweep():
     ``sweeps/launch.py --no-watch`` (which must succeed) and return the sweep folder ``directory/sweep``."""
     import subprocess
     import sys
-    from pathlib import Path
 
     import yaml
 
@@ -76,7 +76,7 @@ def retry_grid(phantom_dir, tiny_run_base):
     that run fails at every attempt; ``max_retries: 1``."""
     from brats_ugrip.data import make_datalist, save_datalist
 
-    def grid(directory, executor: dict) -> tuple[dict, object]:
+    def grid(directory: Path, executor: dict) -> tuple[dict, Path]:
         good, bad = directory / "good.json", directory / "bad.json"
         save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0), good)
         bad.write_text(good.read_text())
