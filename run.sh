@@ -1,11 +1,37 @@
 #!/usr/bin/env bash
-# brats-ugrip: one entry for setup, the demo and the tests, on a fresh machine with Python 3.11 and pip.
+# brats-ugrip: one entry for setup, the demo and the tests, on a fresh machine with only its system python3.
 #   bash run.sh demo    set up, then run the embedded demo (phantoms → sweep → soup → MLCube check) on CPU
 #   bash run.sh test    set up, start the single-node SLURM dev cluster, run the test suite
 #   bash run.sh setup   only install the dependencies (idempotent)
+# Installs go into the active virtual environment or conda env; otherwise into ./.venv, made here with the system
+# python3 (PEP 668 forbids pip installs into a distribution's interpreter).
 set -euo pipefail
 cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python3}
+
+ensure_venv() {
+    local base=${PYTHON:-python3}
+    if [[ -n ${VIRTUAL_ENV:-} || -n ${CONDA_PREFIX:-} ]]; then
+        PYTHON=${PYTHON:-python}; return
+    fi
+    if [[ ! -x .venv/bin/python ]]; then
+        if ! $base -c 'import ensurepip, venv' 2>/dev/null; then
+            local minor; minor=$($base -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+            if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+                echo "setup: installing python${minor}-venv (venv lacks ensurepip)"
+                apt-get update -qq && apt-get install -y -qq --no-install-recommends "python${minor}-venv" >/dev/null
+            else
+                echo "run.sh: $base cannot make a virtual environment; install python${minor}-venv" \
+                     "(e.g. sudo apt-get install python${minor}-venv) or activate a venv/conda env first" >&2
+                exit 2
+            fi
+        fi
+        echo "setup: making the project virtual environment .venv with $base"
+        rm -rf .venv && $base -m venv .venv
+    fi
+    PYTHON=$PWD/.venv/bin/python
+    export PATH=$PWD/.venv/bin:$PATH VIRTUAL_ENV=$PWD/.venv
+}
+ensure_venv
 export BRATS_UGRIP_CACHE=${BRATS_UGRIP_CACHE:-$HOME/.cache/brats_ugrip}
 export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
 
