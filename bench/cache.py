@@ -22,7 +22,7 @@ from brats_ugrip.cli import run
 from brats_ugrip.data import cases_from_dir
 from brats_ugrip.datasets import TrainDataset
 from brats_ugrip.preprocess import CaseCache
-from synthetic.phantom import write_phantoms
+from brats_ugrip.synthetic.phantom import write_phantoms
 
 
 def epoch_seconds(dataset: TrainDataset, augment: bool) -> float:

@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from brats_ugrip.checkpoints import save_model_checkpoint
     from brats_ugrip.config import load_config
     from brats_ugrip.models import create_model, resolve_kwargs
-    from synthetic.phantom import write_phantoms
+    from brats_ugrip.synthetic.phantom import write_phantoms
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

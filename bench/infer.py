@@ -49,8 +49,8 @@ from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import create_model
 from brats_ugrip.preprocess import PreprocessedCase, preprocess_case
 from brats_ugrip.training import train
-from synthetic.anatomy import BRATS_SHAPE
-from synthetic.phantom import write_phantoms
+from brats_ugrip.synthetic.anatomy import BRATS_SHAPE
+from brats_ugrip.synthetic.phantom import write_phantoms
 
 FULL_VOLUME_MARGIN = 10_000  # a brain-box margin larger than any volume: the "box" is the whole grid
 

@@ -50,9 +50,9 @@ from brats_ugrip.datasets import make_loaders
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.models import get_spec, resolve_kwargs
 from brats_ugrip.preprocess import CaseCache
-from bench.train_step import bare_steps
-from synthetic.anatomy import BRATS_SHAPE
-from synthetic.phantom import write_phantoms
+from brats_ugrip.bench.train_step import bare_steps
+from brats_ugrip.synthetic.anatomy import BRATS_SHAPE
+from brats_ugrip.synthetic.phantom import write_phantoms
 
 WARMUP_STEPS = 2
 

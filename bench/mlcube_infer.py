@@ -27,10 +27,10 @@ from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.cli import run
 from brats_ugrip.config import config_from_dict
 from brats_ugrip.models import create_model, resolve_kwargs
-from mlcube.build import build_package
-from mlcube.runtime import load_package, run_infer
-from synthetic.anatomy import BRATS_SHAPE
-from synthetic.phantom import write_phantoms
+from brats_ugrip.mlcube.build import build_package
+from brats_ugrip.mlcube.runtime import load_package, run_infer
+from brats_ugrip.synthetic.anatomy import BRATS_SHAPE
+from brats_ugrip.synthetic.phantom import write_phantoms
 
 
 def tiny_package(root: Path, init_filters: int, roi: Sequence[int], overlap: float, tta: bool) -> Path:

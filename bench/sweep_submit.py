@@ -23,8 +23,8 @@ import yaml
 
 from brats_ugrip.cli import run
 from brats_ugrip.errors import BratsUgripError
-from brats_ugrip.jobs import SubmitSpec, jobs_folder, submit_runs
-from brats_ugrip.sweep_state import SweepState, sweep_db_path
+from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder, submit_runs
+from brats_ugrip.sweeps.state import SweepState, sweep_db_path
 
 
 def _sbatch_counter(folder: Path) -> Path:
@@ -59,8 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs % 5:
         raise BratsUgripError(f"--runs must be a multiple of 5 (5 folds), got {args.runs}")
-    from sweeps import launch
-    from synthetic.phantom import write_phantoms
+    from brats_ugrip.sweeps import launch
+    from brats_ugrip.synthetic.phantom import write_phantoms
     from brats_ugrip.data import make_datalist, save_datalist
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=os.environ.get("BENCH_DIR")) as tmp:

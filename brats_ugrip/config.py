@@ -4,7 +4,7 @@ Everything a training run needs is in one :class:`RunConfig`::
 
     data:      datalist, data_root, fold, scheme, roi_size, cache_dir, num_workers, batch_size, samples_per_case,
                train_sources (e.g. [original, synthetic]), extra_ratio (extra : original, see brats_ugrip.sources)
-    model:     name (see ``brats_ugrip.models.list_models()``), kernel_size, deep_supervision, init_filters
+    model:     name (see ``brats_ugrip.model_specs.list_models()``), kernel_size, deep_supervision, init_filters
     optim:     name adamw | sgd | adamw_sf, lr, weight_decay, momentum, warmup_steps, scheduler none | poly | cosine
     loss:      name dice_bce | dice | dice_focal, smooth
     trainer:   max_epochs, precision 32 | bf16-mixed | 16-mixed, compile, val_every, seed, limit batches, ...
@@ -263,7 +263,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 def _check(config: RunConfig) -> None:
     """Value checks that need no data and no machine."""
     from brats_ugrip.labels import SCHEMES
-    from brats_ugrip.models import check_model_config
+    from brats_ugrip.model_specs import check_model_config
 
     def positive(path: str, value: float | None, allow_zero: bool = False) -> None:
         if value is not None and (value < 0 or (value == 0 and not allow_zero)):

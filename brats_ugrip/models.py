@@ -9,10 +9,8 @@ convolutions) and UpKern (a kernel-5 MedNeXt initialised from a kernel-3 one by 
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,95 +18,26 @@ from monai.networks.nets import BasicUNet, MedNeXt, SegResNet
 from torch import nn
 
 from brats_ugrip.errors import CheckpointError, ConfigError
+from brats_ugrip.model_specs import (IN_CHANNELS, OUT_CHANNELS, ModelSpec, check_model_config,  # noqa: F401 (re-exported)
+                                     config_model_kwargs, get_spec, list_models, resolve_kwargs)
 
-if TYPE_CHECKING:
-    from brats_ugrip.config import RunConfig
-
-IN_CHANNELS = 4
-OUT_CHANNELS = 3
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registered network.
-
-    Attributes:
-        name: registry name.
-        build: ``build(**kwargs) -> nn.Module`` taking exactly the keys of ``defaults``.
-        defaults: every hyper-parameter with its default; checkpoints store the resolved dict.
-        divisor: spatial sizes fed to the network must be multiples of it (2 ** number of downsamplings).
-        description: one line for ``list_models``.
-    """
-
-    name: str
-    build: Callable[..., nn.Module]
-    defaults: dict[str, Any]
-    divisor: int
-    description: str
+BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+"""The builder of each network of ``brats_ugrip.model_specs.MODEL_SPECS``, taking exactly its ``defaults``' keys."""
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
-
-
-def register_model(name: str, divisor: int, description: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Register ``build(**kwargs)``; its keyword defaults become the model's documented defaults."""
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``build(**kwargs)`` as the builder of the spec ``name``."""
 
     def decorator(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        defaults = {p.name: p.default for p in inspect.signature(build).parameters.values()}
-        _REGISTRY[name] = ModelSpec(name, build, defaults, divisor, description)
+        BUILDERS[name] = build
         return build
 
     return decorator
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_spec(name: str) -> ModelSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError("model.name", f"unknown model {name!r}; available: {', '.join(list_models())}") from None
-
-
-def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
-    """Every hyper-parameter of ``name``: the registry defaults updated with ``kwargs`` (unknown keys rejected)."""
-    spec = get_spec(name)
-    unknown = sorted(set(kwargs) - set(spec.defaults))
-    if unknown:
-        raise ConfigError(f"model.{unknown[0]}", f"{name} has no such setting; its settings are "
-                          f"{', '.join(sorted(spec.defaults))}")
-    return {**spec.defaults, **kwargs}
-
-
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered network (4 input channels, 3 region logits)."""
-    return get_spec(name).build(**resolve_kwargs(name, **kwargs))
-
-
-def config_model_kwargs(config: RunConfig) -> dict[str, Any]:
-    """The model settings a run config sets explicitly (``None`` means the registry default)."""
-    model = config.model
-    return {key: value for key, value in (("kernel_size", model.kernel_size),
-                                          ("deep_supervision", model.deep_supervision),
-                                          ("init_filters", model.init_filters)) if value is not None}
-
-
-def check_model_config(config: RunConfig) -> None:
-    """Config-time checks: the model exists, takes the given settings, and the patch sizes fit its downsampling."""
-    spec = get_spec(config.model.name)
-    kwargs = resolve_kwargs(spec.name, **config_model_kwargs(config))
-    if "kernel_size" in kwargs and (kwargs["kernel_size"] < 3 or kwargs["kernel_size"] % 2 == 0):
-        raise ConfigError("model.kernel_size", f"must be an odd size ≥ 3 (3 or 5 for MedNeXt), got {kwargs['kernel_size']}")
-    if kwargs.get("init_filters", 1) < 1:
-        raise ConfigError("model.init_filters", f"must be > 0, got {kwargs['init_filters']}")
-    if spec.name == "segresnet" and kwargs["init_filters"] % 8:
-        raise ConfigError("model.init_filters", f"SegResNet uses group norm with 8 groups; use a multiple of 8, got {kwargs['init_filters']}")
-    for key, roi in (("data.roi_size", config.data.roi_size), ("inference.roi_size", config.inference.roi_size)):
-        if roi is not None and any(size % spec.divisor for size in roi):
-            raise ConfigError(key, f"{spec.name} downsamples by {spec.divisor}: every size must be a multiple of "
-                              f"{spec.divisor}, got {list(roi)}")
+    return BUILDERS[get_spec(name).name](**resolve_kwargs(name, **kwargs))
 
 
 # --- the networks -------------------------------------------------------------------------------------------
@@ -137,18 +66,16 @@ def _mednext_builder(variant: str) -> Callable[..., nn.Module]:
 
 
 for _variant in MEDNEXT_VARIANTS:
-    register_model(f"mednext_{_variant}", divisor=16,
-                   description=f"MedNeXt-{_variant.upper()} (MONAI), kernel 3 or 5, optional deep supervision")(
-        _mednext_builder(_variant))
+    register_model(f"mednext_{_variant}")(_mednext_builder(_variant))
 
 
-@register_model("segresnet", divisor=8, description="SegResNet (MONAI), blocks (1, 2, 2, 4) / (1, 1, 1)")
+@register_model("segresnet")
 def _segresnet(init_filters: int = 16, dropout: float = 0.0) -> nn.Module:
     return SegResNet(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, init_filters=init_filters,
                      dropout_prob=dropout or None, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
 
 
-@register_model("unet", divisor=16, description="3-D U-Net (MONAI BasicUNet), widths f, f, 2f, 4f, 8f")
+@register_model("unet")
 def _unet(init_filters: int = 32) -> nn.Module:
     f = init_filters
     return BasicUNet(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, features=(f, f, 2 * f, 4 * f, 8 * f, f))

@@ -16,10 +16,15 @@ from __future__ import annotations
 import copy
 import random
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
 
 from brats_ugrip.data import TRAINING_ONLY_FOLD, Case, Datalist
 from brats_ugrip.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from brats_ugrip.config import RunConfig
 
 ORIGINAL = "original"
 
@@ -112,3 +117,27 @@ def select_training_cases(datalist: Datalist, fold: int, train_sources: Sequence
         keep = set(random.Random(seed).sample(range(len(extra)), round(ratio * len(original))))
         extra = [c for i, c in enumerate(extra) if i in keep]
     return chosen + extra
+
+
+def check_run_data(config: RunConfig, datalist: Datalist) -> list[Case]:
+    """What a run needs of its datalist, checked before any heavy work (by training, ``train --check`` and the
+    sweep launcher): the fold exists, there are training cases, the patch fits the volumes (image headers only).
+    Returns the training cases (by ``data.train_sources``)."""
+    if config.data.fold not in datalist.folds:
+        raise ConfigError("data.fold", f"fold {config.data.fold} is not in {datalist.path}; its folds are {datalist.folds}")
+    train_cases = select_training_cases(datalist, config.data.fold, config.data.train_sources, config.data.extra_ratio,
+                                        config.trainer.seed)
+    if not train_cases:
+        raise ConfigError("data.train_sources", f"no training cases for fold {config.data.fold} in {datalist.path}")
+    roi = config.data.roi_size
+    for case in train_cases + datalist.split(config.data.fold)[1]:
+        if not case.images[0].is_file():
+            continue  # missing files are reported by the loader, naming the case
+        header = nib.load(str(case.images[0]))  # reads the header only
+        shape = [0, 0, 0]  # in RAS axis order, as the network sees the volume
+        for size, (axis, _) in zip(header.shape[:3], nib.orientations.io_orientation(header.affine)):
+            shape[int(axis)] = size
+        if any(r > s for r, s in zip(roi, shape)):
+            raise ConfigError("data.roi_size", f"{list(roi)} is larger than the volumes (e.g. {case.case_id}: "
+                              f"{shape} in RAS order); use a patch that fits inside every case")
+    return train_cases

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -49,7 +48,7 @@ from brats_ugrip.atomic import atomic_write, atomic_write_json
 from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, git_commit, load_checkpoint,
                                      model_state_dict, now_iso, weights_hash)
 from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, load_config, save_config
-from brats_ugrip.data import Case, Datalist
+from brats_ugrip.data import Datalist
 from brats_ugrip.datasets import make_loaders, training_batch
 from brats_ugrip.errors import CheckpointError, ConfigError
 from brats_ugrip.heldout import fingerprint
@@ -61,7 +60,7 @@ from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_bu
                                 resolve_kwargs, upkern_state_dict)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
 from brats_ugrip.preprocess import BRAIN_MARGIN
-from brats_ugrip.sources import select_training_cases
+from brats_ugrip.sources import check_run_data
 
 MONITOR = "val/dice_mean"
 CHECKPOINT_DIR = "checkpoints"
@@ -402,31 +401,9 @@ def check_runtime(config: RunConfig) -> None:
         raise ConfigError("trainer.accelerator", "gpu requested but this machine has no CUDA device; use auto or cpu")
 
 
-def check_data(config: RunConfig, datalist: Datalist) -> list[Case]:
-    """The fold exists, the patch fits the volumes; returns the training cases (by ``data.train_sources``)."""
-    if config.data.fold not in datalist.folds:
-        raise ConfigError("data.fold", f"fold {config.data.fold} is not in {datalist.path}; its folds are {datalist.folds}")
-    train_cases = select_training_cases(datalist, config.data.fold, config.data.train_sources, config.data.extra_ratio,
-                                        config.trainer.seed)
-    if not train_cases:
-        raise ConfigError("data.train_sources", f"no training cases for fold {config.data.fold} in {datalist.path}")
-    roi = config.data.roi_size
-    for case in train_cases + datalist.split(config.data.fold)[1]:
-        if not case.images[0].is_file():
-            continue  # missing files are reported by the loader, naming the case
-        header = nib.load(str(case.images[0]))  # reads the header only
-        shape = [0, 0, 0]  # in RAS axis order, as the network sees the volume
-        for size, (axis, _) in zip(header.shape[:3], nib.orientations.io_orientation(header.affine)):
-            shape[int(axis)] = size
-        if any(r > s for r, s in zip(roi, shape)):
-            raise ConfigError("data.roi_size", f"{list(roi)} is larger than the volumes (e.g. {case.case_id}: "
-                              f"{shape} in RAS order); use a patch that fits inside every case")
-    return train_cases
-
-
 def _process_layout() -> tuple[int | str, int]:
     """Lightning's ``(devices, num_nodes)``: from the task layout when a scheduler started one process per device
-    (``brats_ugrip.jobs`` exports ``LOCAL_WORLD_SIZE`` and ``WORLD_SIZE`` for multi-task jobs), else every
+    (``brats_ugrip.sweeps.jobs`` exports ``LOCAL_WORLD_SIZE`` and ``WORLD_SIZE`` for multi-task jobs), else every
     visible device of one node (``"auto"``: Lightning starts a process per GPU itself)."""
     if "LOCAL_WORLD_SIZE" not in os.environ:
         return "auto", 1
@@ -473,7 +450,7 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
     config = dataclasses.replace(config, run_dir=str(run_dir))
     check_runtime(config)
     datalist = Datalist.load(config.data.datalist, config.data.data_root)
-    train_cases = check_data(config, datalist)
+    train_cases = check_run_data(config, datalist)
 
     checkpoint_dir = run_dir / CHECKPOINT_DIR
     last = checkpoint_dir / "last.ckpt"
@@ -497,7 +474,7 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
                            auto_insert_metric_name=False, enable_version_counter=False)
     last_callback = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                                     every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    # Under SLURM, requeueing is submitit's job (brats_ugrip.jobs), not Lightning's; elsewhere a plain environment
+    # Under SLURM, requeueing is submitit's job (brats_ugrip.sweeps.jobs), not Lightning's; elsewhere a plain environment
     # (which also spares the "srun is available but not used" warning on SLURM login nodes).
     environment = SLURMEnvironment(auto_requeue=False) if "SLURM_JOB_ID" in os.environ else LightningEnvironment()
     plugins: list[Any] = [AtomicCheckpointIO(), environment]

@@ -30,7 +30,7 @@ from brats_ugrip.cli import console, progress_bar, run
 from brats_ugrip.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ensembling.fit import FitResult
+    from brats_ugrip.ensembling.fit import FitResult
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     report = None
     if args.fit:
-        from ensembling.fit import fit_ensemble, training_overlap
+        from brats_ugrip.ensembling.fit import fit_ensemble, training_overlap
 
         datalist = Datalist.load(args.datalist, args.data_root)
         for path in training_overlap(ensemble, args.fold):
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                uncertainty=args.uncertainty, on_model=lambda: bar.advance(task))
             write_prediction(args.out, prediction, case.images[0])
             if args.overlays:
-                from ensembling.overlay import write_case_overlay
+                from brats_ugrip.ensembling.overlay import write_case_overlay
                 write_case_overlay(args.out / "overlays" / f"{case.case_id}.png", case.images, prediction, ensemble.scheme)
     console.print(f"wrote {len(cases)} label maps to {args.out}")
     return 0

@@ -41,8 +41,8 @@ from brats_ugrip.data import brats_case_number
 from brats_ugrip.errors import BratsUgripError, DataError
 from brats_ugrip.io import load_nifti
 from brats_ugrip.labels import get_scheme
-from mlcube.runtime import EXIT_BAD_PACKAGE, EXIT_CASES_FAILED, case_problems, input_cases
-from mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, validate_package
+from brats_ugrip.mlcube.runtime import EXIT_BAD_PACKAGE, EXIT_CASES_FAILED, case_problems, input_cases
+from brats_ugrip.mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, validate_package
 
 MEDPERF_PREDICTION = re.compile(r".*(\d{5}-\d{3})\.nii\.gz$")
 """How MedPerf's BraTS evaluator reads a predictions folder (examples/BraTS2023/segmentation_metrics): any other

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.cli import progress_bar, run
 from brats_ugrip.heldout import HeldOutScore
-from souping.ingredients import load_ingredients
-from souping.report import print_summary, test_scores, write_report
-from souping.session import Scores, SoupSession, print_warnings_on_console, report_dir, soup_meta, soup_parser
-from souping.soups import StateDict, greedy_soup, uniform_soup
+from brats_ugrip.souping.ingredients import load_ingredients
+from brats_ugrip.souping.report import print_summary, test_scores, write_report
+from brats_ugrip.souping.session import Scores, SoupSession, print_warnings_on_console, report_dir, soup_meta, soup_parser
+from brats_ugrip.souping.soups import StateDict, greedy_soup, uniform_soup
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

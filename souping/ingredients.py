@@ -30,7 +30,7 @@ from typing import Any
 
 from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint, model_state_dict
 from brats_ugrip.errors import CheckpointError
-from souping.soups import StateDict
+from brats_ugrip.souping.soups import StateDict
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth")
 SAME_INIT_COSINE = 0.5

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from brats_ugrip.atomic import atomic_path, atomic_write_text
 from brats_ugrip.cli import console
-from souping.soups import GreedyStep
+from brats_ugrip.souping.soups import GreedyStep
 
 REPORT_REGIONS = ("ET", "TC", "WT", "mean")
 SELECTION_NOTE = ("These are **selection scores**, not test scores: they are measured on the held-out cases used to "

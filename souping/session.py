@@ -27,9 +27,9 @@ from brats_ugrip.datasets import TrainDataset, training_batch
 from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
 from brats_ugrip.heldout import FINGERPRINT_SETTINGS, HeldOutScore, HeldOutSet, checkpoint_settings, stored_score
 from brats_ugrip.preprocess import CaseCache
-from souping.ingredients import Ingredients, SoupWarning
-from souping.report import ReportRow, ScoreTable
-from souping.soups import StateDict, recalibrate_batchnorm
+from brats_ugrip.souping.ingredients import Ingredients, SoupWarning
+from brats_ugrip.souping.report import ReportRow, ScoreTable
+from brats_ugrip.souping.soups import StateDict, recalibrate_batchnorm
 
 SOUP_META_KEYS = ("config", "model", "fold", "init_id")
 """Metadata a soup inherits from its reference ingredient (epoch, step and run hashes describe one run only)."""

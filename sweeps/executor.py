@@ -1,4 +1,4 @@
-"""The ``executor`` section of a grid file → a :class:`~brats_ugrip.jobs.SubmitSpec` (submitit parameters).
+"""The ``executor`` section of a grid file → a :class:`~brats_ugrip.sweeps.jobs.SubmitSpec` (submitit parameters).
 
 Example (every key optional except ``cluster``)::
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from brats_ugrip.errors import ConfigError
-from brats_ugrip.jobs import CLUSTERS, SubmitSpec
+from brats_ugrip.sweeps.jobs import CLUSTERS, SubmitSpec
 
 LOCAL_DEFAULT_TIME_MIN = 7 * 24 * 60  # local jobs have no scheduler limit; submitit's own default is 2 minutes
 _TIME = re.compile(r"^(?:(?P<days>\d+)-)?(?P<hours>\d+):(?P<minutes>\d{1,2})(?::(?P<seconds>\d{1,2}))?$")

@@ -35,8 +35,8 @@ import yaml
 from brats_ugrip.config import RunConfig, apply_overrides, config_from_dict
 from brats_ugrip.data import Datalist
 from brats_ugrip.errors import BratsUgripError, ConfigError
-from brats_ugrip.run_ids import UNSAFE_CHARACTERS, run_ids
-from sweeps.executor import ExecutorSection
+from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
+from brats_ugrip.sweeps.executor import ExecutorSection
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
@@ -307,7 +307,7 @@ def _same(a: Any, b: Any) -> bool:
 def _check_data(config: RunConfig, datalists: dict[str, Datalist], checked: set[str]) -> None:
     """The fine-tuning checkpoint exists, and training's own data checks (the fold exists, there are training
     cases, the patch fits the volumes), made once per distinct setting; each datalist is loaded once."""
-    from brats_ugrip.training import check_data
+    from brats_ugrip.sources import check_run_data
 
     data = config.data
     key = json.dumps([data.datalist, data.data_root, data.fold, data.roi_size, data.train_sources, data.extra_ratio,
@@ -323,7 +323,7 @@ def _check_data(config: RunConfig, datalists: dict[str, Datalist], checked: set[
         except BratsUgripError as error:
             raise ConfigError("data.datalist", str(error)) from None
     try:
-        check_data(config, datalists[data.datalist])
+        check_run_data(config, datalists[data.datalist])
     except ConfigError:
         raise
     except BratsUgripError as error:

@@ -30,7 +30,7 @@ from brats_ugrip.cli import console, run, track
 from brats_ugrip.data import MODALITIES, NAMINGS
 from brats_ugrip.errors import ConfigError, DataError
 from brats_ugrip.io import write_volume
-from synthetic.anatomy import BRATS_SHAPE, CSF, GM, MIN_SIZE, WM, Anatomy, load_anatomy
+from brats_ugrip.synthetic.anatomy import BRATS_SHAPE, CSF, GM, MIN_SIZE, WM, Anatomy, load_anatomy
 
 NETC, SNFH, ET = 1, 2, 3  # BraTS 2023 labels
 

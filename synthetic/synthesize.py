@@ -33,7 +33,7 @@ from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume, write_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
 from brats_ugrip.preprocess import brain_bbox
-from synthetic.anatomy import tissue_centres
+from brats_ugrip.synthetic.anatomy import tissue_centres
 
 GENERATOR = "synthseg-style/1"
 """Name and version of this generator, recorded with every case it makes (bump when outputs change)."""
@@ -109,7 +109,7 @@ class SynthesizedCase:
 
 
 def tissue_classes(t1n: np.ndarray, tissue: np.ndarray) -> np.ndarray:
-    """Split normal tissue into :data:`TISSUE_CLASSES` by the k-means of ``synthetic.anatomy.tissue_centres``.
+    """Split normal tissue into :data:`TISSUE_CLASSES` by the k-means of ``brats_ugrip.synthetic.anatomy.tissue_centres``.
 
     Args:
         t1n: float (X, Y, Z), native T1 (any intensity scale).

@@ -23,7 +23,7 @@ def _isolate_cwd_side_effects(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
     """Six 48³ BraTS-2023-named phantom cases (seed 0), written once per test session; returns their folder."""
-    from synthetic.phantom import write_phantoms
+    from brats_ugrip.synthetic.phantom import write_phantoms
 
     root = tmp_path_factory.mktemp("phantoms")
     write_phantoms(root, n_cases=6, size=48, seed=0)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench.loader import main
+from brats_ugrip.bench.loader import main
 from brats_ugrip.errors import ConfigError
 
 TINY = ["--cases", "3", "--size", "48", "--roi", "32", "32", "32", "--batches", "4"]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bench import infer as infer_bench
-from bench import train_step
+from brats_ugrip.bench import infer as infer_bench
+from brats_ugrip.bench import train_step
 
 
 def _json_line(output: str) -> dict:

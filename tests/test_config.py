@@ -9,7 +9,8 @@ import yaml
 from brats_ugrip.config import RunConfig, config_from_dict, load_config, parse_override
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.errors import ConfigError
-from brats_ugrip.training import check_data, check_runtime
+from brats_ugrip.sources import check_run_data
+from brats_ugrip.training import check_runtime
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"datalist": "datalist.json", "roi_size": [32, 32, 32]}, "model": {"name": "segresnet"}}
@@ -107,12 +108,12 @@ def test_data_checks_fold_and_patch_size(phantom_dir, tmp_path):
     path = save_datalist(make_datalist(phantom_dir, 3, 0), tmp_path / "datalist.json")
     datalist = Datalist.load(path)
     config = load_config(base={**BASE, "data": {"datalist": str(path), "roi_size": [32, 32, 32]}})
-    assert check_data(config, datalist)
+    assert check_run_data(config, datalist)
     for overrides, key in (({"data.fold": 7}, "data.fold"), ({"data.roi_size": [64, 32, 32]}, "data.roi_size"),
                            ({"data.train_sources": ["synthetic"]}, "data.train_sources")):
         bad = load_config(base=config.to_dict(), overrides=overrides)
         with pytest.raises(ConfigError) as info:
-            check_data(bad, datalist)
+            check_run_data(bad, datalist)
         assert info.value.key_path == key
 
 

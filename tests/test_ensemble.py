@@ -19,8 +19,8 @@ from brats_ugrip.inference import predict_preprocessed
 from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.preprocess import preprocess_case
-from ensembling import ensemble as ensemble_cli
-from ensembling.fit import PredictionCache, _positives, fit_weights, region_dice_table, score, simplex_grid
+from brats_ugrip.ensembling import ensemble as ensemble_cli
+from brats_ugrip.ensembling.fit import PredictionCache, _positives, fit_weights, region_dice_table, score, simplex_grid
 
 SCHEME = get_scheme("brats2023")
 

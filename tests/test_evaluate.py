@@ -13,7 +13,7 @@ from brats_ugrip.io import write_volume
 from brats_ugrip.labels import get_scheme
 from brats_ugrip.metrics import METRIC_SETS, evaluate_case, evaluate_dirs, find_reference_cases, worst_case
 from brats_ugrip.metrics.regions import BRATS_MAX_HD95
-from tools.evaluate import main
+from brats_ugrip.tools.evaluate import main
 
 SCHEME = get_scheme("brats2023")
 SPACING = (1.2, 1.2, 1.2)

@@ -13,8 +13,8 @@ from brats_ugrip.datasets import make_loaders
 from brats_ugrip.errors import ConfigError, DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.sources import append_training_only, select_training_cases
-from synthetic.synthesize import GENERATOR, synthesize_datalist
-from tools.sample_cases import sample_cases
+from brats_ugrip.synthetic.synthesize import GENERATOR, synthesize_datalist
+from brats_ugrip.tools.sample_cases import sample_cases
 
 REPO = Path(__file__).resolve().parents[1]
 

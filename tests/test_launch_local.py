@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from brats_ugrip.data import make_datalist, save_datalist
-from brats_ugrip.jobs import local_slot, read_job_info
-from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.jobs import local_slot, read_job_info
+from brats_ugrip.sweeps.recovery import follow
+from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 from brats_ugrip.training import read_progress
-from sweeps import launch
+from brats_ugrip.sweeps import launch
 
 
 def _grid(tmp_path: Path, phantom_dir: Path, lrs: list[float]) -> Path:
@@ -49,7 +50,7 @@ def test_local_sweep_end_to_end(tmp_path, phantom_dir):
     assert sorted(jobs) == ["fold=0-lr=0.001", "fold=0-lr=0.01"]
     with SweepState(sweep_db_path(sweep)) as state:
         assert {r.state for r in state.runs()} == {RunState.SUBMITTED}
-        final = launch.SweepWaiter(state, jobs, poll_s=0.5).wait(show_progress=False, timeout_s=600)
+        final = follow(sweep, poll_s=0.5, timeout_s=600)  # what the launcher's monitor does, without a screen
         assert set(final.values()) == {RunState.COMPLETED}, final
         spans = []
         for run in state.runs():

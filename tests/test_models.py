@@ -90,3 +90,16 @@ def test_reset_last_convolutions_touches_only_those():
     assert changed == last_names
     with pytest.raises(ConfigError, match="finetune.reset_last"):
         reset_last_convolutions(model, 10_000)
+
+
+def test_each_builder_takes_exactly_its_specs_settings():
+    """model_specs.py (plain data, read by config validation without torch) and the builders agree."""
+    import inspect
+
+    from brats_ugrip.model_specs import MODEL_SPECS
+    from brats_ugrip.models import BUILDERS
+
+    assert set(BUILDERS) == set(MODEL_SPECS)
+    for name, build in BUILDERS.items():
+        signature = {p.name: p.default for p in inspect.signature(build).parameters.values()}
+        assert signature == MODEL_SPECS[name].defaults, name

@@ -25,17 +25,17 @@ from rich.text import Text
 from submitit.core.utils import DelayedSubmission, JobPaths
 
 from brats_ugrip.checkpoints import save_model_checkpoint
-from brats_ugrip.jobs import SubmitSpec, TrainingJob
-from brats_ugrip.sweep_state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
-from slurm import monitor as monitor_cli
-from slurm.collect import (copy_verified, is_collected, model_paths, read_collected, read_curve, sha256_file,
+from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps import monitor as monitor_cli
+from brats_ugrip.sweeps.collect import (copy_verified, is_collected, model_paths, read_collected, read_curve, sha256_file,
                            sweep_summary, verify_collected)
-from slurm.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
-from slurm.job_states import JobStatus, LocalJobStates
-from slurm.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
-from slurm.sacct import expand_task_ids, parse_sacct, sacct_command
-from slurm.view import ProgressReader
-from sweeps.launch import jobs_folder
+from brats_ugrip.sweeps.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
+from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
+from brats_ugrip.sweeps.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
+from brats_ugrip.slurm.sacct import expand_task_ids, parse_sacct, sacct_command
+from brats_ugrip.sweeps.view import ProgressReader
+from brats_ugrip.sweeps.launch import jobs_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ SACCT_OUTPUT = """\
 
 class ScriptedScheduler:
     """A job-state source whose answers the test sets, and a submit function recording attempts in ``sweep.db``
-    as ``brats_ugrip.jobs.submit_runs`` does (no processes are started)."""
+    as ``brats_ugrip.sweeps.jobs.submit_runs`` does (no processes are started)."""
 
     cluster = "local"
 
@@ -299,7 +299,7 @@ def test_preempted_run_waits_for_slurm_then_resumes_itself(sweep):
 
 
 def test_unknown_jobs_and_sacct_errors_change_nothing(sweep):
-    from slurm.sacct import SacctError
+    from brats_ugrip.slurm.sacct import SacctError
 
     class Broken(ScriptedScheduler):
         def statuses(self, jobs):
@@ -644,12 +644,12 @@ def test_cli_once_and_json(sweep, capsys):
 
 
 def test_cli_errors_exit_2(tmp_path):
-    missing = subprocess.run([sys.executable, str(REPO / "slurm" / "monitor.py"), str(tmp_path), "--once"],
+    missing = subprocess.run([sys.executable, str(REPO / "sweeps" / "monitor.py"), str(tmp_path), "--once"],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "sweep.db: not found" in " ".join(missing.stderr.split())  # rich wraps
     with SweepState(sweep_db_path(tmp_path)) as state:
         state.add_runs(_records(tmp_path))
-    bad = subprocess.run([sys.executable, str(REPO / "slurm" / "monitor.py"), str(tmp_path), "--once",
+    bad = subprocess.run([sys.executable, str(REPO / "sweeps" / "monitor.py"), str(tmp_path), "--once",
                           "--filter", "batch=2"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "not varied in this sweep" in " ".join(bad.stderr.split())
 
@@ -663,7 +663,7 @@ def test_local_sweep_monitor_killed_and_restarted(tmp_path, retry_grid, launch_s
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     sweep_dir = launch_sweep(grid, tmp_path, env)
     bad.unlink()  # the run on this datalist now fails at start, every attempt
-    monitor_command = [sys.executable, str(REPO / "slurm" / "monitor.py"), str(sweep_dir), "--interval", "1"]
+    monitor_command = [sys.executable, str(REPO / "sweeps" / "monitor.py"), str(sweep_dir), "--interval", "1"]
     logs = [tmp_path / f"monitor{i}.log" for i in range(3)]
 
     def start_monitor(log: Path) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""The monitor's dashboard in a real terminal: tmux runs ``slurm/monitor.py`` while a small local sweep trains,
+"""The monitor's dashboard in a real terminal: tmux runs ``sweeps/monitor.py`` while a small local sweep trains,
 ``tmux capture-pane`` reads the screen, and the test asserts on what a person would see: one row per run, states,
 the epoch progress bar, the header's counts and best run, and the final table.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from brats_ugrip.data import make_datalist, save_datalist
-from slurm.collect import verify_collected
+from brats_ugrip.sweeps.collect import verify_collected
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 220, 40
@@ -69,7 +69,7 @@ def test_dashboard_in_tmux_while_a_local_sweep_trains(tmp_path, phantom_dir, tin
     sweep_dir = launch_sweep(grid, tmp_path, env)
     run_ids = ["lr=0.001", "lr=0.01"]
     pane = TmuxPane(f"brats-monitor-{os.getpid()}",
-                    f"cd {REPO} && {sys.executable} slurm/monitor.py {sweep_dir} --interval 1", env)
+                    f"cd {REPO} && {sys.executable} sweeps/monitor.py {sweep_dir} --interval 1", env)
     seen_states: dict[str, set[str]] = {run_id: set() for run_id in run_ids}
     seen_progress: set[str] = set()
     screens = []

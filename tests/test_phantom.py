@@ -10,9 +10,9 @@ from scipy import ndimage
 
 from brats_ugrip.data import MODALITIES, NAMINGS
 from brats_ugrip.io import read_volume
-from synthetic.anatomy import (BRATS_AFFINE, BRATS_SHAPE, CSF, FIELD_OF_VIEW_MM, GM, WM, atlas_path, grid_affine,
+from brats_ugrip.synthetic.anatomy import (BRATS_AFFINE, BRATS_SHAPE, CSF, FIELD_OF_VIEW_MM, GM, WM, atlas_path, grid_affine,
                                load_anatomy)
-from synthetic.phantom import ET, NETC, SNFH, case_seed, make_phantom, write_phantoms
+from brats_ugrip.synthetic.phantom import ET, NETC, SNFH, case_seed, make_phantom, write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ATLAS = atlas_path().is_file()
@@ -131,7 +131,7 @@ def test_full_brats_grid():
 
 
 def test_fallback_to_a_procedural_head_without_the_atlas(no_atlas, caplog):
-    with caplog.at_level(logging.WARNING, logger="synthetic.anatomy"):
+    with caplog.at_level(logging.WARNING, logger="brats_ugrip.synthetic.anatomy"):
         anatomy = load_anatomy((48,) * 3)
     assert anatomy.source == "procedural"
     assert len(caplog.records) == 1 and "fetch" in caplog.records[0].getMessage()
@@ -146,7 +146,7 @@ def test_unreadable_atlas_falls_back_instead_of_crashing(no_atlas, caplog):
     atlas = atlas_path(no_atlas)
     atlas.parent.mkdir(parents=True)
     atlas.write_bytes(b"not a NIfTI file")
-    with caplog.at_level(logging.WARNING, logger="synthetic.anatomy"):
+    with caplog.at_level(logging.WARNING, logger="brats_ugrip.synthetic.anatomy"):
         assert load_anatomy((32,) * 3).source == "procedural"
     assert str(atlas) in caplog.text
 

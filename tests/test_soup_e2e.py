@@ -14,9 +14,9 @@ from brats_ugrip.heldout import checkpoint_settings
 from brats_ugrip.inference import predict_case
 from brats_ugrip.io import load_nifti
 from brats_ugrip.training import train
-from souping import greedy as greedy_cli
-from souping import uniform as uniform_cli
-from souping.ingredients import SoupWarning
+from brats_ugrip.souping import greedy as greedy_cli
+from brats_ugrip.souping import uniform as uniform_cli
+from brats_ugrip.souping.ingredients import SoupWarning
 
 FINETUNE_LRS = (1e-3, 3e-3, 1e-2)
 

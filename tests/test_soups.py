@@ -22,10 +22,10 @@ from brats_ugrip.labels import get_scheme
 from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.preprocess import CaseCache
-from souping import greedy as greedy_cli
-from souping import uniform as uniform_cli
-from souping.ingredients import SoupWarning, load_ingredients
-from souping.soups import RunningSum, greedy_soup, rank, recalibrate_batchnorm, uniform_soup
+from brats_ugrip.souping import greedy as greedy_cli
+from brats_ugrip.souping import uniform as uniform_cli
+from brats_ugrip.souping.ingredients import SoupWarning, load_ingredients
+from brats_ugrip.souping.soups import RunningSum, greedy_soup, rank, recalibrate_batchnorm, uniform_soup
 
 MODEL = {"name": "unet", "kwargs": resolve_kwargs("unet", init_filters=4)}
 """A tiny network (90k parameters): one 48³ window covers a phantom's brain crop, so scoring is fast on CPU."""

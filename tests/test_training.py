@@ -89,7 +89,7 @@ def test_tiny_segresnet_run_writes_a_complete_run_directory(segresnet_run):
 def test_wandb_offline_run_holds_the_logged_metrics(segresnet_run):
     _, run_dir, _ = segresnet_run
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    result = subprocess.run(["wandb", "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
+    result = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

@@ -30,7 +30,7 @@ from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume, write_volume
 from brats_ugrip.labels import get_scheme
 from brats_ugrip.sources import ORIGINAL, append_training_only, entry_key
-from tools.check_data import print_case_problems
+from brats_ugrip.tools.check_data import print_case_problems
 
 PROVENANCE_FILE = "synthesis.json"
 

@@ -29,7 +29,7 @@ from brats_ugrip.data import Case, Datalist, check_case, save_datalist
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import load_nifti
 from brats_ugrip.sources import ORIGINAL, append_training_only
-from tools.integrate_cases import print_rejected
+from brats_ugrip.tools.integrate_cases import print_rejected
 
 STRATIFY_CHOICES = ("none", "volume")
 

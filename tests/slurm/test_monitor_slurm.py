@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from brats_ugrip.data import make_datalist, save_datalist
-from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
-from slurm.collect import verify_collected
+from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.collect import verify_collected
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slu
     first_jobs = {a.run_id: a.job_id for a in state.attempts()}
     assert len({job_id.split("_")[0] for job_id in first_jobs.values()}) == 1  # one array, one sbatch
 
-    monitor = [sys.executable, str(REPO / "slurm" / "monitor.py"), str(sweep_dir), "--interval", "2"]
+    monitor = [sys.executable, str(REPO / "sweeps" / "monitor.py"), str(sweep_dir), "--interval", "2"]
     logs = [slurm_job_dir / f"monitor{i}.log" for i in range(3)]
     first = _start(monitor, logs[0], env)
     deadline = time.time() + 600
@@ -88,7 +88,7 @@ def test_cancel_and_retry_with_scancel_and_sbatch(slurm_cluster, slurm_job_dir: 
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sweep_dir = launch_sweep(grid, slurm_job_dir, env)
-    monitor = [sys.executable, str(REPO / "slurm" / "monitor.py"), str(sweep_dir)]
+    monitor = [sys.executable, str(REPO / "sweeps" / "monitor.py"), str(sweep_dir)]
     state = SweepState(sweep_db_path(sweep_dir))
     first = state.latest_attempt("lr=0.001").job_id
 

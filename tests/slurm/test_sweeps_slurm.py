@@ -18,10 +18,11 @@ import yaml
 from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
-from brats_ugrip.jobs import SubmissionError, read_job_info
-from brats_ugrip.sweep_state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.jobs import SubmissionError, read_job_info
+from brats_ugrip.sweeps.recovery import follow
+from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 from brats_ugrip.training import read_progress
-from sweeps import launch
+from brats_ugrip.sweeps import launch
 
 pytestmark = pytest.mark.slow
 WAIT_S = 900  # generous: CI machines have 2 cores shared by every job of the array
@@ -77,8 +78,8 @@ def _launch(grid: Path, sweep_dir: Path):
 
 
 def _wait(sweep_dir: Path, jobs, timeout_s: float = WAIT_S) -> dict[str, RunState]:
-    with SweepState(sweep_db_path(sweep_dir)) as state:
-        return launch.SweepWaiter(state, jobs, poll_s=1.0).wait(show_progress=False, timeout_s=timeout_s)
+    """Follow the sweep as the launcher's monitor does (the users' code path), until every run has ended."""
+    return follow(sweep_dir, poll_s=1.0, timeout_s=timeout_s)
 
 
 def _submissions(log: Path) -> list[str]:
@@ -102,7 +103,8 @@ def test_grid_is_one_array_and_completes(slurm_cluster, make_grid, slurm_job_dir
             assert 0 <= run.metrics["best_val_dice"] <= 1 and run.metrics["epochs"] == 2
             attempt = state.latest_attempt(run.run_id)
             assert attempt.state == "COMPLETED" and attempt.node == "localhost"
-            assert attempt.ended_at > attempt.started_at > attempt.submitted_at
+            # sacct's Start and End have whole seconds; the submission time is ours, to the microsecond.
+            assert attempt.ended_at >= attempt.started_at >= int(attempt.submitted_at)
             assert slurm_cluster.wait_until_final(attempt.job_id) == "COMPLETED"
             assert slurm_cluster.history(attempt.job_id) == ["COMPLETED"]
             run_dir = Path(run.run_dir)
@@ -228,7 +230,7 @@ def _assert_resumed_within_one_attempt(sweep: Path, run_dir: Path, job_id: str, 
 def _epoch_seconds(grid: Path, run_dir: Path) -> float:
     """Seconds per training epoch of the grid's run on this machine (its second epoch: the first fills caches)."""
     from brats_ugrip.training import train
-    from sweeps.grid import ParameterManager
+    from brats_ugrip.sweeps.grid import ParameterManager
 
     train(ParameterManager.from_file(grid).runs()[0].config, run_dir)
     return max(0.1, read_progress(run_dir)["epoch_seconds"])

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_json, atomic_write_text
 from brats_ugrip.errors import CheckpointError
-from brats_ugrip.sweep_state import RunRecord, RunState, SweepState
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 if TYPE_CHECKING:
     import pandas as pd

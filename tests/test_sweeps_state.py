@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from brats_ugrip.sweep_state import (AttemptRecord, RunRecord, RunState, SweepState, SweepStateError, run_dir_path,
+from brats_ugrip.sweeps.state import (AttemptRecord, RunRecord, RunState, SweepState, SweepStateError, run_dir_path,
                                      sweep_db_path)
 
 
@@ -114,7 +114,7 @@ def test_persists_and_is_shared_across_processes(tmp_path):
     db = sweep_db_path(tmp_path)
     script = textwrap.dedent(f"""
         import sys
-        from brats_ugrip.sweep_state import RunRecord, SweepState
+        from brats_ugrip.sweeps.state import RunRecord, SweepState
         state = SweepState({str(db)!r})
         for i in range(40):
             record = RunRecord(run_id=f"r{{i}}", config={{"i": i}}, params={{"i": i}}, run_dir=f"/r{{i}}")
@@ -138,7 +138,7 @@ def test_a_killed_writer_leaves_no_partial_transaction(tmp_path):
         state.add_runs([_record("a")])
     script = textwrap.dedent(f"""
         import os, signal
-        from brats_ugrip.sweep_state import RunRecord, SweepState
+        from brats_ugrip.sweeps.state import RunRecord, SweepState
         state = SweepState({str(db)!r})
         with state.transaction():
             state.record_submission("a", "7")

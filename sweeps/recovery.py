@@ -43,14 +43,14 @@ from submitit.core.utils import DelayedSubmission, JobPaths
 
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.errors import BratsUgripError, CheckpointError
-from brats_ugrip.jobs import SubmissionError, SubmitSpec, error_tail, submit_runs
-from brats_ugrip.sweep_state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
-from slurm.collect import collect_run, is_collected, write_results
-from slurm.job_states import (UNCOMPLETED_MARK, JobStateSource, JobStatus, LocalJobStates, SlurmJobStates, last_line,
+from brats_ugrip.sweeps.jobs import SubmissionError, SubmitSpec, error_tail, submit_runs
+from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.collect import collect_run, is_collected, write_results
+from brats_ugrip.sweeps.job_states import (UNCOMPLETED_MARK, JobPhase, JobStateSource, JobStatus, LocalJobStates, SlurmJobStates, last_line,
                               read_result)
-from slurm.sacct import SacctError
-from slurm.view import ProgressReader, SweepSnapshot, build_snapshot
-from brats_ugrip.jobs import jobs_folder
+from brats_ugrip.slurm.sacct import SacctError
+from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
+from brats_ugrip.sweeps.jobs import jobs_folder
 
 LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"
@@ -124,7 +124,7 @@ class SweepMonitor:
         collect_last: also collect ``last.ckpt`` (to ``models/last/``).
         sources: the job-state source of each executor kind (default: sacct for ``slurm``, processes and submitit's
             files for ``local``).
-        submit: how runs are submitted (default :func:`brats_ugrip.jobs.submit_runs`).
+        submit: how runs are submitted (default :func:`brats_ugrip.sweeps.jobs.submit_runs`).
         lock_timeout_s: how long a poll waits for another monitor's poll.
     """
 
@@ -208,14 +208,13 @@ class SweepMonitor:
         scheduler_state = status.state
         preempted_long_ago = (scheduler_state == "PREEMPTED" and status.ended_at is not None
                               and now - status.ended_at > PREEMPTED_GRACE_S)
-        if status.is_active and not preempted_long_ago:
-            if scheduler_state == "PENDING":
+        phase = JobPhase.INTERRUPTED if preempted_long_ago else status.phase
+        if phase.is_active:
+            if phase == JobPhase.QUEUED:
                 target = RunState.REQUEUED if status.requeues else (
                     RunState.RETRYING if attempt.attempt > 1 else RunState.SUBMITTED)
-            elif scheduler_state in ("REQUEUED", "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED"):
-                target = RunState.REQUEUED
             else:
-                target = RunState.RUNNING
+                target = RunState.REQUEUED if phase == JobPhase.REQUEUED else RunState.RUNNING
             started_at = attempt.started_at or (status.started_at or now if target == RunState.RUNNING else None)
             self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at)
             return None
@@ -223,7 +222,7 @@ class SweepMonitor:
         ended_at = status.ended_at or now
         outcome = read_result(self.jobs_folder, attempt.job_id)
         traceback_line = last_line(outcome[1]) if outcome and outcome[0] == "error" else None
-        if scheduler_state == "COMPLETED":
+        if phase == JobPhase.COMPLETED:
             metrics = _plain(outcome[1]) if outcome and outcome[0] == "success" else dict(run.metrics)
             checkpoints = Path(run.run_dir) / "checkpoints"
             best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
@@ -232,18 +231,18 @@ class SweepMonitor:
                         best_checkpoint=str(best) if best.is_file() else None,
                         last_checkpoint=str(last) if last.is_file() else None)
             return None
-        if scheduler_state == "CANCELLED":
+        if phase == JobPhase.CANCELLED:
             self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
                         reason=run.reason or "cancelled outside the monitor (scancel, or the job was killed)")
             return None
         tail = error_tail(attempt.log_path)
-        timed_out = scheduler_state in ("TIMEOUT", "PREEMPTED") or UNCOMPLETED_MARK in (outcome[1] if outcome and
+        timed_out = phase == JobPhase.INTERRUPTED or UNCOMPLETED_MARK in (outcome[1] if outcome and
                                                                                       outcome[0] == "error" else "")
         if timed_out:
             since = attempt.started_at or status.started_at or attempt.submitted_at or 0.0
             last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
             progressed = last.is_file() and last.stat().st_mtime > since
-            word = "TIMEOUT" if scheduler_state != "PREEMPTED" else "PREEMPTED"
+            word = "PREEMPTED" if scheduler_state == "PREEMPTED" else "TIMEOUT"
             self._write_attempt(attempt, word, status.node, ended_at=ended_at, error_tail=tail)
             if progressed:
                 return _Resubmission(run, f"{word} (not requeued): resuming from last.ckpt")
@@ -471,3 +470,27 @@ def _plain(value: Any) -> dict[str, Any]:
     """Training's result as JSON-friendly data (paths and numbers as JSON gives them)."""
     plain = json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
     return plain if isinstance(plain, dict) else {"result": plain}
+
+
+def follow(sweep_dir: str | os.PathLike[str], *, poll_s: float = 2.0, timeout_s: float | None = None,
+           **monitor_options: Any) -> dict[str, RunState]:
+    """Poll a sweep as the monitor does (retries, resumptions, collection) until every run has ended; returns the
+    final state of each run. The live dashboard without a screen: for scripts and tests.
+
+    Raises:
+        TimeoutError: ``timeout_s`` passed with runs unfinished (they keep running).
+    """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    monitor = SweepMonitor(sweep_dir, **monitor_options)
+    try:
+        while True:
+            monitor.poll()
+            runs = monitor.state.runs()
+            if all(run.state.is_final for run in runs):
+                return {run.run_id: run.state for run in runs}
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"runs unfinished after {timeout_s:.0f} s: "
+                                   f"{sorted(r.run_id for r in runs if not r.state.is_final)}")
+            time.sleep(poll_s)
+    finally:
+        monitor.close()

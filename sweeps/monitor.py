@@ -1,13 +1,13 @@
 """Watch a sweep: live dashboard, retries and recovery, checkpoint collection, results table.
 
-    python slurm/monitor.py SWEEP_DIR                          # live dashboard until every run has ended
-    python slurm/monitor.py SWEEP_DIR --once                   # one poll, one plain table (logs, scripts, cron)
-    python slurm/monitor.py SWEEP_DIR --json                   # one poll, the state as JSON
-    python slurm/monitor.py SWEEP_DIR --sort dice --filter state=RUNNING,STALLED --filter lr=0.001
-    python slurm/monitor.py SWEEP_DIR --compact                # runs per state for each parameter value
-    python slurm/monitor.py SWEEP_DIR --cancel RUN_ID … | all  # cancel runs (their jobs too)
-    python slurm/monitor.py SWEEP_DIR --retry RUN_ID … | all   # submit again (resumes from last.ckpt)
-    python slurm/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std, Dice curves PNG
+    python sweeps/monitor.py SWEEP_DIR                          # live dashboard until every run has ended
+    python sweeps/monitor.py SWEEP_DIR --once                   # one poll, one plain table (logs, scripts, cron)
+    python sweeps/monitor.py SWEEP_DIR --json                   # one poll, the state as JSON
+    python sweeps/monitor.py SWEEP_DIR --sort dice --filter state=RUNNING,STALLED --filter lr=0.001
+    python sweeps/monitor.py SWEEP_DIR --compact                # runs per state for each parameter value
+    python sweeps/monitor.py SWEEP_DIR --cancel RUN_ID … | all  # cancel runs (their jobs too)
+    python sweeps/monitor.py SWEEP_DIR --retry RUN_ID … | all   # submit again (resumes from last.ckpt)
+    python sweeps/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std, Dice curves PNG
 
 Each poll asks SLURM once (one ``sacct`` for all jobs) or looks at the local jobs, reads the runs' progress files,
 and updates ``SWEEP_DIR/sweep.db``: failed runs are resubmitted up to the grid's ``max_retries`` (then FAILED,
@@ -32,11 +32,11 @@ from rich.live import Live
 from rich.table import Table
 
 from brats_ugrip.cli import run
-from brats_ugrip.sweep_state import RunState
-from slurm.collect import SweepSummary, sweep_summary, write_results
-from slurm.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
-from slurm.recovery import PollReport, SweepMonitor
-from slurm.view import SweepSnapshot
+from brats_ugrip.sweeps.state import RunState
+from brats_ugrip.sweeps.collect import SweepSummary, sweep_summary, write_results
+from brats_ugrip.sweeps.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
+from brats_ugrip.sweeps.recovery import PollReport, SweepMonitor
+from brats_ugrip.sweeps.view import SweepSnapshot
 
 PLAIN_WIDTH = 250  # --once to a file or pipe: wide enough that no column is cut
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from brats_ugrip.sweep_state import AttemptRecord, RunRecord, RunState, SweepState
+from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState
 
 PROGRESS_FILE = "progress.json"
 """Written atomically by training (``brats_ugrip.training.ProgressFile``) at start, after each epoch and at the end."""

@@ -32,7 +32,7 @@ from submitit.core.utils import FailedJobError
 
 from brats_ugrip.atomic import atomic_write_json, atomic_write_yaml
 from brats_ugrip.errors import BratsUgripError, CheckpointError
-from brats_ugrip.sweep_state import RunRecord, RunState, SweepState
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 CLUSTERS = ("local", "slurm")
 JOB_INFO_FILE = "job.json"

@@ -10,7 +10,7 @@ Two tables:
   task 7 of array 1234, the controller pid for a local job), the scheduler's state, node, submitted/started/
   ended times and the tail of the job's error log.
 
-Only processes on the machine that launches the sweep (``sweeps/launch.py``, ``slurm/monitor.py``) write here;
+Only processes on the machine that launches the sweep (``sweeps/launch.py``, ``sweeps/monitor.py``) write here;
 jobs on compute nodes write only their run directory, because SQLite's WAL mode needs every writer on one host
 (it is unsafe over NFS). A sweep survives any of those processes being killed: each change is a transaction,
 and re-opening the database rebuilds everything.
@@ -91,7 +91,7 @@ class RunRecord:
 
     ``config`` is the resolved training config (a plain dict), ``config_hash`` its
     :func:`brats_ugrip.config.config_hash` (``run_dir`` and ``logging`` left out), ``params`` the varied values keyed
-    by dotted key path, ``submit`` the submission spec (``brats_ugrip.jobs.SubmitSpec.to_dict()``), times are Unix
+    by dotted key path, ``submit`` the submission spec (``brats_ugrip.sweeps.jobs.SubmitSpec.to_dict()``), times are Unix
     seconds.
     """
 

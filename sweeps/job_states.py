@@ -18,17 +18,69 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
 from submitit.core.utils import JobPaths
 
-from brats_ugrip.jobs import read_job_info
-from slurm.sacct import SacctError, SacctRecord, query_sacct
+from brats_ugrip.sweeps.jobs import read_job_info
+from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct
 
-ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED",
-                           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED"})
-"""States after which the job may still run (PREEMPTED: SLURM may requeue it)."""
+class JobPhase(Enum):
+    """What a scheduler state means for the run it carries: the one mapping from the scheduler's words to what the
+    monitor does (:data:`SCHEDULER_STATES`)."""
+
+    QUEUED = "queued"            # waiting for resources
+    RUNNING = "running"          # started (or starting, or held in place) and will go on by itself
+    REQUEUED = "requeued"        # the scheduler will start it again (after a preemption or a timeout signal)
+    COMPLETED = "completed"      # the job's process ended cleanly
+    CANCELLED = "cancelled"      # cancelled by a person or a policy
+    INTERRUPTED = "interrupted"  # ended by the clock or by another job: resume from last.ckpt, not a failure
+    FAILED = "failed"            # ended in error (or in a state this mapping does not know)
+
+    @property
+    def is_active(self) -> bool:
+        return self in (JobPhase.QUEUED, JobPhase.RUNNING, JobPhase.REQUEUED)
+
+
+SCHEDULER_STATES: dict[str, JobPhase] = {
+    # Every state `sacct --helpstate` lists (SLURM 22.05–24.x), plus squeue's transient ones; the local executor
+    # speaks the same words (tests/slurm/test_dev_cluster.py checks this table against the real sacct).
+    "PENDING": JobPhase.QUEUED,
+    "RUNNING": JobPhase.RUNNING,
+    "CONFIGURING": JobPhase.RUNNING,
+    "COMPLETING": JobPhase.RUNNING,
+    "RESIZING": JobPhase.RUNNING,
+    "SIGNALING": JobPhase.RUNNING,
+    "STAGE_OUT": JobPhase.RUNNING,
+    "SUSPENDED": JobPhase.RUNNING,   # paused in place by the scheduler; it resumes by itself
+    "STOPPED": JobPhase.RUNNING,     # SIGSTOPped; it continues on SIGCONT
+    "REQUEUED": JobPhase.REQUEUED,
+    "REQUEUE_HOLD": JobPhase.REQUEUED,
+    "REQUEUE_FED": JobPhase.REQUEUED,
+    "RESV_DEL_HOLD": JobPhase.QUEUED,  # held because its reservation was deleted; released by an admin
+    "PREEMPTED": JobPhase.REQUEUED,  # SLURM requeues it (PreemptMode=REQUEUE); see PREEMPTED_GRACE_S in recovery
+    "COMPLETED": JobPhase.COMPLETED,
+    "CANCELLED": JobPhase.CANCELLED,
+    "TIMEOUT": JobPhase.INTERRUPTED,
+    "DEADLINE": JobPhase.INTERRUPTED,
+    "FAILED": JobPhase.FAILED,
+    "BOOT_FAIL": JobPhase.FAILED,
+    "NODE_FAIL": JobPhase.FAILED,
+    "OUT_OF_MEMORY": JobPhase.FAILED,
+    "REVOKED": JobPhase.FAILED,     # federation: run by a sibling cluster, unknown here
+    "SPECIAL_EXIT": JobPhase.FAILED,
+}
+
+
+def job_phase(state: str) -> JobPhase:
+    """The phase of a scheduler state word ("CANCELLED by 0" → CANCELLED); unknown words are failures, so a new
+    state never leaves a run watched forever."""
+    word = state.split(" ")[0].rstrip("+")
+    return SCHEDULER_STATES.get(word, JobPhase.FAILED)
+
+
 UNCOMPLETED_MARK = "timed-out too many times"
 """submitit's message when a job hit its time limit more often than ``max_num_timeout``."""
 
@@ -55,8 +107,12 @@ class JobStatus:
     reason: str | None = None
 
     @property
+    def phase(self) -> JobPhase:
+        return job_phase(self.state)
+
+    @property
     def is_active(self) -> bool:
-        return self.state in ACTIVE_STATES
+        return self.phase.is_active
 
 
 class JobStateSource(Protocol):
