@@ -43,8 +43,8 @@ from brats_ugrip.cli import console, run
 from brats_ugrip.ensemble import INFERENCE_KEYS, Ensemble, EnsembleMember, EnsembleSpec
 from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.metrics.lesionwise import LESIONWISE_PRESETS
-from mlcube.runtime import load_package, save_packaged_model
-from mlcube.schema import CONTAINER_MOUNTS, INFER_INPUTS, INFER_OUTPUTS, INFER_TASK, PARAMETERS_FILE, PackageLayout, \
+from brats_ugrip.mlcube.runtime import load_package, save_packaged_model
+from brats_ugrip.mlcube.schema import CONTAINER_MOUNTS, INFER_INPUTS, INFER_OUTPUTS, INFER_TASK, PARAMETERS_FILE, PackageLayout, \
     validate_package
 
 CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
@@ -76,10 +76,32 @@ def load_source(model: Path) -> Ensemble:
     return ensemble.with_spec(dataclasses.replace(ensemble.spec, thresholds=(threshold,) * 3))
 
 
+PATH_KEYS = (("run_dir",), ("data", "datalist"), ("data", "data_root"), ("data", "cache_dir"),
+             ("finetune", "init_from"))
+"""Config values that are paths on the training machine (``/home/<user>/...`` on a cluster)."""
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config without the training machine's absolute paths: a run directory becomes ``runs/<run id>`` (its
+    place in a sweep), every other path its file name. Hashes (weights, config) are kept elsewhere, unchanged."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for keys in PATH_KEYS:
+        holder = config
+        for key in keys[:-1]:
+            holder = holder.get(key) if isinstance(holder.get(key), dict) else {}
+        value = holder.get(keys[-1])
+        if isinstance(value, str) and value:
+            path = Path(value)
+            holder[keys[-1]] = f"runs/{path.name}" if keys == ("run_dir",) and path.parent.name == "runs" else path.name
+    return config
+
+
 def package_meta(meta: dict[str, Any]) -> dict[str, Any]:
-    """What a package keeps of a checkpoint's metadata: architecture, config, provenance and scores; of a soup's
-    ``soup`` record, the method and sizes (not the ingredients' paths on the training machine)."""
+    """What a package keeps of a checkpoint's metadata: architecture, config (without the training machine's paths),
+    provenance and scores; of a soup's ``soup`` record, the method and sizes (not the ingredients' paths)."""
     packaged = {key: meta[key] for key in PACKAGED_META_KEYS if key in meta}
+    if isinstance(packaged.get("config"), dict):
+        packaged["config"] = portable_config(packaged["config"])
     if isinstance(meta.get("soup"), dict):
         packaged["soup"] = {key: meta["soup"].get(key) for key in ("method", "kept", "score")}
         packaged["soup"]["ingredients"] = len(meta["soup"].get("ingredients") or [])

@@ -1,6 +1,7 @@
 """MedPerf packaging: the schema of mlcube.yaml / container_config.yaml, the build, the packaged runtime and the local
 compatibility check (the infer task in a sandboxed subprocess, outputs checked and scored)."""
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,10 @@ from brats_ugrip.ensemble import Ensemble, EnsembleSpec
 from brats_ugrip.errors import CheckpointError, ConfigError
 from brats_ugrip.labels import get_scheme
 from brats_ugrip.models import create_model, resolve_kwargs
-from mlcube import check, runtime
-from mlcube.build import build_package
-from mlcube.schema import PackageLayout, container_config_problems, mlcube_yaml_problems, validate_package
-from synthetic.phantom import write_phantoms
+from brats_ugrip.mlcube import build, check, runtime
+from brats_ugrip.mlcube.build import build_package
+from brats_ugrip.mlcube.schema import PackageLayout, container_config_problems, mlcube_yaml_problems, validate_package
+from brats_ugrip.synthetic.phantom import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 MISSING_T2W = "BraTS-SSA-00000-000"
@@ -72,6 +73,17 @@ def checked(package, cases, tmp_path_factory):
     return check.check_package(package.root, data, references, timeout=600, keep=work), work
 
 
+def test_portable_config_keeps_run_paths_relative_to_the_sweep():
+    config = {"run_dir": "/cluster/u/alice/sweeps/ssa/runs/fold=0-lr=0.001", "optim": {"lr": 0.001},
+              "data": {"datalist": "/cluster/u/alice/data/ssa.json", "data_root": None, "cache_dir": "/scratch1/c"},
+              "finetune": {"init_from": "/cluster/u/alice/base/best.ckpt"}}
+    portable = build.portable_config(config)
+    assert portable == {"run_dir": "runs/fold=0-lr=0.001", "optim": {"lr": 0.001},
+                        "data": {"datalist": "ssa.json", "data_root": None, "cache_dir": "c"},
+                        "finetune": {"init_from": "best.ckpt"}}
+    assert config["data"]["datalist"] == "/cluster/u/alice/data/ssa.json"  # the checkpoint's own meta is untouched
+
+
 # --- schema -------------------------------------------------------------------------------------------------------
 
 
@@ -81,6 +93,8 @@ def test_built_package_layout_and_descriptions_validate(package):
     assert weights == ["model-0.json", "model-0.safetensors"]
     sidecar = yaml.safe_load((package.additional_files / "model-0.json").read_text())
     assert sidecar["meta"]["soup"] == {"method": "uniform", "kept": 2, "score": None, "ingredients": 2}
+    config = sidecar["meta"]["config"]  # no path of the training machine travels in a MedPerf upload
+    assert config["data"]["datalist"] == "unused.json" and str(package.root.parent) not in json.dumps(sidecar)
     parameters = yaml.safe_load(package.parameters.read_text())
     assert parameters["challenge"] == "brats2024-ssa" and parameters["label_scheme"] == "brats2023"
     assert parameters["thresholds"] == {"TC": 0.4, "WT": 0.4, "ET": 0.4}  # the checkpoint's threshold
@@ -299,7 +313,7 @@ def test_package_of_a_soup_of_a_trained_run_passes_the_check(phantom_dir, cases,
     from brats_ugrip.config import load_config
     from brats_ugrip.data import make_datalist, save_datalist
     from brats_ugrip.training import train
-    from souping import uniform
+    from brats_ugrip.souping import uniform
 
     data, references = cases
     datalist = save_datalist(make_datalist(phantom_dir, 3, 0), tmp_path / "datalist.json")
