@@ -7,9 +7,10 @@ Each configuration × fold is a learning curve of validation Dice per epoch. Wit
 from a documented parametric family (per seed):
 
 - configuration ``c`` has a latent quality ``u ~ U(0, 1)``; its asymptote is ``A = 0.70 + 0.15 u + 0.05 v``
-  (``v ~ U(0, 1)``: the part not visible in its speed) and its time constant ``τ = 4 · e^{2.5 u'}`` epochs with
-  ``u'`` correlated with ``u`` (ρ ≈ 0.6): better configurations tend to learn *slower*, so curves cross and late
-  bloomers exist, the hard case for early stopping;
+  (``v ~ U(0, 1)``: the part not visible in its speed) and its time constant ``τ = 3 · e^{2 u'}`` epochs (3–22) with
+  ``u' = w u + (1 − w) U(0, 1)`` (``--crossing w``, 0.6 by default): better configurations tend to learn
+  *slower*, so curves cross and late bloomers exist, the hard case for early stopping (``--crossing 0``: speed
+  tells nothing of quality);
 - ``dice(t) = A − (A − 0.10) e^{−t/τ}``, plus a per-fold offset ``N(0, 0.01)`` and per-evaluation noise
   ``N(0, 0.004)`` (a validation fold of ~250 BraTS cases).
 
@@ -43,12 +44,13 @@ from brats_ugrip.sweeps.halving import HalvingSchedule, config_scores, promotion
 GOAL_COST, GOAL_KEPT, GOAL_GAP = 0.40, 0.90, 0.005
 
 
-def parametric_curves(n_configs: int, n_folds: int, max_epochs: int, rng: np.random.Generator) -> np.ndarray:
+def parametric_curves(n_configs: int, n_folds: int, max_epochs: int, rng: np.random.Generator,
+                      crossing: float = 0.6) -> np.ndarray:
     """Observed Dice ``[config, fold, epoch - 1]`` for epochs 1..max_epochs (see the module docstring)."""
     u = rng.uniform(size=n_configs)
-    u_speed = np.clip(0.6 * u + 0.8 * rng.uniform(size=n_configs) - 0.2, 0, 1)
+    u_speed = np.clip(crossing * u + (1 - crossing) * rng.uniform(size=n_configs), 0, 1)
     asymptote = 0.70 + 0.15 * u + 0.05 * rng.uniform(size=n_configs)
-    tau = 4.0 * np.exp(2.5 * u_speed)
+    tau = 3.0 * np.exp(2.0 * u_speed)
     t = np.arange(1, max_epochs + 1)
     clean = asymptote[:, None] - (asymptote[:, None] - 0.10) * np.exp(-t[None, :] / tau[:, None])
     fold_offset = rng.normal(0, 0.01, size=(n_configs, n_folds, 1))
@@ -151,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--etas", type=int, nargs="+", default=[2, 3, 4])
     parser.add_argument("--min-epochs", type=int, default=5)
     parser.add_argument("--max-epochs", type=int, default=135)
+    parser.add_argument("--crossing", type=float, default=0.6, help="weight of quality in learning slowness (0..1)")
     parser.add_argument("--workers", type=int, default=24, help="parallel slots (the sweep's array parallelism)")
     parser.add_argument("--curves", type=Path, help="recorded curves CSV (config,fold,epoch,dice) instead of the family")
     args = parser.parse_args(argv)
@@ -160,10 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         curves_of_seed = lambda seed: recorded  # noqa: E731
     else:
         curves_of_seed = lambda seed: parametric_curves(args.configs, args.folds, args.max_epochs,  # noqa: E731
-                                                        np.random.default_rng(seed))
+                                                        np.random.default_rng(seed), args.crossing)
     rows = measure(curves_of_seed, args.seeds, args.etas, args.min_epochs, args.max_epochs, args.workers)
     print(json.dumps({"bench": "halving", "configs": args.configs, "folds": args.folds, "seeds": args.seeds,
-                      "workers": args.workers, "curves": str(args.curves or "parametric"), "results": rows,
+                      "workers": args.workers, "min_epochs": args.min_epochs,
+                      "crossing": None if args.curves else args.crossing, "curves": str(args.curves or "parametric"), "results": rows,
                       "python": platform.python_version()}))
     print("\n| eta | rungs | GPU-hours vs full grid | grid's best kept | Dice gap mean | gap p95 |")
     print("|---|---|---|---|---|---|")
