@@ -53,6 +53,9 @@ class DataConfig:
     samples_per_case: int = 1
     train_sources: list[str] = field(default_factory=lambda: ["original"])
     extra_ratio: float | None = None
+    augment_intensity: float = 0.1
+    """Augmentation strength: training patches get a per-channel intensity scale and shift each drawn from
+    U(±augment_intensity) (0: flips only)."""
 
 
 @dataclass
@@ -309,6 +312,8 @@ def _check(config: RunConfig) -> None:
     positive("inference.sw_batch_size", inference.sw_batch_size)
     if not 0 < inference.threshold < 1:
         raise ConfigError("inference.threshold", f"must be in (0, 1), got {inference.threshold}")
+    if not 0 <= config.data.augment_intensity < 1:
+        raise ConfigError("data.augment_intensity", f"must be in [0, 1), got {config.data.augment_intensity}")
     finetune = config.finetune
     positive("finetune.freeze.all_but_last", finetune.freeze.all_but_last)
     positive("finetune.reset_last", finetune.reset_last, allow_zero=True)
@@ -422,6 +427,8 @@ def config_to_dict(config: RunConfig) -> dict[str, Any]:
 
 
 HASH_EXCLUDED = ("run_dir", "logging")
+HASH_OMITTED_DEFAULTS: dict[tuple[str, str], Any] = {("data", "augment_intensity"): 0.1}
+"""Keys added after runs existed: left out of the hash at their default, so those runs keep their hash (and resume)."""
 
 
 def config_hash(config: RunConfig | dict[str, Any]) -> str:
@@ -429,6 +436,9 @@ def config_hash(config: RunConfig | dict[str, Any]) -> str:
     values = config.to_dict() if isinstance(config, RunConfig) else dict(config)
     for key in HASH_EXCLUDED:
         values.pop(key, None)
+    for (section, key), default in HASH_OMITTED_DEFAULTS.items():
+        if values.get(section, {}).get(key, default) == default:
+            values[section] = {k: v for k, v in values[section].items() if k != key}
     return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 

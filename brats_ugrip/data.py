@@ -5,10 +5,16 @@ A datalist is the JSON used by BraTS teams with MONAI::
     {"modalities": ["t1c", "t1n", "t2f", "t2w"], "naming": "brats2023", "label_scheme": "brats2023",
      "data_root": "../data",
      "training": [{"case_id": "...", "fold": 0, "image": ["CASE/CASE-t1c.nii.gz", ...], "label": "CASE/CASE-seg.nii.gz"}],
+     "test":     [{"case_id": "...", "image": [...], "label": "..."}],
      "testing":  [{"case_id": "...", "image": [...]}]}
 
 Paths are relative to ``data_root``, itself relative to the datalist file's folder (or absolute). Fold ``-1``
 marks training-only cases (extra or synthetic data) that never appear in a validation split.
+
+``test`` (optional) is the held-out **test split**: labelled cases that no run trains or validates on. Folds,
+:meth:`Datalist.split` and fold −1 read ``training`` only, so nothing that trains or selects ever sees them; soups
+and ensemble fits report on them by default. ``testing`` holds unlabelled cases (to predict, not to score).
+Datalists without a ``test`` section load as before.
 """
 from __future__ import annotations
 
@@ -127,15 +133,41 @@ def assign_folds(case_ids: list[str], n_folds: int, seed: int) -> dict[str, int]
     return {case_id: i % n_folds for i, case_id in enumerate(shuffled)}
 
 
+def split_test_cases(case_ids: list[str], n_test: int, seed: int) -> tuple[list[str], list[str]]:
+    """``(test, rest)``: ``n_test`` cases drawn by the seeded shuffle the folds use (so the test split is what a
+    fold would be, just larger or smaller), the rest left for the folds; both sorted."""
+    if n_test < 0 or n_test >= len(case_ids):
+        raise DataError(f"a test split of {n_test} cases leaves no training cases out of {len(case_ids)} labelled")
+    shuffled = sorted(case_ids)
+    random.Random(f"test-split-{seed}").shuffle(shuffled)
+    return sorted(shuffled[:n_test]), sorted(shuffled[n_test:])
+
+
+def n_test_cases(n_labelled: int, fraction: float | None = None, count: int | None = None) -> int:
+    """Cases in the test split: ``count``, or ``round(fraction × n_labelled)`` (at least 1 when fraction > 0)."""
+    if count is not None:
+        return count
+    if fraction is None or fraction == 0:
+        return 0
+    if not 0 < fraction < 1:
+        raise DataError(f"--test-fraction must be in [0, 1), got {fraction}")
+    return max(1, round(fraction * n_labelled))
+
+
 def make_datalist(data_dir: str | os.PathLike[str], n_folds: int = 5, seed: int = 0,
-                  relative_to: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                  relative_to: str | os.PathLike[str] | None = None, test_fraction: float | None = None,
+                  test_cases: int | None = None) -> dict[str, Any]:
     """Build a datalist for the cases under ``data_dir`` (see the module docstring for the format).
 
     Args:
         relative_to: the folder the datalist will be saved in; ``data_root`` is written relative to it.
+        test_fraction, test_cases: hold out this share (or number) of the labelled cases as the ``test`` split,
+            drawn before the folds are dealt; the folds are made from the rest.
     """
     data_dir = Path(data_dir).resolve()
     naming, labelled, unlabelled = discover_cases(data_dir)
+    n_test = n_test_cases(len(labelled), test_fraction, test_cases)
+    test, labelled = split_test_cases(labelled, n_test, seed) if n_test else ([], labelled)
     folds = assign_folds(labelled, n_folds, seed)
     root = os.path.relpath(data_dir, Path(relative_to).resolve()) if relative_to is not None else str(data_dir)
     return {
@@ -149,6 +181,8 @@ def make_datalist(data_dir: str | os.PathLike[str], n_folds: int = 5, seed: int 
             {"case_id": i, "fold": folds[i], "image": naming.image_names(i), "label": naming.label_name(i)}
             for i in labelled
         ],
+        **({"test": [{"case_id": i, "image": naming.image_names(i), "label": naming.label_name(i)} for i in test]}
+           if test else {}),
         "testing": [{"case_id": i, "image": naming.image_names(i)} for i in unlabelled],
     }
 
@@ -189,6 +223,8 @@ class Datalist:
     testing: list[Case]
     label_scheme: str = "brats2023"
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    test: list[Case] = field(default_factory=list)
+    """The held-out test split: labelled cases no run trains or validates on (empty when the file has none)."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> Datalist:
@@ -216,13 +252,20 @@ class Datalist:
         training = [_case_from_entry(e, f"{where}: training[{i}]", root, None) for i, e in enumerate(raw["training"])]
         testing = [_case_from_entry(e, f"{where}: testing[{i}]", root, TRAINING_ONLY_FOLD)
                    for i, e in enumerate(raw.get("testing", []))]
-        ids = [c.case_id for c in training + testing]
+        test = [_case_from_entry(e, f"{where}: test[{i}]", root, TRAINING_ONLY_FOLD)
+                for i, e in enumerate(raw.get("test", []))]
+        unlabelled = next((c for c in test if c.label is None), None)
+        if unlabelled is not None:
+            raise DataError(f"{where}: test case {unlabelled.case_id} has no label; the test split holds labelled "
+                            "cases (unlabelled ones go to 'testing')")
+        ids = [c.case_id for c in training + test + testing]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise DataError(f"{where}: duplicate case ids {duplicates[:5]}")
         scheme = raw.get("label_scheme", "brats2023")
         get_scheme(scheme)
-        return cls(path=path, data_root=root, training=training, testing=testing, label_scheme=scheme, raw=raw)
+        return cls(path=path, data_root=root, training=training, testing=testing, label_scheme=scheme, raw=raw,
+                   test=test)
 
     @property
     def folds(self) -> list[int]:
@@ -317,7 +360,7 @@ def check_case(case: Case, scheme: LabelScheme | str) -> CaseReport:
     return CaseReport(case.case_id, problems)
 
 
-def iter_cases(datalist: Datalist, sections: Iterable[str] = ("training", "testing")) -> list[Case]:
+def iter_cases(datalist: Datalist, sections: Iterable[str] = ("training", "test", "testing")) -> list[Case]:
     return [c for s in sections for c in getattr(datalist, s)]
 
 

@@ -83,8 +83,10 @@ class TrainDataset(Dataset):
     """
 
     def __init__(self, cases: Sequence[Case], scheme: LabelScheme | str, roi_size: Sequence[int], cache: CaseCache,
-                 samples_per_case: int = 1, augment: bool = True, pos_fraction: float = 0.5):
+                 samples_per_case: int = 1, augment: bool = True, pos_fraction: float = 0.5,
+                 intensity: float = 0.1):
         self.cases = list(cases)
+        self.intensity = intensity  # augmentation strength: see augment_patch
         self.scheme = get_scheme(scheme).name
         self.cache = cache
         self.roi = tuple(int(r) for r in roi_size)
@@ -113,7 +115,7 @@ class TrainDataset(Dataset):
         image, label = torch.from_numpy(item["image"]), torch.from_numpy(item["label"])
         if not self.augment:
             return {"image": image, "label": label, "jitter": torch.zeros(2, image.shape[0])}
-        image, label, jitter = augment_patch(image, label, generator)
+        image, label, jitter = augment_patch(image, label, generator, self.intensity)
         return {"image": image, "label": label, "jitter": jitter}
 
 
@@ -139,18 +141,19 @@ class ValDataset(Dataset):
 
 def make_loaders(datalist: Datalist, fold: int, scheme: LabelScheme | str, roi_size: Sequence[int], batch_size: int,
                  cache_dir: str | os.PathLike[str] | None, num_workers: int = 0, samples_per_case: int = 1,
-                 train_cases: Sequence[Case] | None = None) -> tuple[DataLoader, DataLoader]:
+                 train_cases: Sequence[Case] | None = None, intensity: float = 0.1) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders for ``fold`` (validation: that fold; training: the rest and fold −1).
 
     Args:
         train_cases: overrides the training split (e.g. to mix in extra sources).
+        intensity: augmentation strength of the training patches (:func:`augment_patch`).
     """
     train, val = datalist.split(fold)
     cache = CaseCache(cache_dir)
     workers = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
                "pin_memory": torch.cuda.is_available()}
     train_loader = DataLoader(TrainDataset(train_cases if train_cases is not None else train, scheme, roi_size, cache,
-                                           samples_per_case), batch_size=batch_size, shuffle=True, drop_last=False,
+                                           samples_per_case, intensity=intensity), batch_size=batch_size, shuffle=True, drop_last=False,
                               **workers)
     val_loader = DataLoader(ValDataset(val, scheme, cache), batch_size=1, shuffle=False, **workers)
     return train_loader, val_loader

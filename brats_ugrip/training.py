@@ -60,6 +60,7 @@ from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_bu
                                 resolve_kwargs, upkern_state_dict)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
 from brats_ugrip.preprocess import BRAIN_MARGIN
+from brats_ugrip.seen_cases import case_record, seen_cases
 from brats_ugrip.sources import check_run_data
 
 MONITOR = "val/dice_mean"
@@ -116,6 +117,8 @@ class SegmentationModule(pl.LightningModule):
         self.model_name = config.model.name
         self.model_kwargs = resolve_kwargs(self.model_name, **config_model_kwargs(config))
         network = create_model(self.model_name, **self.model_kwargs)
+        self.init_cases: set[str] = set()  # cases the init_from checkpoint had seen (set by _initialise)
+        self.case_record: dict[str, list[str]] = {}  # brats_ugrip.seen_cases record, set by train()
         self.init_id, self.trainable_parameters = self._initialise(network)
         self.model = torch.compile(network) if config.trainer.compile else network
         self.loss = SegmentationLoss(config.loss)
@@ -142,6 +145,7 @@ class SegmentationModule(pl.LightningModule):
                 raise CheckpointError(f"{finetune.init_from}: weights do not fit {self.model_name} {self.model_kwargs}; "
                                       f"for a larger kernel than the checkpoint's set finetune.upkern: true ({error})") from error
             init_id = checkpoint.get(META_KEY, {}).get("init_id") or weights_hash(state)
+            self.init_cases = seen_cases(checkpoint.get(META_KEY, {})) or set()
         if finetune.reset_last:
             reset_last_convolutions(network, finetune.reset_last, surgery_size)
         if finetune.freeze.all_but_last:
@@ -239,6 +243,7 @@ class SegmentationModule(pl.LightningModule):
             **({"val_fingerprint": self.val_fingerprint} if self.val_epoch == self.trainer.current_epoch + 1 else {}),
             "git_commit": git_commit(),
             "init_id": self.init_id,
+            "cases": self.case_record,
             "trainable_parameters": self.trainable_parameters,
             "weights": "averaged" if schedule_free else "current",
             "created": now_iso(),
@@ -467,9 +472,11 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
 
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     module = SegmentationModule(config)
+    module.case_record = case_record(train_cases, datalist.fold_cases(config.data.fold), module.init_cases)
     train_loader, val_loader = make_loaders(
         datalist, config.data.fold, config.data.scheme, config.data.roi_size, config.data.batch_size,
-        _cache_dir(config, run_dir), config.data.num_workers, config.data.samples_per_case, train_cases=train_cases)
+        _cache_dir(config, run_dir), config.data.num_workers, config.data.samples_per_case, train_cases=train_cases,
+        intensity=config.data.augment_intensity)
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)
     last_callback = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,

@@ -77,6 +77,10 @@ def test_tiny_segresnet_run_writes_a_complete_run_directory(segresnet_run):
     assert meta["weights"] == "averaged" and meta["config_hash"] == config.hash()
     assert len(meta["init_id"]) == 16 and meta["init_id"] == summary["init_id"]
     assert meta["config"]["optim"]["lr"] == 0.01
+    # The cases it trained and validated on travel inside it (the test-split guard reads them, not the datalist).
+    train_cases, val_cases = Datalist.load(config.data.datalist).split(0)
+    assert meta["cases"] == {"train": sorted(c.case_id for c in train_cases),
+                             "val": sorted(c.case_id for c in val_cases), "init": []}
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     # The validation cases and settings are named in the checkpoint, as souping rebuilds them from the datalist.
     stored = meta.pop("val_fingerprint")
@@ -152,6 +156,9 @@ def test_freezing_keeps_frozen_parameters_bit_identical(workspace, segresnet_run
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed == ["conv_final.2.conv.bias", "conv_final.2.conv.weight"]  # SegResNet's output convolution
     assert summary["init_id"] == source_summary["init_id"]  # fine-tuned runs share the source's initialisation
+    # ... and inherit the cases it had seen (here the same folds: 6 phantoms, none unseen).
+    frozen_meta = load_checkpoint(workspace[0] / "frozen" / "checkpoints" / "last.ckpt")["brats_ugrip"]
+    assert set(frozen_meta["cases"]["init"]) == {c.case_id for c in Datalist.load(workspace[1]).training}
     assert read_progress(workspace[0] / "frozen")["trainable_parameters"] == 3 * 8 + 3
 
 
