@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint, model_state_dict
 from brats_ugrip.errors import CheckpointError
 from brats_ugrip.souping.soups import StateDict
@@ -204,3 +203,16 @@ def load_ingredients(directory: str | os.PathLike[str]) -> Ingredients:
     _warn_initialisations(items, cosines)
     running = [key for key in ref_state if key.endswith(("running_mean", "running_var"))]
     return Ingredients(Path(directory), items, skipped, running)
+
+
+def shared_base_note(ingredients: Ingredients) -> str:
+    """One line saying which initialisation (and fine-tuning base) the ingredients share, for the soup report."""
+    ids = Counter(str(item.meta.get("init_id") or "unrecorded") for item in ingredients)
+    bases = sorted({str(((item.config.get("finetune") or {}).get("init_from"))) for item in ingredients
+                    if (item.config.get("finetune") or {}).get("init_from")})
+    fine_tuned = f", fine-tuned from {', '.join(Path(b).name if len(bases) > 1 else b for b in bases)}" if bases else ""
+    if len(ids) == 1:
+        (init_id, _), = ids.items()
+        return f"All {len(ingredients)} ingredients share the initialisation {init_id}{fine_tuned}."
+    groups = "; ".join(f"{init_id}: {count}" for init_id, count in ids.most_common())
+    return f"The ingredients start from {len(ids)} different initialisations ({groups}){fine_tuned}."

@@ -3,7 +3,9 @@ held-out score as the greedy soup tries its ingredients.
 
 Scores are always labelled with the cases they come from. *Selection* scores are measured on the cases used to
 choose the ingredients (and the best checkpoint): optimistic for the greedy soup and the best ingredient, and the
-report says so. *Test* scores come from cases never used for selection (``--test-fold``).
+report says so. *Test* scores come from cases that no ingredient trained or validated on and selection never used
+(by default the datalist's test split). When the user allowed test cases an ingredient had seen, the report's first
+line, the test table's heading, the console summary and the soup's stored scores all say so.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_text
 from brats_ugrip.cli import console
@@ -41,11 +44,15 @@ class ScoreTable:
     cases: str
     n_cases: int
     rows: list[ReportRow]
+    notice: str | None = None
+    """For test scores on cases some model had seen (allowed explicitly): the line that says so."""
 
     @property
     def heading(self) -> str:
+        if self.kind == "test" and self.notice:
+            return f"'Test' scores — {self.cases}: NOT held out, some were seen in training or validation"
         if self.kind == "test":
-            return f"Test scores — {self.cases}, never used for selection"
+            return f"Test scores — {self.cases}, never used for training, validation or selection"
         return f"Selection scores — {self.cases} (used to choose the soup; not test scores)"
 
 
@@ -115,7 +122,9 @@ def write_report(directory: str | os.PathLike[str], title: str, tables: Sequence
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tables = sorted(tables, key=lambda t: t.kind != "test")  # test scores first: they are the ones to quote
-    parts = [f"# {title}", ""]
+    notice = next((t.notice for t in tables if t.notice), None)
+    parts = [f"**{notice}**", ""] if notice else []
+    parts += [f"# {title}", ""]
     if steps:
         parts += ["![greedy soup: held-out score as ingredients are tried](greedy.png)", ""]
     if not any(t.kind == "test" for t in tables):
@@ -131,14 +140,21 @@ def write_report(directory: str | os.PathLike[str], title: str, tables: Sequence
     return paths
 
 
-def test_scores(tables: Sequence[ScoreTable]) -> dict[str, dict] | None:
-    """``{model: {"dice": .., "hd95": ..}}`` of the test table, for the soup's metadata; None without test cases."""
-    found = {row.model: {"dice": row.dice, "hd95": row.hd95} for t in tables if t.kind == "test" for row in t.rows}
-    return found or None
+def test_scores(tables: Sequence[ScoreTable]) -> dict[str, Any] | None:
+    """The test table for the soup's metadata, labelled as the report labels it: ``{"label": heading, "notice":
+    line or None, "cases": n, "models": {model: {"dice": .., "hd95": ..}}}``; None without test cases."""
+    table = next((t for t in tables if t.kind == "test"), None)
+    if table is None:
+        return None
+    return {"label": table.heading, "notice": table.notice, "cases": table.n_cases,
+            "models": {row.model: {"dice": row.dice, "hd95": row.hd95} for row in table.rows}}
 
 
 def print_summary(tables: Sequence[ScoreTable], soup: Path, report: Path) -> None:
-    """The tables (test first) and where the soup and the report are, on the console."""
+    """The tables (test first, under the report's headings) and where the soup and the report are, on the console."""
+    notice = next((t.notice for t in tables if t.notice), None)
+    if notice:
+        console.print(f"[bold yellow]{notice}[/]", highlight=False)
     for table in sorted(tables, key=lambda t: t.kind != "test"):
         console.print(f"\n{table.heading}\n{markdown_table(table)}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"soup: {soup}   report: {report}", highlight=False)

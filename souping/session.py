@@ -1,13 +1,14 @@
 """What the soup commands share: the held-out cases, scoring ingredients and soups, and the soup's metadata.
 
 A :class:`SoupSession` holds the selection cases (by default the fold the ingredients were validated on, from
-their metadata) and optionally test cases (``--test-fold``), each loaded once as a
-:class:`~brats_ugrip.heldout.HeldOutSet`, one network of the ingredients' architecture into which every state dict
-is loaded for scoring, and the count of evaluations per set.
+their metadata) and the test cases (by default the datalist's test split, when it has one; see
+:class:`~brats_ugrip.souping.options.SoupData`), each loaded once as a :class:`~brats_ugrip.heldout.HeldOutSet`,
+one network of the ingredients' architecture into which every state dict is loaded for scoring, and the count of
+evaluations per set. Test cases an ingredient trained or validated on are refused, by the case ids each checkpoint
+records (:func:`brats_ugrip.seen_cases.check_test_cases`), unless ``allow_seen_test_cases``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 from collections import Counter
@@ -24,10 +25,12 @@ from brats_ugrip.cli import console
 from brats_ugrip.config import InferenceConfig, config_from_dict
 from brats_ugrip.data import Case, Datalist
 from brats_ugrip.datasets import TrainDataset, training_batch
-from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
+from brats_ugrip.errors import CheckpointError, ConfigError, DataError
 from brats_ugrip.heldout import FINGERPRINT_SETTINGS, HeldOutScore, HeldOutSet, checkpoint_settings, stored_score
 from brats_ugrip.preprocess import CaseCache
+from brats_ugrip.seen_cases import check_test_cases, union_record
 from brats_ugrip.souping.ingredients import Ingredients, SoupWarning
+from brats_ugrip.souping.options import SoupData
 from brats_ugrip.souping.report import ReportRow, ScoreTable
 from brats_ugrip.souping.soups import StateDict, recalibrate_batchnorm
 
@@ -51,40 +54,6 @@ class Scores:
 
     def row(self, model: str) -> ReportRow:
         return ReportRow(model, self.dice, self.hd95)
-
-
-def soup_parser(description: str | None) -> argparse.ArgumentParser:
-    """The options both soup commands take: ``--ckpts``, ``--out`` and how to choose and read the held-out cases
-    (the ``args`` of :class:`SoupSession`); each command adds its own."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpts", required=True, type=Path, help="folder of checkpoints (*.ckpt, *.pt, *.pth)")
-    parser.add_argument("--out", required=True, type=Path, help="soup checkpoint to write")
-    group = parser.add_argument_group("held-out data")
-    group.add_argument("--datalist", help="datalist JSON (default: the one the ingredients were trained with)")
-    group.add_argument("--data-root", help="folder the datalist's paths are relative to (default: the datalist's)")
-    group.add_argument("--fold", type=int, help="selection fold (default: the fold the ingredients were validated on)")
-    group.add_argument("--test-fold", type=int, help="score best ingredient, uniform and greedy soups on this fold too: "
-                       "cases never used for selection")
-    group.add_argument("--test-datalist", help="take the test cases from this datalist (its --test-fold, or all of "
-                       "its labelled cases)")
-    group.add_argument("--cache-dir", help="preprocessed-case cache (default: the runs' cache when there is one)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                       help="device for inference (default: %(default)s); held-out cases are kept there when they fit")
-    group.add_argument("--sw-batch-size", type=int, help="sliding-window batch (changes speed only)")
-    group.add_argument("--rescore", action="store_true", help="recompute the ingredients' scores even when their "
-                       "checkpoints hold scores measured on the same cases with the same settings")
-    group.add_argument("--no-hd95", dest="hd95", action="store_false",
-                       help="skip HD95 in the report (saves the report-only evaluations)")
-    group.add_argument("--recalibrate-bn", action="store_true", help="recompute BatchNorm running statistics of each "
-                       "soup on training patches (BatchNorm models only; GroupNorm models need none)")
-    group.add_argument("--bn-batches", type=int, default=16, help="training batches for --recalibrate-bn")
-    group.add_argument("--report-dir", help="where report.md/.csv/.png go (default: next to --out, <name>_report)")
-    return parser
-
-
-def report_dir(args: argparse.Namespace) -> Path:
-    out = Path(args.out)
-    return Path(args.report_dir) if args.report_dir else out.with_name(f"{out.stem}_report")
 
 
 def print_warnings_on_console() -> None:
@@ -124,35 +93,28 @@ def default_cache_dir(meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _ingredient_datalist(ingredient_config: dict[str, Any]) -> Datalist | None:
-    try:
-        data = ingredient_config["data"]
-        return Datalist.load(data["datalist"], data.get("data_root"))
-    except (BratsUgripError, KeyError, TypeError):
-        return None
-
-
 class SoupSession:
     """Held-out sets, a network to score state dicts with, and evaluation counts, for one folder of ingredients.
 
     Args:
         ingredients: the checked ingredients.
-        args: the options of :func:`soup_parser`.
+        data: where selection and test cases come from, and how they are scored.
 
     Attributes:
         on_evaluation: called after every evaluation (e.g. to advance a progress bar).
     """
 
-    def __init__(self, ingredients: Ingredients, args: argparse.Namespace):
+    def __init__(self, ingredients: Ingredients, data: SoupData = SoupData()):
         self.ingredients = ingredients
         self.reference = ingredients[0]
         self.settings = _settings(ingredients)
-        if args.sw_batch_size:
-            self.settings = replace(self.settings, sw_batch_size=args.sw_batch_size)
-        self.datalist, self.fold = self._selection_datalist(args)
-        self.cache_dir = args.cache_dir or default_cache_dir(self.reference.meta)
-        self.device = torch.device(args.device)
+        if data.sw_batch_size:
+            self.settings = replace(self.settings, sw_batch_size=data.sw_batch_size)
+        self.datalist, self.fold = self._selection_datalist(data)
+        self.cache_dir = data.cache_dir or default_cache_dir(self.reference.meta)
+        self.device = torch.device(data.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.notes: list[str] = []
+        self.seen_notice: str | None = None
         self.evaluations: Counter[str] = Counter()
         self.on_evaluation: Callable[[], None] | None = None
         # The scheme the networks were trained with (what their channels mean), as validation used it.
@@ -160,25 +122,24 @@ class SoupSession:
         self.selection = HeldOutSet.from_fold(self.datalist, self.fold, scheme=self.scheme, cache_dir=self.cache_dir,
                                               device=self.device)
         self.fingerprint = self.selection.fingerprint(self.settings)
-        test_cases = self._test_cases(args)
+        test_cases, self.test_description = self._test_cases(data)
         self.test = HeldOutSet(test_cases, self.scheme, self.cache_dir, self.device) if test_cases else None
-        self.test_description = self._describe_test(args) if test_cases else ""
         self.model = build_model(self.reference.meta).to(self.device)
-        self.recalibrate = self._recalibration(args) if args.recalibrate_bn else None
-        if ingredients.running_stats_keys and not args.recalibrate_bn:
+        self.recalibrate = self._recalibration(data.bn_batches) if data.recalibrate_bn else None
+        if ingredients.running_stats_keys and not data.recalibrate_bn:
             warnings.warn("the ingredients have BatchNorm running statistics; the soup's are the mean of theirs, "
                           "which rarely fits the averaged weights: pass --recalibrate-bn", SoupWarning, stacklevel=2)
 
     # --- data ---------------------------------------------------------------------------------------------
 
-    def _selection_datalist(self, args: argparse.Namespace) -> tuple[Datalist, int]:
-        data = self.reference.config.get("data") or {}
-        path = args.datalist or data.get("datalist")
+    def _selection_datalist(self, data: SoupData) -> tuple[Datalist, int]:
+        trained = self.reference.config.get("data") or {}
+        path = data.datalist or trained.get("datalist")
         if not path:
             raise DataError(f"{self.reference.path}: its metadata names no datalist; pass --datalist")
-        root = args.data_root or (None if args.datalist else data.get("data_root"))
+        root = data.data_root or (None if data.datalist else trained.get("data_root"))
         datalist = Datalist.load(path, root)
-        fold = args.fold
+        fold = data.fold
         if fold is None:
             folds = sorted({str(ingredient.meta.get("fold")) for ingredient in self.ingredients})
             if len(folds) != 1 or folds[0] == "None":
@@ -187,44 +148,31 @@ class SoupSession:
             fold = int(folds[0])
         return datalist, fold
 
-    def _test_cases(self, args: argparse.Namespace) -> list[Case]:
-        if args.test_fold is None and args.test_datalist is None:
-            return []
-        source = Datalist.load(args.test_datalist) if args.test_datalist else self.datalist
-        cases = source.fold_cases(args.test_fold) if args.test_fold is not None else [
-            case for case in source.training if case.label is not None]
+    def _test_cases(self, data: SoupData) -> tuple[list[Case], str]:
+        """The test cases and their description (see :class:`SoupData`); refuses seen ones unless allowed."""
+        source = Datalist.load(data.test_datalist) if data.test_datalist else self.datalist
+        name = Path(source.path or "datalist").name
+        if data.test_fold is not None:
+            cases, where = source.fold_cases(data.test_fold), f"fold {data.test_fold} of {name}"
+        elif source.test and (data.test_split or data.test_datalist):
+            cases, where = source.test, f"the test split of {name}"
+        elif data.test_datalist:
+            cases, where = [c for c in source.training if c.label is not None], f"the labelled cases of {name}"
+        else:
+            return [], ""
         shared = sorted({c.case_id for c in cases} & set(self.selection.case_ids))
         if shared:
             raise DataError(f"{len(shared)} test case(s) are also selection cases (e.g. {shared[0]}); test cases must "
                             "be cases the selection never sees")
-        seen = self._seen_in_training({c.case_id for c in cases})
-        if seen:
-            self.notes.append(f"{len(seen)} of the {len(cases)} test cases were in an ingredient's training data "
-                              f"(e.g. {sorted(seen)[0]}): the test scores are optimistic for every model alike.")
-        return cases
-
-    def _seen_in_training(self, case_ids: set[str]) -> set[str]:
-        """Test cases some ingredient may have trained on: in its datalist's training split, or the source of a
-        training case derived from them (synthetic data)."""
-        seen: set[str] = set()
-        for ingredient in self.ingredients:
-            datalist = _ingredient_datalist(ingredient.config)
-            if datalist is None or ingredient.meta.get("fold") not in datalist.folds:
-                continue
-            for case in datalist.split(ingredient.meta["fold"])[0]:
-                seen |= {case.case_id, str(case.extra.get("source_case"))} & case_ids
-        return seen
-
-    def _describe_test(self, args: argparse.Namespace) -> str:
-        name = Path(args.test_datalist).name if args.test_datalist else Path(self.datalist.path or "datalist").name
-        where = f"fold {args.test_fold} of {name}" if args.test_fold is not None else f"the labelled cases of {name}"
-        return f"{where}, {len(self.test)} cases"
+        self.seen_notice = check_test_cases([c.case_id for c in cases], [(i.name, i.meta) for i in self.ingredients],
+                                            data.allow_seen_test_cases)
+        return cases, f"{where}, {len(cases)} cases"
 
     @property
     def selection_description(self) -> str:
         return f"fold {self.fold} of {Path(self.datalist.path or 'datalist').name}, {len(self.selection)} cases"
 
-    def _recalibration(self, args: argparse.Namespace) -> Callable[[torch.nn.Module], None] | None:
+    def _recalibration(self, bn_batches: int) -> Callable[[torch.nn.Module], None] | None:
         if not self.ingredients.running_stats_keys:
             self.notes.append("--recalibrate-bn: the network has no BatchNorm running statistics; nothing to do.")
             return None
@@ -238,9 +186,9 @@ class SoupSession:
             with torch.random.fork_rng():
                 torch.manual_seed(0)  # the same patches for every soup: scores stay comparable
                 recalibrate_batchnorm(model, (training_batch(batch)["image"]
-                                              for batch, _ in zip(loader, range(args.bn_batches))))
+                                              for batch, _ in zip(loader, range(bn_batches))))
 
-        self.notes.append(f"BatchNorm statistics of every soup recomputed on {args.bn_batches} training batches.")
+        self.notes.append(f"BatchNorm statistics of every soup recomputed on {bn_batches} training batches.")
         return recalibrate
 
     # --- scoring ------------------------------------------------------------------------------------------
@@ -292,7 +240,7 @@ class SoupSession:
                 if id(load) not in tested:
                     tested[id(load)] = Scores.of(self.score(load(), "test", with_hd95))
             tables.append(ScoreTable("test", self.test_description, len(self.test),
-                                     [tested[id(load)].row(label) for label, load, _ in models]))
+                                     [tested[id(load)].row(label) for label, load, _ in models], self.seen_notice))
         return tables
 
     def report_evaluations(self, models: Sequence[tuple[str, Callable[[], StateDict], Scores]], with_hd95: bool) -> int:
@@ -322,6 +270,9 @@ def soup_meta(ingredients: Ingredients, method: str, reference: int, kept: Seque
             "score": soup_score.dice if soup_score else None,
             "selection": session.selection_meta() if session else None, **extra}
     meta.update(weights="averaged" if averaged else "current", git_commit=git_commit(), soup=soup)
+    cases = union_record(i.meta for i in ingredients)  # so the soup, used as a model in turn, can be checked too
+    if cases is not None:
+        meta["cases"] = cases
     if soup_score is not None and session is not None:
         meta.update(val_metrics=dict(soup_score.dice), val_fingerprint=session.fingerprint)
     return meta

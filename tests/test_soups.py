@@ -398,15 +398,20 @@ def test_rescoring_reproduces_the_stored_scores(ingredient_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_test_fold_scores_all_three_on_unseen_cases(ingredient_dir, tmp_path):
+def test_test_fold_seen_in_training_is_refused_unless_allowed_and_then_labelled(ingredient_dir, tmp_path, capsys):
     out = tmp_path / "soup.ckpt"
-    greedy_cli.main(["--ckpts", str(ingredient_dir), "--out", str(out), "--test-fold", "1"])
-    meta = load_checkpoint(out)["brats_ugrip"]
-    assert len(meta["soup"]["test"]) == 3
-    assert all(v["hd95"] is not None for v in meta["soup"]["test"].values())
+    with pytest.raises(SystemExit) as exit_info:  # fold 1 was in the ingredients' training split
+        run(greedy_cli.main, ["--ckpts", str(ingredient_dir), "--out", str(out), "--test-fold", "1"])
+    assert exit_info.value.code == 2 and "--allow-seen-test-cases" in capsys.readouterr().err
+    assert not out.exists()
+    greedy_cli.main(["--ckpts", str(ingredient_dir), "--out", str(out), "--test-fold", "1", "--allow-seen-test-cases"])
+    test = load_checkpoint(out)["brats_ugrip"]["soup"]["test"]
+    assert len(test["models"]) == 3 and all(v["hd95"] is not None for v in test["models"].values())
     report = (tmp_path / "soup_report" / "report.md").read_text()
-    assert report.index("Test scores") < report.index("Selection scores")
-    assert "were in an ingredient's training data" in report  # fold 1 was in the ingredients' training split
+    assert report.splitlines()[0].startswith("**NOT A TEST SCORE (--allow-seen-test-cases)")
+    assert test["notice"] in report.splitlines()[0] and f"## {test['label']}" in report
+    assert "NOT held out" in test["label"] and "NOT held out" in capsys.readouterr().err
+    assert report.index("'Test' scores") < report.index("Selection scores")
     with pytest.raises(SystemExit) as exit_info:
         run(greedy_cli.main, ["--ckpts", str(ingredient_dir), "--out", str(out), "--test-fold", "0"])
     assert exit_info.value.code == 2  # the selection fold cannot be the test fold
