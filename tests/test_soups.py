@@ -15,7 +15,7 @@ from brats_ugrip.checkpoints import load_checkpoint, load_model, save_model_chec
 from brats_ugrip.cli import run
 from brats_ugrip.config import config_from_dict
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
-from brats_ugrip.errors import CheckpointError
+from brats_ugrip.errors import CheckpointError, DataError
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings, stored_score, validation_fingerprint
 from brats_ugrip.inference import predict_preprocessed
 from brats_ugrip.labels import get_scheme
@@ -435,3 +435,35 @@ def test_commands_exit_2_with_a_clear_message(tmp_path, capsys):
         run(greedy_cli.main, ["--ckpts", str(tmp_path), "--out", str(tmp_path / "s.ckpt")])
     assert exit_info.value.code == 2
     assert "no checkpoints" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.slow
+def test_soups_report_on_the_test_split_by_default(phantom_dir, tmp_path):
+    """From Python, with keyword arguments: a datalist with a test split (2 of 6 phantoms), ingredients that
+    record the cases they saw; both soups are tested on the split without being told, and a datalist moved away
+    changes nothing of the check (the ids travel in the checkpoints)."""
+    from brats_ugrip.seen_cases import case_record
+    from brats_ugrip.souping.api import greedy_soup_from_checkpoints, uniform_soup_from_checkpoints
+
+    path = tmp_path / "datalist.json"
+    save_datalist(make_datalist(phantom_dir, n_folds=2, seed=0, relative_to=tmp_path, test_cases=2), path)
+    datalist = Datalist.load(path)
+    train, val = datalist.split(0)
+    config, base, folder = _config(str(path)), _network(0), tmp_path / "models"
+    for i in range(2):
+        _write(folder / f"run{i}.ckpt", _finetuned(base, i, 0.05), config=config, cases=case_record(train, val))
+    result = greedy_soup_from_checkpoints(folder, out=tmp_path / "greedy.ckpt", hd95=False, device="cpu",
+                                          progress=False)
+    test = next(t for t in result.tables if t.kind == "test")
+    assert test.cases == "the test split of datalist.json, 2 cases" and test.notice is None
+    assert test.heading.startswith("Test scores") and len(test.rows) == 3
+    assert result.meta["soup"]["test"]["label"] == test.heading
+    assert set(result.meta["cases"]["init"]) == {c.case_id for c in train + val}  # the soup records them too
+    assert result.report["markdown"].read_text().startswith("# Greedy soup")
+    assert "share the initialisation init-a" in result.report["markdown"].read_text()
+
+    seen = case_record(train + datalist.test[:1], val)  # one test case leaked into an ingredient's training
+    _write(folder / "run1.ckpt", _finetuned(base, 1, 0.05), config=config, cases=seen)
+    path.rename(tmp_path / "moved.json")
+    with pytest.raises(DataError, match=datalist.test[0].case_id):
+        uniform_soup_from_checkpoints(folder, datalist=str(tmp_path / "moved.json"), device="cpu", progress=False)
