@@ -11,8 +11,12 @@ on a 4th axis), ``DIR/uncertainty/<ID>.nii.gz`` and ``DIR/overlays/<ID>.png``.
 
 Without ``--weights``, ``--fit`` or ``--spec`` every model weighs 1. ``--fit`` chooses weights (``--method``),
 thresholds and post-processing on the validation cases of ``--fold`` (see ``ensembling/fit.py``), and scores the
-result on ``--test-fold`` when given. The spec used is always saved (``--save-spec``, default ``DIR/ensemble.yaml``),
-with the fit report next to it (``<spec>.fit.json``).
+result on the datalist's test split when it has one (``--test-fold`` for another fold, ``--no-test-split`` for
+none). A test case that a model trained or validated on is refused unless ``--allow-seen-test-cases``; then the
+console table, the spec's fit record and the fit report all say so. The spec used is always saved
+(``--save-spec``, default ``DIR/ensemble.yaml``), with the fit report next to it (``<spec>.fit.json``).
+
+The fit is :func:`brats_ugrip.ensembling.api.fit_ensemble_from_checkpoints`; this command parses and calls it.
 """
 from __future__ import annotations
 
@@ -22,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 from rich.table import Table
 
 from brats_ugrip.atomic import atomic_write_json
@@ -46,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--datalist", help="datalist JSON holding the folds")
     fit.add_argument("--data-root", help="folder the datalist's paths are relative to (default: the datalist's)")
     fit.add_argument("--fold", type=int, help="validation fold the weights are fitted on")
-    fit.add_argument("--test-fold", type=int, help="another fold, scored with the fitted ensemble (never fitted on)")
+    fit.add_argument("--test-fold", type=int, help="score on this fold instead of the datalist's test split")
+    fit.add_argument("--no-test-split", dest="test_split", action="store_false",
+                     help="do not score on the datalist's test split")
+    fit.add_argument("--allow-seen-test-cases", action="store_true", help="score test cases that a model trained or "
+                     "validated on (refused otherwise); every score label then says so")
     fit.add_argument("--method", choices=("fitted", "dice", "equal"), default="fitted",
                      help="fitted: simplex × threshold search; dice: proportional to each model's Dice; equal")
     fit.add_argument("--no-postprocessing", action="store_true", help="do not evaluate post-processing rules")
@@ -63,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help="flip TTA for every model")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap for every model")
     parser.add_argument("--sw-batch-size", type=int, help="windows per forward pass for every model")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda, cpu, ... (default: cuda when available, else cpu)")
     return parser
 
 
@@ -73,13 +80,15 @@ def _check_fit_arguments(args: argparse.Namespace) -> None:
             raise ConfigError("--fit", "needs --datalist F and --fold K (the held-out fold to fit on)")
         if args.test_fold is not None and args.test_fold == args.fold:
             raise ConfigError("--test-fold", f"must differ from --fold ({args.fold}): test cases are never fitted on")
-    elif args.test_fold is not None or args.datalist or args.fold is not None:
-        raise ConfigError("--fold", "--datalist, --fold and --test-fold are options of --fit")
+    elif args.test_fold is not None or args.datalist or args.fold is not None or args.allow_seen_test_cases:
+        raise ConfigError("--fold", "--datalist, --fold, --test-fold and --allow-seen-test-cases are options of --fit")
 
 
-def score_table(result: FitResult, names: Sequence[str]) -> Table:
-    """Mean Dice of each model alone and of the ensemble, on the fitting cases (and the test cases)."""
-    table = Table(title="mean Dice (selection: the cases the ensemble was fitted on)")
+def score_table(result: FitResult, names: Sequence[str], test_label: str | None = None) -> Table:
+    """Mean Dice of each model alone and of the ensemble, on the fitting cases (and the test cases, under
+    ``test_label``, the label the fit record carries)."""
+    title = "mean Dice (selection: the cases the ensemble was fitted on)"
+    table = Table(title=title + (f"; test: {test_label}" if test_label else ""))
     table.add_column("model")
     sets = [("selection", result.singles, result.selection)]
     if result.test is not None:
@@ -97,36 +106,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_fit_arguments(args)
 
-    from brats_ugrip.data import Datalist
+    import torch
+
     from brats_ugrip.ensemble import Ensemble, EnsembleSpec, spec_from_checkpoints, write_prediction
-    from brats_ugrip.heldout import HeldOutSet
     from brats_ugrip.infer import input_cases
 
-    spec = EnsembleSpec.load(args.spec) if args.spec else spec_from_checkpoints(args.models, args.weights)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     changes = {"tta": args.tta, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
     changes = {k: v for k, v in changes.items() if v is not None}
-    if changes:
-        spec.members = [dataclasses.replace(m, inference={**m.inference, **changes}) for m in spec.members]
-    ensemble = Ensemble(spec, args.device)
+    spec = EnsembleSpec.load(args.spec) if args.spec else None
     spec_path = args.save_spec or args.out / "ensemble.yaml"
-
     report = None
     if args.fit:
-        from brats_ugrip.ensembling.fit import fit_ensemble, training_overlap
+        from brats_ugrip.ensembling.api import fit_ensemble_from_checkpoints
 
-        datalist = Datalist.load(args.datalist, args.data_root)
-        for path in training_overlap(ensemble, args.fold):
-            console.print(f"[yellow]warning:[/] {path} was trained on fold {args.fold}'s cases (its validation fold "
-                          "is another): its held-out scores there are optimistic and the fit will favour it",
-                          highlight=False)
-        held_out = HeldOutSet.from_fold(datalist, args.fold, cache_dir=args.cache_dir, device=args.device)
-        test_set = (HeldOutSet.from_fold(datalist, args.test_fold, cache_dir=args.cache_dir, device=args.device)
-                    if args.test_fold is not None else None)
-        record = {"datalist": str(Path(args.datalist).resolve()), "fold": args.fold, "test_fold": args.test_fold}
-        result = fit_ensemble(ensemble, held_out, args.method, test_set, not args.no_postprocessing, record=record)
-        ensemble = ensemble.with_spec(result.spec)
-        console.print(score_table(result, [m.path.name for m in ensemble.members]))
-        report = result.report()
+        fitted = fit_ensemble_from_checkpoints(
+            None if spec else args.models, spec=spec, datalist=args.datalist, fold=args.fold, data_root=args.data_root,
+            test_fold=args.test_fold, test_split=args.test_split, allow_seen_test_cases=args.allow_seen_test_cases,
+            method=args.method, postprocessing=not args.no_postprocessing, cache_dir=args.cache_dir, device=device,
+            inference=changes)
+        for warning in fitted.warnings:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if fitted.result.spec.fit.get("test_notice"):
+            console.print(f"[bold yellow]{fitted.result.spec.fit['test_notice']}[/]", highlight=False)
+        ensemble = fitted.ensemble
+        console.print(score_table(fitted.result, [m.path.name for m in ensemble.members], fitted.test_label))
+        report = fitted.result.report()
+    else:
+        spec = spec or spec_from_checkpoints(args.models, args.weights)
+        if changes:
+            spec.members = [dataclasses.replace(m, inference={**m.inference, **changes}) for m in spec.members]
+        ensemble = Ensemble(spec, device)
     ensemble.spec.save(spec_path)
     if report is not None:
         atomic_write_json(spec_path.with_name(spec_path.name.removesuffix(".yaml") + ".fit.json"), report)

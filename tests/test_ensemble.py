@@ -13,7 +13,7 @@ from brats_ugrip.config import load_config
 from brats_ugrip.data import Datalist, cases_from_dir, make_datalist, save_datalist
 from brats_ugrip.ensemble import (Ensemble, EnsembleSpec, PostProcessing, WeightedSum, disagreement_map, entropy_map,
                                   model_channels, spec_from_checkpoints)
-from brats_ugrip.errors import CheckpointError, ConfigError
+from brats_ugrip.errors import CheckpointError, ConfigError, DataError
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
 from brats_ugrip.inference import predict_preprocessed
 from brats_ugrip.labels import REGIONS, get_scheme
@@ -25,15 +25,17 @@ from brats_ugrip.ensembling.fit import PredictionCache, _positives, fit_weights,
 SCHEME = get_scheme("brats2023")
 
 
-def tiny_checkpoint(path, seed, scheme="brats2023", fold=0):
-    """A random tiny SegResNet saved as a model-only checkpoint (window 32³)."""
+def tiny_checkpoint(path, seed, scheme="brats2023", fold=0, seen=()):
+    """A random tiny SegResNet saved as a model-only checkpoint (window 32³), recording ``seen`` as its training
+    cases (none by default: it was never trained)."""
     config = load_config(base={"data": {"datalist": "unused.json", "scheme": scheme, "roi_size": [48, 48, 48]},
                                "model": {"name": "segresnet", "init_filters": 8},
                                "inference": {"overlap": 0.25, "sw_batch_size": 2}})
     torch.manual_seed(seed)
     model = create_model("segresnet", init_filters=8)
     kwargs = resolve_kwargs("segresnet", init_filters=8)
-    meta = {"config": config.to_dict(), "model": {"name": "segresnet", "kwargs": kwargs}, "fold": fold}
+    meta = {"config": config.to_dict(), "model": {"name": "segresnet", "kwargs": kwargs}, "fold": fold,
+            "cases": {"train": list(seen), "val": [], "init": []}}
     return save_model_checkpoint(path, model.state_dict(), meta)
 
 
@@ -299,6 +301,22 @@ def test_cli_fits_on_a_fold_and_never_scores_below_the_best_single_model(checkpo
     report = json.loads((out / "ensemble.fit.json").read_text())
     assert len(report["selection"]["per_case"]) == record["cases"] == 1
     assert report["postprocessing_trials"][0]["rule"] == "none"
+    assert record["test_label"] == "test scores on fold 1 of datalist.json, 1 cases, never used for training, " \
+                                   "validation or fitting" and record["test_notice"] is None
+
+
+def test_fit_refuses_a_test_case_a_model_trained_on_unless_allowed(checkpoints, datalist, tmp_path, capsys):
+    test_case = Datalist.load(datalist).fold_cases(1)[0].case_id
+    seen = tiny_checkpoint(tmp_path / "seen.ckpt", seed=5, seen=[test_case])
+    args = ["--models", str(checkpoints[0]), str(seen), "--fit", "--datalist", str(datalist), "--fold", "0",
+            "--test-fold", "1", "--out", str(tmp_path / "fit"), "--method", "equal", "--no-postprocessing"]
+    with pytest.raises(DataError, match=f"{test_case}, seen by seen.ckpt"):
+        ensemble_cli.main(args)
+    ensemble_cli.main([*args, "--allow-seen-test-cases"])
+    record = EnsembleSpec.load(tmp_path / "fit" / "ensemble.yaml").fit
+    assert "NOT held out" in record["test_label"] and "--allow-seen-test-cases" in record["test_notice"]
+    assert json.loads((tmp_path / "fit" / "ensemble.fit.json").read_text())["fit"]["test_label"] == record["test_label"]
+    assert "NOT held out" in " ".join(capsys.readouterr().err.split())
 
 
 def test_cli_writes_labels_probabilities_uncertainty_and_overlays_in_input_geometry(checkpoints, case, tmp_path):

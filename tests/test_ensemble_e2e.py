@@ -29,9 +29,10 @@ def test_fitted_ensemble_of_two_trained_models_is_scored_by_the_evaluate_tool(ph
     datalist = save_datalist(make_datalist(phantom_dir, 3, 0), tmp_path / "datalist.json")
     checkpoints = [tiny_run(tmp_path, datalist, "segresnet", 0), tiny_run(tmp_path, datalist, "unet", 1)]
     out = tmp_path / "ensemble"
+    # Both models trained on fold 1 (their validation fold is 0): allowed here, to compare with the evaluate tool.
     ensemble_cli.main(["--models", *checkpoints, "--fit", "--datalist", str(datalist), "--fold", "0",
-                       "--test-fold", "1", "--cache-dir", str(tmp_path / "cache"), "--input", str(phantom_dir),
-                       "--out", str(out), "--uncertainty"])
+                       "--test-fold", "1", "--allow-seen-test-cases", "--cache-dir", str(tmp_path / "cache"),
+                       "--input", str(phantom_dir), "--out", str(out), "--uncertainty"])
     fit = EnsembleSpec.load(out / "ensemble.yaml").fit
     selection = fit["selection_score"]["dice"]
     assert selection["mean"] >= max(s["mean"] for s in fit["single_model_scores"]) - 1e-12
