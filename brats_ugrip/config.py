@@ -437,7 +437,7 @@ def config_hash(config: RunConfig | dict[str, Any]) -> str:
     for key in HASH_EXCLUDED:
         values.pop(key, None)
     for (section, key), default in HASH_OMITTED_DEFAULTS.items():
-        if values.get(section, {}).get(key, default) == default:
+        if isinstance(values.get(section), dict) and values[section].get(key, default) == default:
             values[section] = {k: v for k, v in values[section].items() if k != key}
     return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 

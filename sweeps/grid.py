@@ -37,6 +37,7 @@ from brats_ugrip.data import Datalist
 from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
 from brats_ugrip.sweeps.executor import ExecutorSection
+from brats_ugrip.sweeps.init_from import resolve_in_config
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
@@ -282,7 +283,8 @@ class ParameterManager:
             config_values = {k: v for k, v in combo.items() if not k.startswith(EXECUTOR_PREFIX)}
             executor_values = {k[len(EXECUTOR_PREFIX):]: v for k, v in combo.items() if k.startswith(EXECUTOR_PREFIX)}
             try:
-                config = config_from_dict(apply_overrides(self.base, config_values))
+                values = resolve_in_config(apply_overrides(self.base, config_values), self.source)
+                config = config_from_dict(values)
                 _check_data(config, datalists, checked)
                 key = json.dumps(executor_values, sort_keys=True, default=str)
                 if key not in executors:
