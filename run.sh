@@ -51,21 +51,31 @@ setup() {
 }
 
 demo() {
-    # The whole product on CPU in minutes: phantoms → datalist → sweep (local executor) → collected models →
-    # greedy soup selected on fold 0 and tested on fold 1 → MLCube package checked on BraTS-named cases.
+    # The whole product on CPU in minutes, as the workflow it is meant for: phantoms → datalist with a held-out test
+    # split → a base run → 6 ingredients fine-tuned from it (a second sweep naming the first) → greedy and uniform
+    # soups selected on fold 0 and the per-channel ensemble fitted on fold 0 → one table of test-split scores →
+    # MLCube package checked on BraTS-named cases. No model trains or validates on the test split.
     local out=${DEMO_DIR:-demo}
     mkdir -p "$out"
     $PYTHON synthetic/phantom.py --out "$out/data" --cases 12 --size 64 --seed 0
-    $PYTHON tools/make_datalist.py "$out/data" --folds 3 --seed 0 --out "$out/datalist.json"
+    $PYTHON tools/make_datalist.py "$out/data" --folds 3 --test-cases 3 --seed 0 --out "$out/datalist.json"
     $PYTHON tools/check_data.py "$out/datalist.json"
-    $PYTHON sweeps/launch.py experiments/grid_demo_cpu.yaml --sweep-dir "$out/sweep"
-    $PYTHON sweeps/monitor.py "$out/sweep" --summary
-    $PYTHON souping/greedy.py --ckpts "$out/sweep/models" --datalist "$out/datalist.json" --fold 0 --test-fold 1 \
+    $PYTHON sweeps/launch.py experiments/grid_demo_base.yaml --sweep-dir "$out/base"
+    $PYTHON sweeps/launch.py experiments/grid_demo_finetune.yaml --sweep-dir "$out/finetune"  # init_from: $out/base
+    $PYTHON sweeps/monitor.py "$out/finetune" --summary
+    $PYTHON souping/greedy.py --ckpts "$out/finetune/models" --datalist "$out/datalist.json" --fold 0 \
         --out "$out/soup.ckpt"
+    $PYTHON souping/uniform.py --ckpts "$out/finetune/models" --datalist "$out/datalist.json" --fold 0 \
+        --out "$out/uniform.ckpt"
+    $PYTHON ensembling/ensemble.py --models "$out"/finetune/models/*.ckpt --fit --datalist "$out/datalist.json" \
+        --fold 0 --out "$out/ensemble"
+    $PYTHON tools/compare_soups.py --greedy "$out/soup.ckpt" --uniform "$out/uniform.ckpt" \
+        --ensemble "$out/ensemble/ensemble.fit.json" --out "$out/test_table.md"
     $PYTHON mlcube/build.py --model "$out/soup.ckpt" --challenge brats2023-gli --out "$out/mlcube" --force
     $PYTHON synthetic/phantom.py --out "$out/submission" --cases 3 --size 64 --seed 7 --prefix BraTS-GLI
     $PYTHON mlcube/check.py "$out/mlcube" --data "$out/submission" --labels "$out/submission"
-    echo "demo: done — sweep in $out/sweep, soup report next to $out/soup.ckpt, MLCube in $out/mlcube"
+    echo "demo: done — test table in $out/test_table.md, soup reports next to $out/soup.ckpt and $out/uniform.ckpt," \
+         "ensemble in $out/ensemble, MLCube in $out/mlcube"
 }
 
 tests() {

@@ -146,7 +146,7 @@ def test_scores(tables: Sequence[ScoreTable]) -> dict[str, Any] | None:
     table = next((t for t in tables if t.kind == "test"), None)
     if table is None:
         return None
-    return {"label": table.heading, "notice": table.notice, "cases": table.n_cases,
+    return {"label": table.heading, "notice": table.notice, "cases": table.n_cases, "where": table.cases,
             "models": {row.model: {"dice": row.dice, "hd95": row.hd95} for row in table.rows}}
 
 
