@@ -22,7 +22,6 @@ from brats_ugrip.metrics.lesionwise import (
     lesionwise_score,
     lesionwise_scores,
 )
-from brats_ugrip.metrics.panoptic import BRATS2025_MAX_HD95, brats2025_evaluator, panoptic_scores
 from brats_ugrip.metrics.regions import (
     BRATS_MAX_HD95,
     dice,
@@ -39,3 +38,13 @@ __all__ = [
     "lesionwise_scores", "panoptic_scores", "region_masks", "region_scores", "region_scores_from_labels", "summary",
     "worst_case",
 ]
+_PANOPTIC = ("BRATS2025_MAX_HD95", "brats2025_evaluator", "panoptic_scores")
+
+
+def __getattr__(name: str):
+    # panoptica takes seconds to import: only the 2025 metric set loads it, when it is used.
+    if name in _PANOPTIC:
+        from brats_ugrip.metrics import panoptic
+
+        return getattr(panoptic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from brats_ugrip.cli import progress_bar
 from brats_ugrip.errors import ConfigError, DataError
 from brats_ugrip.io import load_nifti, read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
 from brats_ugrip.metrics.lesionwise import challenge_scores
-from brats_ugrip.metrics.panoptic import BRATS2025_MAX_HD95, panoptic_scores
 from brats_ugrip.metrics.regions import BRATS_MAX_HD95, Spacing, region_scores_from_labels
 from brats_ugrip.metrics.rules import LESIONWISE_PRESETS, image_diagonal
 
@@ -66,11 +64,17 @@ def _lesionwise_set(preset: str) -> MetricSet:
     return MetricSet(preset, score, rules.max_hd95, rules.official)
 
 
+def _panoptic_scores(pred: np.ndarray, ref: np.ndarray, scheme: LabelScheme, spacing: Spacing) -> dict[str, float]:
+    from brats_ugrip.metrics.panoptic import panoptic_scores  # panoptica is slow to import: only when used
+
+    return panoptic_scores(pred, ref, scheme, spacing)
+
+
 METRIC_SETS: dict[str, MetricSet] = {
     "regions": MetricSet("regions", region_scores_from_labels, BRATS_MAX_HD95,
                          "none: this project's Dice and HD95 (BraTS 2023/2024 definitions) of TC, WT, ET"),
     **{name: _lesionwise_set(name) for name in LESIONWISE_PRESETS},
-    "brats2025": MetricSet("brats2025", panoptic_scores, BRATS2025_MAX_HD95,
+    "brats2025": MetricSet("brats2025", _panoptic_scores, 373.0,  # panoptic.BRATS2025_MAX_HD95
                            "BrainLesion/panoptica with the brats-evaluation BraTS 2025 settings (2025)"),
 }
 
@@ -177,11 +181,6 @@ def score_files(case_id: str, pred_path: Path | None, ref_path: Path, scheme: st
     return {"case_id": case_id, "prediction_missing": False} | scores
 
 
-def _single_threaded_worker() -> None:
-    # Parallelism is across cases; threads inside each worker would only fight over the cores.
-    torch.set_num_threads(1)
-
-
 def evaluate_dirs(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str], scheme: str = "brats2023",
                   metrics: str = "regions", workers: int = 1) -> pd.DataFrame:
     """Score every reference case against ``pred_dir/<ID>.nii.gz``, in parallel processes, with a progress bar.
@@ -219,7 +218,7 @@ def evaluate_dirs(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[s
                 rows[job[0]] = score_files(*job)
                 bar.advance(task)
         else:
-            with ProcessPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
+            with ProcessPoolExecutor(workers) as pool:
                 futures = {pool.submit(score_files, *job): job[0] for job in jobs}
                 try:
                     for future in as_completed(futures):

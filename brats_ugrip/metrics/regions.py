@@ -1,7 +1,7 @@
 """Per-region Dice and HD95 (the "legacy" BraTS scores) on TC, WT, ET.
 
 Definitions
-    * **Dice** ``2|P ∩ R| / (|P| + |R|)`` (``monai.metrics.compute_dice``).
+    * **Dice** ``2|P ∩ R| / (|P| + |R|)``, counted in numpy as the official code does.
     * **HD95** is the BraTS 2023/2024 official one: DeepMind's ``surface-distance`` package (Apache-2.0),
       ``compute_surface_distances(reference, prediction, spacing)`` then ``compute_robust_hausdorff(…, 95)``. Each
       surface element is weighted by its area in mm², the 95th percentile is taken in each direction, and the
@@ -24,8 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import torch
-from monai.metrics import compute_dice
 from surface_distance import compute_robust_hausdorff, compute_surface_distances
 
 from brats_ugrip.labels import REGIONS, LabelScheme
@@ -68,10 +66,10 @@ def crop_to_union(pred: np.ndarray, ref: np.ndarray, margin: int = 1) -> tuple[n
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Dice of two boolean masks ``(X, Y, Z)``; 1 when both are empty, 0 when only one is."""
-    pred, ref = crop_to_union(np.asarray(pred, bool), np.asarray(ref, bool))
-    as_batch = [torch.as_tensor(np.ascontiguousarray(m), dtype=torch.float32)[None, None] for m in (pred, ref)]
-    # ignore_empty=False gives the BraTS convention: empty reference → 1 if the prediction is empty too, else 0.
-    return float(compute_dice(*as_batch, include_background=True, ignore_empty=False)[0, 0])
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    total = np.count_nonzero(pred) + np.count_nonzero(ref)
+    # The BraTS convention (as the official code): both empty → 1, exactly one empty → 0.
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(pred & ref) / total
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),
