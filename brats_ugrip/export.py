@@ -112,6 +112,8 @@ def export_onnx(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
         raise ConfigError("--out", f"an ONNX file name ends in .onnx, got {out}")
     model, meta = load_model(checkpoint, map_location="cpu")
     divisor = get_spec(meta["model"]["name"]).divisor
+    # Built first: a checkpoint without a run config is refused before anything is written.
+    sidecar = _sidecar(meta, inference or {}, opset, divisor, weights_hash(model.state_dict()), Path(checkpoint))
     # Two levels at the bottom (2 × divisor a side): norms need more than one value per channel when tracing.
     sample = torch.zeros(1, IN_CHANNELS, *(2 * divisor,) * 3)
     axes = {0: DYNAMIC_AXES[0], 2: DYNAMIC_AXES[1], 3: DYNAMIC_AXES[2], 4: DYNAMIC_AXES[3]}
@@ -119,11 +121,15 @@ def export_onnx(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
         # Known and harmless here: the TorchScript exporter's deprecation notice, the tracer's note on the norms'
         # "more than one value per channel" check (a training-time check), constant folding of strided slices.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (sample,), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, do_constant_folding=True)
+        try:
+            torch.onnx.export(model.eval(), (sample,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes}, do_constant_folding=True)
+        except RuntimeError as error:  # torch.onnx.OnnxExporterError is one: an opset or operator it cannot do
+            reason = str(error).strip().splitlines()[0]
+            raise ConfigError("--opset", f"torch.onnx cannot export {meta['model']['name']} at opset {opset} "
+                              f"({reason}); the default {DEFAULT_OPSET} works") from error
         _check_onnx(tmp)
-    sidecar = _sidecar(meta, inference or {}, opset, divisor, weights_hash(model.state_dict()), Path(checkpoint))
     atomic_write_json(sidecar_path(out), sidecar)
     return out
 

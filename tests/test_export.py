@@ -187,6 +187,14 @@ def test_export_refuses_bad_inputs(exported, tmp_path):
         export_onnx(tmp_path / "missing.ckpt", tmp_path / "m.onnx")
     with pytest.raises(ValueError, match=".onnx"):
         export_onnx(exported["segresnet"][0], tmp_path / "m.bin")
+    with pytest.raises(ValueError, match="opset 99"):
+        export_onnx(exported["segresnet"][0], tmp_path / "m.onnx", opset=99)
+    # A checkpoint without a run config (window size, label scheme) is refused before anything is written.
+    bare = save_model_checkpoint(tmp_path / "bare.ckpt", exported["segresnet"][1].state_dict(),
+                                 {"model": {"name": "segresnet", "kwargs": resolve_kwargs("segresnet", init_filters=8)}})
+    with pytest.raises(CheckpointError, match="no run config"):
+        export_onnx(bare, tmp_path / "bare.onnx")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "bare.onnx").exists()
     with pytest.raises(CheckpointError, match="sidecar"):
         (tmp_path / "lone.onnx").write_bytes(exported["segresnet"][2].read_bytes())
         load_onnx_model(tmp_path / "lone.onnx")
