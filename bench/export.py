@@ -13,6 +13,8 @@ threads (``torch.set_num_threads`` for PyTorch, ``intra_op_num_threads`` for onn
 * **pytorch**: the checkpoint's network, eager fp32.
 * **onnxruntime**: the exported file through the same pipeline (:class:`brats_ugrip.onnx_model.OnnxNetwork`).
 
+The two take turns, prediction by prediction, so a burst of load on a shared machine hits both alike.
+
 Prints a JSON line and a Markdown table: wall and CPU seconds per case and their ratios to PyTorch (> 1: onnxruntime
 is faster), the largest probability difference and the label voxels that differ (parity goal: ≤ 1e-4 and 0), with
 the largest distance to the threshold of PyTorch's probability at a differing voxel (a flip is possible only within
@@ -55,23 +57,30 @@ def untrained_checkpoint(path: Path, args: argparse.Namespace) -> Path:
     return save_model_checkpoint(path, model.state_dict(), meta)
 
 
-def time_network(network: torch.nn.Module, cases: list, settings: InferenceConfig,
-                 repeat: int) -> tuple[float, float, list[CasePrediction]]:
-    """Mean over cases of the minimum wall and CPU seconds of ``repeat`` predictions (after one warm-up), and the
-    predictions. CPU seconds count every thread of the process (on a shared machine, steadier than wall time)."""
-    predict_preprocessed(network, cases[0], settings)  # warm-up: allocator, onnxruntime's first-run planning
-    seconds, cpu_seconds, predictions = [], [], []
+def time_networks(networks: dict[str, torch.nn.Module], cases: list, settings: InferenceConfig,
+                  repeat: int) -> dict[str, tuple[float, float, list[CasePrediction]]]:
+    """Per network: the mean over cases of the minimum wall and CPU seconds of ``repeat`` predictions, and the
+    predictions. The networks take turns (case by case, repeat by repeat), so a burst of load on a shared machine
+    hits both alike; CPU seconds count every thread of the process."""
+    for network in networks.values():
+        predict_preprocessed(network, cases[0], settings)  # warm-up: allocator, onnxruntime's first-run planning
+    wall: dict[str, list[float]] = {name: [] for name in networks}
+    cpu: dict[str, list[float]] = {name: [] for name in networks}
+    predictions: dict[str, list[CasePrediction]] = {name: [] for name in networks}
     for case in cases:
-        times, cpu_times = [], []
+        best = {name: (np.inf, np.inf) for name in networks}
+        last: dict[str, CasePrediction] = {}
         for _ in range(repeat):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            prediction = predict_preprocessed(network, case, settings)
-            times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
-        seconds.append(min(times))
-        cpu_seconds.append(min(cpu_times))
-        predictions.append(prediction)
-    return float(np.mean(seconds)), float(np.mean(cpu_seconds)), predictions
+            for name, network in networks.items():
+                start, cpu_start = time.perf_counter(), time.process_time()
+                last[name] = predict_preprocessed(network, case, settings)
+                elapsed = (time.perf_counter() - start, time.process_time() - cpu_start)
+                best[name] = (min(best[name][0], elapsed[0]), min(best[name][1], elapsed[1]))
+        for name in networks:
+            wall[name].append(best[name][0])
+            cpu[name].append(best[name][1])
+            predictions[name].append(last[name])
+    return {name: (float(np.mean(wall[name])), float(np.mean(cpu[name])), predictions[name]) for name in networks}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,12 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         onnx_path = export_onnx(ckpt, work / "model.onnx")
         export_seconds = time.perf_counter() - start
-        rows: list[dict[str, Any]] = []
-        predictions = {}
-        for name, network in (("pytorch", model), ("onnxruntime", OnnxNetwork(onnx_path, threads=args.threads))):
-            with console.status(f"{name}: warm-up and {args.repeat} timed predictions of {len(cases)} cases"):
-                seconds, cpu_seconds, predictions[name] = time_network(network, cases, settings, args.repeat)
-            rows.append({"runtime": name, "seconds": round(seconds, 4), "cpu_seconds": round(cpu_seconds, 3)})
+        networks = {"pytorch": model, "onnxruntime": OnnxNetwork(onnx_path, threads=args.threads)}
+        with console.status(f"warm-up and {args.repeat} timed predictions of {len(cases)} cases per runtime"):
+            timed = time_networks(networks, cases, settings, args.repeat)
+        rows = [{"runtime": name, "seconds": round(wall, 4), "cpu_seconds": round(cpu, 3)}
+                for name, (wall, cpu, _) in timed.items()]
+        predictions = {name: found for name, (_, _, found) in timed.items()}
         result = summarise(args, settings.threshold, meta, rows, predictions, onnx_path, export_seconds, cases[0].image.shape[1:])
     print(json.dumps(result))
     print_table(result)
