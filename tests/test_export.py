@@ -10,10 +10,12 @@ import torch
 import yaml
 
 from brats_ugrip.checkpoints import load_checkpoint, model_state_dict, save_model_checkpoint, weights_hash
+from brats_ugrip.cli import run
 from brats_ugrip.config import InferenceConfig, load_config
 from brats_ugrip.data import cases_from_dir
 from brats_ugrip.errors import CheckpointError
 from brats_ugrip.export import export_ensemble, export_onnx, export_triton, triton_config
+from brats_ugrip.export import main as export_main
 from brats_ugrip.inference import predict_case
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.onnx_model import load_onnx_model, sidecar_settings
@@ -200,12 +202,13 @@ def test_export_refuses_bad_inputs(exported, tmp_path):
         load_onnx_model(tmp_path / "lone.onnx")
 
 
-def test_cli_export_then_infer_onnx_matches_pytorch(exported, phantom_dir, tmp_path):
+def test_cli_export_then_infer_onnx_matches_pytorch(exported, phantom_dir, tmp_path, capsys):
     ckpt, model, _ = exported["segresnet"]
     onnx_path = tmp_path / "cli" / "model.onnx"
-    done = subprocess.run([sys.executable, "-m", "brats_ugrip.export", "--ckpt", str(ckpt), "--format", "onnx",
-                           "--out", str(onnx_path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    # The export command in-process (what `brats-ugrip export` calls), the infer command as a user runs it.
+    with pytest.raises(SystemExit) as stop:
+        run(export_main, ["--ckpt", str(ckpt), "--format", "onnx", "--out", str(onnx_path)])
+    assert stop.value.code == 0 and onnx_path.is_file() and onnx_path.with_suffix(".json").is_file()
     case = cases_from_dir(phantom_dir)[3]
     data = tmp_path / "cases" / case.case_id
     data.mkdir(parents=True)
@@ -217,9 +220,9 @@ def test_cli_export_then_infer_onnx_matches_pytorch(exported, phantom_dir, tmp_p
     written = nib.load(str(tmp_path / "pred" / f"{case.case_id}.nii.gz"))
     settings = InferenceConfig(**{**INFERENCE, "roi_size": tuple(INFERENCE["roi_size"])})
     np.testing.assert_array_equal(np.asarray(written.dataobj), predict_case(model, case.images, settings).labels)
-    missing = subprocess.run([sys.executable, "-m", "brats_ugrip.export", "--ckpt", str(tmp_path / "nope.ckpt"),
-                              "--out", str(tmp_path / "x.onnx")], capture_output=True, text=True)
-    assert missing.returncode == 2 and "checkpoint not found" in " ".join(missing.stderr.split())
+    with pytest.raises(SystemExit) as stop:
+        run(export_main, ["--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x.onnx")])
+    assert stop.value.code == 2 and "checkpoint not found" in " ".join(capsys.readouterr().err.split())
 
 
 def test_help_and_argument_errors_do_not_import_torch():
