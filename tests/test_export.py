@@ -1,5 +1,6 @@
 """ONNX export: parity with PyTorch through the shared inference pipeline, sidecars, ensembles, Triton layout."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from brats_ugrip.checkpoints import load_checkpoint, model_state_dict, save_model_checkpoint, weights_hash
+from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dict, save_model_checkpoint, weights_hash
 from brats_ugrip.cli import run
 from brats_ugrip.config import InferenceConfig, load_config
 from brats_ugrip.data import cases_from_dir
@@ -231,3 +232,33 @@ def test_help_and_argument_errors_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.split()[-3:] == ["0", "2", "[]"], done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_train_soup_export_and_predict_with_onnx(phantom_dir, tmp_path):
+    """The seed's serving path: train, soup, export, run the ONNX model on a case (labels as the soup's)."""
+    from brats_ugrip.data import Datalist, make_datalist, save_datalist
+    from brats_ugrip.heldout import checkpoint_settings
+    from brats_ugrip.infer import main as infer_main
+    from brats_ugrip.training import train
+    from souping import uniform as uniform_cli
+
+    datalist_path = save_datalist(make_datalist(phantom_dir, n_folds=3, seed=0, relative_to=tmp_path),
+                                  tmp_path / "datalist.json")
+    models = tmp_path / "models"
+    models.mkdir()
+    for lr in (1e-3, 3e-3):
+        summary = train(load_config("experiments/train_tiny_cpu.yaml", {
+            "data.datalist": str(datalist_path), "data.samples_per_case": 1, "trainer.max_epochs": 1,
+            "trainer.val_every": 1, "optim.lr": lr, "logging.mode": "disabled"}), tmp_path / f"run{lr:g}")
+        shutil.copy(summary["best_checkpoint"], models / f"lr{lr:g}.ckpt")
+    soup = tmp_path / "soup.ckpt"
+    assert uniform_cli.main(["--ckpts", str(models), "--out", str(soup), "--no-score", "--device", "cpu"]) == 0
+    assert export_main(["--ckpt", str(soup), "--format", "onnx", "--out", str(tmp_path / "soup.onnx")]) == 0
+    case = Datalist.load(datalist_path).fold_cases(0)[0]
+    assert infer_main(["--onnx", str(tmp_path / "soup.onnx"), "--input", str(case.images[0].parent),
+                       "--out", str(tmp_path / "pred")]) == 0
+    model, meta = load_model(soup)
+    expected = predict_case(model, case.images, checkpoint_settings(meta), case_id=case.case_id).labels
+    written = nib.load(str(tmp_path / "pred" / f"{case.case_id}.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
