@@ -15,14 +15,15 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from brats_ugrip.cli import console, run, track
 from brats_ugrip.config import InferenceConfig
 from brats_ugrip.data import Case, Datalist, cases_from_dir
 from brats_ugrip.errors import CheckpointError, DataError
+
+if TYPE_CHECKING:  # torch is imported when there is work to do, not for --help
+    from torch import nn
 
 
 def input_cases(path: str | Path, section: str = "testing") -> list[Case]:
@@ -76,8 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("32", "bf16"), help="bf16 autocast (GPUs; CPUs run fp32)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the network once (pays off from a few cases on)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when there is a GPU)")
     args = parser.parse_args(argv)
+
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     from brats_ugrip.inference import predict_case, prepare_model
     from brats_ugrip.io import write_label_map
