@@ -2,7 +2,8 @@
 
 - :class:`SlurmJobStates`: one batched ``sacct`` call per poll for all jobs (``slurm/sacct.py``); ``scancel``.
 - :class:`LocalJobStates`: submitit's local executor has no accounting: a job's id is the pid of its controller
-  process; the job is finished when submitit's result pickle exists (``success`` or ``error``), running while
+  process; the job is finished when its result file exists (``run_dir/job_results/<job id>.json``, plain JSON
+  written by the job: submitit's result pickle is never read), running while
   the controller lives (and waiting for a local slot until the run's ``job.json`` names this job), and was killed
   when the controller is gone without a result.
 
@@ -12,7 +13,6 @@ OUT_OF_MEMORY, NODE_FAIL…), so the monitor merges them the same way.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -20,11 +20,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from submitit.core.utils import JobPaths
-
-from brats_ugrip.sweeps.jobs import read_job_info
+from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
 from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct
 
 class JobPhase(Enum):
@@ -133,20 +131,6 @@ class JobStateSource(Protocol):
         ...
 
 
-def read_result(jobs_folder: str | os.PathLike[str], job_id: str) -> tuple[str, Any] | None:
-    """submitit's outcome of a job: ``("success", value)`` or ``("error", traceback text)``; None before it ends.
-
-    ``jobs_folder`` is submitit's folder (``SWEEP_DIR/jobs/%j``).
-    """
-    path = JobPaths(jobs_folder, job_id, 0).result_pickle
-    try:
-        with open(path, "rb") as handle:
-            outcome = pickle.load(handle)
-    except (FileNotFoundError, EOFError, pickle.UnpicklingError, AttributeError, ModuleNotFoundError):
-        return None
-    return outcome if isinstance(outcome, tuple) and len(outcome) == 2 else None
-
-
 class SlurmJobStates:
     """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``.
 
@@ -192,13 +176,14 @@ class LocalJobStates:
     """Jobs of submitit's local executor, from their processes and submitit's files (no accounting exists).
 
     Args:
-        jobs_folder: submitit's folder (``SWEEP_DIR/jobs/%j``).
+        jobs_folder: submitit's folder (``SWEEP_DIR/jobs/%j``); kept for callers, the states need only the run
+            directories.
     """
 
     cluster = "local"
 
-    def __init__(self, jobs_folder: str | os.PathLike[str]):
-        self.jobs_folder = str(jobs_folder)
+    def __init__(self, jobs_folder: str | os.PathLike[str] | None = None):
+        self.jobs_folder = None if jobs_folder is None else str(jobs_folder)
         self.node = socket.gethostname()
 
     def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
@@ -208,27 +193,24 @@ class LocalJobStates:
         info = read_job_info(run_dir) or {}
         started = str(info.get("job_id")) == job_id
         started_at = info.get("started_at") if started else None
-        finished = self._finished(job_id, started_at)
+        finished = self._finished(job_id, run_dir, started_at)
         if finished is not None:
             return finished
         if _controller_alive(job_id):
             return JobStatus(job_id, "RUNNING" if started else "PENDING", self.node, started_at)
         # The result may have appeared between the two checks: look again before calling the job killed.
-        finished = self._finished(job_id, started_at)
+        finished = self._finished(job_id, run_dir, started_at)
         return finished or JobStatus(job_id, "FAILED", self.node, started_at, exit_code="killed",
                                      reason="the job's process ended without a result (killed?)")
 
-    def _finished(self, job_id: str, started_at: float | None) -> JobStatus | None:
-        outcome = read_result(self.jobs_folder, job_id)
+    def _finished(self, job_id: str, run_dir: Path, started_at: float | None) -> JobStatus | None:
+        outcome = read_job_result(run_dir, job_id)
         if outcome is None:
             return None
-        ended_at = JobPaths(self.jobs_folder, job_id, 0).result_pickle.stat().st_mtime
-        kind, value = outcome
-        if kind == "success":
-            return JobStatus(job_id, "COMPLETED", self.node, started_at, ended_at, "0:0")
-        text = str(value)
-        state = "TIMEOUT" if UNCOMPLETED_MARK in text else "FAILED"
-        return JobStatus(job_id, state, self.node, started_at, ended_at, "1:0", reason=last_line(text))
+        if outcome.succeeded:
+            return JobStatus(job_id, "COMPLETED", self.node, started_at, outcome.finished_at, "0:0")
+        state = "TIMEOUT" if UNCOMPLETED_MARK in (outcome.message or "") else "FAILED"
+        return JobStatus(job_id, state, self.node, started_at, outcome.finished_at, "1:0", reason=outcome.summary)
 
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:
