@@ -5,7 +5,9 @@
     python sweeps/launch.py GRID --sweep-dir outputs/ssa --no-watch
 
 Every run's config is validated first: one bad value fails the launch (run id and key path named) and nothing is
-submitted. Runs with the same resources go into one job array (one ``sbatch``). The sweep's state lives in
+submitted. Runs with the same resources go into one job array (one ``sbatch``). One launcher at a time: planning
+and submitting happen under the sweep's lock (the monitor's, ``SWEEP_DIR/.monitor.lock``), so a second launch of
+the same grid waits, then finds the runs already submitted and submits nothing. The sweep's state lives in
 ``SWEEP_DIR/sweep.db``; running the launcher again on the same grid adds only the new runs and never resubmits
 runs that are queued, running or finished (retries are the monitor's: ``sweeps/monitor.py SWEEP_DIR --retry``).
 After submitting, the launcher becomes the monitor (``sweeps/monitor.py SWEEP_DIR``: the same code, in this
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,12 +147,20 @@ def print_plan(plan: LaunchPlan, out: Console) -> None:
                       + ", ".join(f"{k}={v}" for k, v in spec.parameters.items()), highlight=False)
 
 
-def submit_plan(plan: LaunchPlan) -> dict[str, submitit.Job]:
-    """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request)."""
+def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None) -> dict[str, submitit.Job]:
+    """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request), holding
+    the sweep's lock: what is submitted is decided from ``sweep.db`` as it is once the lock is held."""
+    from brats_ugrip.sweeps.recovery import LOCK_FILE, SweepLock  # the monitor's lock: one actor per sweep
+
     ensure_writable(plan.sweep_dir)
     if any(not scheduler_available(g.spec.cluster) for g in plan.groups()):
         raise BratsUgripError(f"{plan.grid_path}: executor.cluster is slurm but `sbatch` is not on the PATH; "
                               "run on the cluster's login node, or set executor.cluster: local")
+    with SweepLock(plan.sweep_dir / LOCK_FILE, on_wait=on_wait).hold():
+        return _submit_locked(plan)
+
+
+def _submit_locked(plan: LaunchPlan) -> dict[str, submitit.Job]:
     state = SweepState(sweep_db_path(plan.sweep_dir))
     try:
         with state.transaction():
@@ -190,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for message in plan.warnings:
         console.print(f"[yellow]warning:[/] {message}")
-    jobs = submit_plan(plan)
+    jobs = submit_plan(plan, on_wait=lambda message: console.print(f"[yellow]{message}[/]"))
     already = len(plan.runs) - len(jobs)
     job_ids = sorted({job.job_id.split("_")[0] for job in jobs.values()})
     out.print(f"sweep {plan.name}: {len(jobs)} runs submitted"

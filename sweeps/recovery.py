@@ -74,19 +74,26 @@ class SweepLock:
         timeout_s: how long :meth:`hold` waits for another holder before failing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 600.0):
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 600.0,
+                 on_wait: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.timeout_s = timeout_s
+        self.on_wait = on_wait
 
     @contextmanager
     def hold(self) -> Iterator[None]:
         deadline = time.monotonic() + self.timeout_s
         with open(self.path, "a") as handle:
+            waited = False
             while True:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if not waited and self.on_wait is not None:
+                        self.on_wait(f"{self.path}: another launcher or monitor holds the sweep's lock; waiting "
+                                     f"(up to {self.timeout_s:.0f} s)")
+                    waited = True
                     if time.monotonic() > deadline:
                         raise MonitorError(f"{self.path}: another monitor has held the lock for more than "
                                            f"{self.timeout_s:.0f} s; is one stuck? (its pid: `fuser {self.path}`)")
