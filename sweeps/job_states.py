@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
-from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct
+from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct, records_since
 
 class JobPhase(Enum):
     """What a scheduler state means for the run it carries: the one mapping from the scheduler's words to what the
@@ -118,9 +118,10 @@ class JobStateSource(Protocol):
 
     cluster: str
 
-    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+    def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         """Status of each job id in ``jobs`` (job id → its run directory); jobs the scheduler does not know (yet)
-        are absent.
+        are absent. ``submitted`` (job id → when we submitted it) lets a source ignore what it knows of an older
+        job that had the same id.
 
         Raises:
             SacctError: the scheduler could not be asked (then nothing must be concluded about the jobs).
@@ -146,9 +147,13 @@ class SlurmJobStates:
         self.timeout_s = timeout_s
         self.query = query
 
-    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+    def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         statuses = {}
         for job_id, history in self.query(list(jobs), self.timeout_s).items():
+            # Records of an older job under the same id (controller state lost, ids wrapped) are not ours.
+            history = records_since(history, (submitted or {}).get(job_id))
+            if not history:
+                continue
             latest = history[-1]
             starts = [r.start for r in history if r.start is not None]
             statuses[job_id] = JobStatus(
@@ -186,7 +191,7 @@ class LocalJobStates:
         self.jobs_folder = None if jobs_folder is None else str(jobs_folder)
         self.node = socket.gethostname()
 
-    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+    def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         return {job_id: self._status(job_id, Path(run_dir)) for job_id, run_dir in jobs.items()}
 
     def _status(self, job_id: str, run_dir: Path) -> JobStatus:

@@ -163,6 +163,7 @@ def submit_runs(state: SweepState, runs: Sequence[RunRecord], spec: SubmitSpec, 
     for run in runs:  # the run directory shows its config from the moment the run is submitted
         atomic_write_yaml(Path(run.run_dir) / "config.yaml", run.config)
     jobs: dict[str, submitit.Job] = {}
+    submitted_at = time.time()  # before sbatch: no record of this submission in accounting is older
     try:
         # clean_env: a launcher running inside a SLURM job must not pass that job's SLURM_* variables on.
         # redirect_stderr: submitit prints sbatch's complaint itself; it is in the error raised below.
@@ -174,10 +175,9 @@ def submit_runs(state: SweepState, runs: Sequence[RunRecord], spec: SubmitSpec, 
         names = ", ".join(r.run_id for r in runs[:3]) + (", …" if len(runs) > 3 else "")
         raise SubmissionError(f"{spec.cluster} refused the submission of {len(runs)} runs ({names}); none of "
                               f"them was submitted:\n{str(error).strip()}") from error
-    now = time.time()
     with state.transaction():
         for run_id, job in jobs.items():
-            state.record_submission(run_id, job.job_id, submitted_at=now, log_path=str(job.paths.stderr),
+            state.record_submission(run_id, job.job_id, submitted_at=submitted_at, log_path=str(job.paths.stderr),
                                     state=RunState.RETRYING if resubmission else RunState.SUBMITTED)
     return jobs
 

@@ -194,9 +194,13 @@ class SweepMonitor:
                   report: PollReport) -> dict[str, JobStatus]:
         """One query per scheduler for the latest attempt of every run in ``runs``."""
         by_cluster: dict[str, dict[str, Path]] = {}
+        submitted: dict[str, float] = {}
         for run in runs:
             cluster = run.submit.get("cluster", "local")
-            by_cluster.setdefault(cluster, {})[latest[run.run_id].job_id] = Path(run.run_dir)
+            attempt = latest[run.run_id]
+            by_cluster.setdefault(cluster, {})[attempt.job_id] = Path(run.run_dir)
+            if attempt.submitted_at is not None:
+                submitted[attempt.job_id] = attempt.submitted_at
         statuses: dict[str, JobStatus] = {}
         for cluster, jobs in by_cluster.items():
             source = self.sources.get(cluster)
@@ -204,7 +208,7 @@ class SweepMonitor:
                 report.notes.append(f"no job-state source for executor {cluster!r}: {len(jobs)} runs not followed")
                 continue
             try:
-                statuses.update(source.statuses(jobs))
+                statuses.update(source.statuses(jobs, submitted))
             except SacctError as error:  # keep what the database says; conclude nothing about these jobs
                 report.notes.append(f"{cluster}: {error}")
         return statuses
@@ -389,6 +393,7 @@ class SweepMonitor:
                     continue
                 self.state.record_submission(
                     run.run_id, job_id, log_path=str(JobPaths(self.jobs_folder, job_id, 0).stderr),
+                    submitted_at=float(intent["time"]),
                     state=RunState.RETRYING if intent.get("resubmission") else RunState.SUBMITTED)
                 report.adopted[run.run_id] = job_id
                 report.changed.append(run.run_id)

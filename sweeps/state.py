@@ -7,8 +7,11 @@ Two tables:
   the grid file), its :class:`RunState`, the number of attempts, ``max_retries``, timestamps, final metrics and
   checkpoint paths.
 - ``attempts``: one row per submission of a run (``attempt`` counts from 1): its job id (``1234_7`` for array
-  task 7 of array 1234, the controller pid for a local job), the scheduler's state, node, submitted/started/
-  ended times and the tail of the job's error log.
+  task 7 of array 1234, the controller pid for a local job), its array task id, the scheduler's state, node,
+  submitted/started/ended times and the tail of the job's error log. ``submitted_at`` is taken just before the
+  submission, so that scheduler records of an older job under the same id (reused ids) can be told apart.
+
+Schema versions: 1 (first), 2 (``attempts.array_task_id``). An older ``sweep.db`` is migrated when opened.
 
 Only processes on the machine that launches the sweep (``sweeps/launch.py``, ``sweeps/monitor.py``) write here;
 jobs on compute nodes write only their run directory, because SQLite's WAL mode needs every writer on one host
@@ -38,7 +41,7 @@ from brats_ugrip.config import config_hash
 from brats_ugrip.errors import BratsUgripError
 
 DB_NAME = "sweep.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def sweep_db_path(sweep_dir: str | os.PathLike[str]) -> Path:
@@ -135,16 +138,22 @@ class AttemptRecord:
     ended_at: float | None = None
     error_tail: str | None = None
     log_path: str | None = None
+    array_task_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.array_task_id is None:
+            self.array_task_id = _task_of(self.job_id)
 
     @property
     def array_job_id(self) -> str:
         """The job id before ``_`` (the whole id for a job outside an array)."""
         return self.job_id.split("_", 1)[0]
 
-    @property
-    def array_task_id(self) -> int | None:
-        head, _, task = self.job_id.partition("_")
-        return int(task) if task.isdigit() else None
+
+def _task_of(job_id: str) -> int | None:
+    """The array task id of ``1234_7`` (7); None for a job outside an array."""
+    _, _, task = str(job_id).partition("_")
+    return int(task) if task.isdigit() else None
 
 
 _SCHEMA = """
@@ -180,6 +189,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at REAL,
     error_tail TEXT,
     log_path TEXT,
+    array_task_id INTEGER,
     PRIMARY KEY (run_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
@@ -228,12 +238,25 @@ class SweepState:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._migrate()
         except (sqlite3.Error, OSError) as error:
             raise SweepStateError(f"{self.path}: cannot open the sweep database ({error}); "
                                   "check that the sweep directory exists and is writable") from error
         version = int(self.get_meta("schema_version") or SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise SweepStateError(f"{self.path}: schema version {version}, this code reads version {SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring an older ``sweep.db`` to :data:`SCHEMA_VERSION` (inside the opening transaction)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row["value"])
+        if version == 1:  # 2: each attempt's array task id, a column of its own
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(attempts)")}
+            if "array_task_id" not in columns:
+                self._db.execute("ALTER TABLE attempts ADD COLUMN array_task_id INTEGER")
+            self._db.execute("UPDATE attempts SET array_task_id = CAST(substr(job_id, instr(job_id, '_') + 1) "
+                             "AS INTEGER) WHERE instr(job_id, '_') > 0")
+            self._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     def _enable_wal(self, timeout_s: float) -> None:
         # Switching to WAL (or opening a WAL file while another process commits) can report "database is locked"
@@ -380,8 +403,9 @@ class SweepState:
             if row is None:
                 raise SweepStateError(f"{self.path}: no run {run_id!r} in this sweep")
             attempt = row["attempts"] + 1
-            db.execute("INSERT INTO attempts (run_id, attempt, job_id, state, submitted_at, log_path) "
-                       "VALUES (?, ?, ?, 'PENDING', ?, ?)", (run_id, attempt, job_id, now, log_path))
+            db.execute("INSERT INTO attempts (run_id, attempt, job_id, state, submitted_at, log_path, array_task_id) "
+                       "VALUES (?, ?, ?, 'PENDING', ?, ?, ?)", (run_id, attempt, job_id, now, log_path,
+                                                                _task_of(job_id)))
             db.execute("UPDATE runs SET attempts = ?, state = ?, submitted_at = ?, started_at = NULL, ended_at = NULL, "
                        "reason = NULL, updated_at = ? WHERE run_id = ?",
                        (attempt, RunState(state).value, now, now, run_id))

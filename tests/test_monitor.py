@@ -69,7 +69,7 @@ class ScriptedScheduler:
         self.next_id = 9000
         self._lock = threading.Lock()
 
-    def statuses(self, jobs):
+    def statuses(self, jobs, submitted=None):
         return {job_id: self.states[job_id] for job_id in jobs if job_id in self.states}
 
     def cancel(self, job_ids):
@@ -308,7 +308,7 @@ def test_unknown_jobs_and_sacct_errors_change_nothing(sweep):
     from brats_ugrip.slurm.sacct import SacctError
 
     class Broken(ScriptedScheduler):
-        def statuses(self, jobs):
+        def statuses(self, jobs, submitted=None):
             raise SacctError("sacct failed (exit 1): slurmdbd: connection refused")
 
     before = {r.run_id: r.state for r in sweep.monitor.state.runs()}
@@ -783,3 +783,67 @@ def test_local_sweep_monitor_killed_and_restarted(tmp_path, retry_grid, launch_s
     results = pd.read_csv(sweep_dir / "results.csv").set_index("run_id")
     assert results.loc[bad_id, "state"] == "FAILED" and results["dice_mean"].notna().sum() == 2
     state.close()
+
+
+# --- reused job ids -----------------------------------------------------------------------------------------
+
+# `sacct -X -n -P --duplicates -o JobID,State,NodeList,ElapsedRaw,ExitCode,Start,End,Reason,Submit` lines captured
+# on the dev cluster (job 4: requeued once, then completed; array 1: three tasks completed). The reuse is built
+# from them: after a controller reset a new job 4 and a new array 1 were submitted at 07:00, and sacct answers
+# for the old jobs and the new ones together (resetting the shared dev cluster's controller to capture it live
+# would have killed other engineers' jobs).
+SACCT_REUSED = """\
+1_0|COMPLETED|localhost|1|0:0|2026-12-02T05:50:36|2026-12-02T05:50:37|None|2026-12-02T05:50:35
+1_1|COMPLETED|localhost|1|0:0|2026-12-02T05:50:36|2026-12-02T05:50:37|None|2026-12-02T05:50:35
+4|REQUEUED|localhost|49|0:0|2026-12-02T05:50:41|2026-12-02T05:51:30|None|2026-12-02T05:50:40
+4|COMPLETED|localhost|12|0:0|2026-12-02T05:51:41|2026-12-02T05:51:53|BeginTime|2026-12-02T05:51:30
+4|RUNNING|localhost|30|0:0|2026-12-02T07:00:02|Unknown|None|2026-12-02T07:00:00
+1_[0-1]|PENDING|None assigned|0|0:0|Unknown|Unknown|Priority|2026-12-02T07:00:01
+"""
+
+
+def _at(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()  # sacct prints local time, as parse_sacct reads it
+
+
+def test_sacct_records_of_an_older_job_with_the_same_id_are_ignored():
+    from brats_ugrip.slurm.sacct import records_since
+    from brats_ugrip.sweeps.job_states import SlurmJobStates
+
+    records = parse_sacct(SACCT_REUSED)
+    assert [r.state for r in records["1_0"]] == ["COMPLETED", "PENDING"]  # the new pending tasks are not lost
+    assert records["4"][0].submit == _at("2026-12-02T05:50:40")
+    ours = _at("2026-12-02T06:59:59")  # noted just before sbatch
+    assert [r.state for r in records_since(records["4"], ours)] == ["RUNNING"]
+    assert records_since(records["4"], None) == records["4"]
+    source = SlurmJobStates(query=lambda ids, timeout: parse_sacct(SACCT_REUSED))
+    statuses = source.statuses({"4": Path("a"), "1_0": Path("b"), "1_1": Path("c")},
+                               {"4": ours, "1_0": ours, "1_1": ours})
+    assert statuses["4"].state == "RUNNING" and statuses["4"].requeues == 0
+    assert statuses["4"].started_at == _at("2026-12-02T07:00:02")
+    assert statuses["1_0"].state == statuses["1_1"].state == "PENDING"
+    # Without our submit times, the old job 4's requeue would be counted as this job's.
+    assert source.statuses({"4": Path("a")})["4"].requeues == 1
+
+
+def test_monitor_does_not_take_an_old_job_for_a_new_one(tmp_path):
+    """The issue's case: after a controller reset, runs still PENDING were marked COMPLETED with the old jobs'
+    times. With submit times recorded, the old records are ignored and the runs stay SUBMITTED."""
+    from brats_ugrip.sweeps.job_states import SlurmJobStates
+
+    old_only = "\n".join(line for line in SACCT_REUSED.splitlines() if "07:00" not in line) + "\n"
+    with SweepState(sweep_db_path(tmp_path)) as state:
+        records = _records(tmp_path, lrs=(0.001,), folds=(0, 1), cluster="slurm")
+        state.add_runs(records)
+        state.record_submission(records[0].run_id, "4", submitted_at=_at("2026-12-02T06:59:59"))
+        state.record_submission(records[1].run_id, "1_1", submitted_at=_at("2026-12-02T06:59:59"))
+        assert state.latest_attempt(records[1].run_id).array_task_id == 1
+    monitor = SweepMonitor(tmp_path, sources=[SlurmJobStates(query=lambda ids, timeout: parse_sacct(old_only))])
+    try:
+        monitor.poll()
+        assert {r.state for r in monitor.state.runs()} == {RunState.SUBMITTED}
+        assert all(a.ended_at is None for a in monitor.state.attempts())
+    finally:
+        monitor.close()

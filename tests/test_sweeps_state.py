@@ -163,3 +163,39 @@ def test_unopenable_database_is_a_clear_error(tmp_path):
     with pytest.raises(SweepStateError, match="cannot open"):
         SweepState(garbage)
     assert not isinstance(SweepStateError("x"), sqlite3.Error)
+
+
+def test_schema_1_database_is_migrated(tmp_path):
+    """A sweep.db written before attempts had their own array task id column opens, gains the column (filled from
+    the job ids) and reports schema version 2."""
+    import sqlite3
+
+    path = tmp_path / "sweep.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, config_hash TEXT NOT NULL, config_json TEXT NOT NULL,
+            params_json TEXT NOT NULL, submit_json TEXT NOT NULL, run_dir TEXT NOT NULL, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, max_retries INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+            updated_at REAL NOT NULL, submitted_at REAL, started_at REAL, ended_at REAL,
+            metrics_json TEXT NOT NULL DEFAULT '{}', best_checkpoint TEXT, last_checkpoint TEXT, reason TEXT);
+        CREATE TABLE attempts (run_id TEXT NOT NULL, attempt INTEGER NOT NULL, job_id TEXT NOT NULL,
+            state TEXT NOT NULL, node TEXT, submitted_at REAL, started_at REAL, ended_at REAL, error_tail TEXT,
+            log_path TEXT, PRIMARY KEY (run_id, attempt));
+        INSERT INTO runs VALUES ('a', 'h', '{}', '{}', '{}', '/r/a', 'SUBMITTED', 2, 1, 1, 1, 5, NULL, NULL, '{}',
+            NULL, NULL, NULL);
+        INSERT INTO attempts VALUES ('a', 1, '77_12', 'FAILED', NULL, 1, NULL, 3, NULL, NULL);
+        INSERT INTO attempts VALUES ('a', 2, '80', 'PENDING', NULL, 5, NULL, NULL, NULL, NULL);
+    """)
+    db.commit()
+    db.close()
+    with SweepState(path) as state:
+        assert state.get_meta("schema_version") == "2"
+        first, second = state.attempts("a")
+        assert (first.array_task_id, second.array_task_id) == (12, None)
+        assert second.submitted_at == 5
+        state.record_submission("a", "81_3")
+        assert state.latest_attempt("a").array_task_id == 3
+    raw = sqlite3.connect(path).execute("SELECT array_task_id FROM attempts ORDER BY attempt").fetchall()
+    assert raw == [(12,), (None,), (3,)]
