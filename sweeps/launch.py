@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import submitit
 from rich.console import Console
@@ -55,6 +57,8 @@ class LaunchPlan:
     varied_keys: list[str]
     existing: dict[str, RunState]
     warnings: list[str]
+    changed: dict[str, list[str]] = field(default_factory=dict)
+    """Runs already in the sweep whose resolved config the grid now changes: run id → changed key paths."""
 
     @property
     def to_submit(self) -> list[RunRecord]:
@@ -87,12 +91,62 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
                                  submit=run_.executor.submit_spec(manager.name).to_dict(),
                                  max_retries=manager.max_retries))
     existing: dict[str, RunState] = {}
+    changed: dict[str, list[str]] = {}
     db_path = sweep_db_path(sweep_dir)
     if db_path.is_file():
         with SweepState(db_path) as state:
-            existing = {r.run_id: r.state for r in state.runs()}
+            stored = {r.run_id: r for r in state.runs()}
+        existing = {run_id: r.state for run_id, r in stored.items()}
+        for record in records:
+            old = stored.get(record.run_id)
+            if old is not None and old.config_hash != record.config_hash:
+                changed[record.run_id] = changed_keys(old.config, record.config)
+    warnings = list(manager.warnings)
+    arrays = {SubmitSpec.from_dict(r.submit).key for r in records}
+    if len(arrays) > 1 and any(r.submit.get("parameters", {}).get("array_parallelism") for r in records):
+        warnings.append(f"executor.array_parallelism caps each job array; this grid makes {len(arrays)} arrays "
+                        "(its executor.* values differ), so up to that many times the cap run at once")
     return LaunchPlan(manager.name, Path(grid_path), sweep_dir, records, manager.varied_keys, existing,
-                      list(manager.warnings))
+                      warnings, changed)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted key paths whose values differ between two resolved configs (``run_dir`` and ``logging`` aside, as
+    in the config hash)."""
+    from brats_ugrip.config import HASH_EXCLUDED, _flatten
+
+    flat_old, flat_new = (_flatten({k: v for k, v in c.items() if k not in HASH_EXCLUDED}) for c in (old, new))
+    return sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+
+
+def resolve_changes(plan: LaunchPlan, *, force: bool = False, new_runs: bool = False) -> None:
+    """A relaunch that changes existing runs' configs: refuse (listing the changed keys), or with ``new_runs`` add
+    the changed runs under new ids (``<id>-c<config hash>``), or with ``force`` replace their configs (runs still
+    queued or running are refused: cancel them first).
+
+    Raises:
+        BratsUgripError: runs changed and neither option was given, or ``force`` on an active run.
+    """
+    if not plan.changed:
+        return
+    lines = [f"  {run_id}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
+             for run_id, keys in plan.changed.items()]
+    if new_runs:
+        for record in plan.runs:
+            if record.run_id in plan.changed:
+                record.run_id = f"{record.run_id}-c{record.config_hash[:6]}"
+                record.run_dir = str(run_dir_path(plan.sweep_dir, record.run_id).resolve())
+                record.config["run_dir"] = record.run_dir
+        plan.changed = {}
+        return
+    if not force:
+        raise BratsUgripError(f"{plan.grid_path}: the grid changes the config of {len(plan.changed)} runs already in "
+                              f"{plan.sweep_dir}:\n" + "\n".join(lines) + "\nlaunch with --new-runs to add them "
+                              "as new runs (new ids), --force to replace their configs, or use a new --sweep-dir")
+    active = [run_id for run_id in plan.changed if plan.existing.get(run_id, RunState.PENDING).is_active]
+    if active:
+        raise BratsUgripError(f"--force: runs {', '.join(active)} are queued or running; cancel them first "
+                              f"(monitor.py {plan.sweep_dir} --cancel RUN_ID)")
 
 
 def ensure_writable(sweep_dir: Path) -> None:
@@ -164,6 +218,10 @@ def _submit_locked(plan: LaunchPlan) -> dict[str, submitit.Job]:
     state = SweepState(sweep_db_path(plan.sweep_dir))
     try:
         with state.transaction():
+            for record in plan.runs:  # --force: changed runs start again, in a fresh run directory
+                if record.run_id in plan.changed and state.has_run(record.run_id):
+                    _set_aside(Path(record.run_dir))
+                    state.replace_config(record)
             state.add_runs(plan.runs)
             for record in plan.runs:  # runs never accepted by a scheduler take the grid's current resources
                 if state.get_run(record.run_id).state == RunState.PENDING:
@@ -186,15 +244,28 @@ def _submit_locked(plan: LaunchPlan) -> dict[str, submitit.Job]:
         state.close()
 
 
+def _set_aside(run_dir: Path) -> None:
+    """Move a replaced run's directory to ``<run_dir>.replaced-<time>`` (its checkpoints belong to the old config)."""
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid YAML (see sweeps/grid.py for its keys)")
     parser.add_argument("--sweep-dir", type=Path, help=f"sweep directory (default {DEFAULT_SWEEPS_ROOT}/<grid name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and sbatch parameters; submit nothing")
     parser.add_argument("--no-watch", action="store_true", help="return after submitting (no monitor, no waiting)")
+    changes = parser.add_mutually_exclusive_group()
+    changes.add_argument("--new-runs", action="store_true",
+                         help="runs whose config the grid changed are added as new runs (new ids); the old ones stay")
+    changes.add_argument("--force", action="store_true",
+                         help="runs whose config the grid changed get the new config and start again (their old "
+                              "run directories are moved aside)")
     args = parser.parse_args(argv)
     out = Console()
     plan = plan_launch(args.grid, args.sweep_dir)
+    resolve_changes(plan, force=args.force, new_runs=args.new_runs)
     if args.dry_run:
         print_plan(plan, out)
         return 0

@@ -346,6 +346,19 @@ class SweepState:
                 added.append(run.run_id)
         return added
 
+    def replace_config(self, run: RunRecord) -> None:
+        """Give an existing run a new resolved config (``launch --force``): it becomes PENDING with no metrics or
+        checkpoints; its attempts stay (their numbers go on)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE runs SET config_hash = ?, config_json = ?, params_json = ?, submit_json = ?, max_retries = ?, "
+                "state = 'PENDING', started_at = NULL, ended_at = NULL, metrics_json = '{}', best_checkpoint = NULL, "
+                "last_checkpoint = NULL, reason = 'config replaced by launch --force', updated_at = ? WHERE run_id = ?",
+                (run.config_hash, _dumps(run.config), _dumps(run.params), _dumps(run.submit), run.max_retries,
+                 time.time(), run.run_id))
+            if cursor.rowcount == 0:
+                raise SweepStateError(f"{self.path}: no run {run.run_id!r} in this sweep")
+
     def get_run(self, run_id: str) -> RunRecord:
         row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
