@@ -201,7 +201,8 @@ def print_plan(plan: LaunchPlan, out: Console) -> None:
                       + ", ".join(f"{k}={v}" for k, v in spec.parameters.items()), highlight=False)
 
 
-def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None) -> dict[str, submitit.Job]:
+def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None,
+                take_over: bool = False) -> dict[str, submitit.Job]:
     """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request), holding
     the sweep's lock: what is submitted is decided from ``sweep.db`` as it is once the lock is held."""
     from brats_ugrip.sweeps.recovery import LOCK_FILE, SweepLock  # the monitor's lock: one actor per sweep
@@ -211,12 +212,13 @@ def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None) 
         raise BratsUgripError(f"{plan.grid_path}: executor.cluster is slurm but `sbatch` is not on the PATH; "
                               "run on the cluster's login node, or set executor.cluster: local")
     with SweepLock(plan.sweep_dir / LOCK_FILE, on_wait=on_wait).hold():
-        return _submit_locked(plan)
+        return _submit_locked(plan, take_over)
 
 
-def _submit_locked(plan: LaunchPlan) -> dict[str, submitit.Job]:
+def _submit_locked(plan: LaunchPlan, take_over: bool) -> dict[str, submitit.Job]:
     state = SweepState(sweep_db_path(plan.sweep_dir))
     try:
+        state.claim_owner(take_over)
         with state.transaction():
             for record in plan.runs:  # --force: changed runs start again, in a fresh run directory
                 if record.run_id in plan.changed and state.has_run(record.run_id):
@@ -262,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     changes.add_argument("--force", action="store_true",
                          help="runs whose config the grid changed get the new config and start again (their old "
                               "run directories are moved aside)")
+    parser.add_argument("--take-over", action="store_true",
+                        help="launch into a sweep owned by another host (stop that host's monitor first)")
     args = parser.parse_args(argv)
     out = Console()
     plan = plan_launch(args.grid, args.sweep_dir)
@@ -271,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     for message in plan.warnings:
         console.print(f"[yellow]warning:[/] {message}")
-    jobs = submit_plan(plan, on_wait=lambda message: console.print(f"[yellow]{message}[/]"))
+    jobs = submit_plan(plan, on_wait=lambda message: console.print(f"[yellow]{message}[/]"), take_over=args.take_over)
     already = len(plan.runs) - len(jobs)
     job_ids = sorted({job.job_id.split("_")[0] for job in jobs.values()})
     out.print(f"sweep {plan.name}: {len(jobs)} runs submitted"
@@ -283,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # retries and resumes them, and collects the results.
     from brats_ugrip.sweeps.monitor import main as monitor_main
 
-    return monitor_main([str(plan.sweep_dir)])
+    return monitor_main([str(plan.sweep_dir), *(["--take-over"] if args.take_over else [])])
 
 
 if __name__ == "__main__":

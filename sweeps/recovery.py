@@ -134,17 +134,19 @@ class SweepMonitor:
             files for ``local``).
         submit: how runs are submitted (default :func:`brats_ugrip.sweeps.jobs.submit_runs`).
         lock_timeout_s: how long a poll waits for another monitor's poll.
+        take_over: follow a sweep owned by another host (that host's monitor must be stopped).
     """
 
     def __init__(self, sweep_dir: str | os.PathLike[str], *, stall_minutes: float = 60.0, collect_last: bool = False,
                  sources: Sequence[JobStateSource] | None = None, submit: SubmitFunction = submit_runs,
-                 lock_timeout_s: float = 600.0):
+                 lock_timeout_s: float = 600.0, take_over: bool = False):
         self.sweep_dir = Path(sweep_dir)
         db_path = sweep_db_path(self.sweep_dir)
         if not db_path.is_file():
             raise MonitorError(f"{db_path}: not found; is {self.sweep_dir} a sweep directory (made by "
                                "`python sweeps/launch.py GRID --sweep-dir DIR`)?")
         self.state = SweepState(db_path)
+        self.state.claim_owner(take_over)  # one host writes sweep.db (see brats_ugrip.sweeps.state)
         self.jobs_folder = jobs_folder(self.sweep_dir)
         self.sources = {s.cluster: s for s in (sources or (SlurmJobStates(), LocalJobStates(self.jobs_folder)))}
         self.submit = submit

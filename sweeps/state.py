@@ -11,6 +11,11 @@ Two tables:
   submitted/started/ended times and the tail of the job's error log. ``submitted_at`` is taken just before the
   submission, so that scheduler records of an older job under the same id (reused ids) can be told apart.
 
+Cluster file systems: SQLite's WAL mode needs every writer on one host and is unsafe over NFS, Lustre and GPFS.
+On such a file system (:func:`network_filesystem`, from ``/proc/mounts``) the database uses the rollback journal
+(``journal_mode=DELETE``) instead, and the sweep records the host that owns it (:meth:`SweepState.claim_owner`):
+a launcher or monitor on another host refuses, naming the owner, unless told to take over.
+
 Schema versions: 1 (first), 2 (``attempts.array_task_id``). An older ``sweep.db`` is migrated when opened.
 
 Only processes on the machine that launches the sweep (``sweeps/launch.py``, ``sweeps/monitor.py``) write here;
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -42,6 +48,32 @@ from brats_ugrip.errors import BratsUgripError
 
 DB_NAME = "sweep.db"
 SCHEMA_VERSION = 2
+
+
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph",
+                                 "fuse.ceph", "glusterfs", "fuse.glusterfs", "panfs", "fuse.sshfs", "9p", "wekafs"})
+OWNER_KEY = "owner_host"
+
+
+def network_filesystem(path: str | os.PathLike[str], mounts: str | None = None) -> str | None:
+    """The type of the network file system ``path`` lies on (``nfs4``, ``lustre``, ``gpfs``…), or None for a local
+    one (or where ``/proc/mounts`` cannot be read). ``mounts``: that file's text (for tests)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = str(Path(path).resolve())
+    best, best_type = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type if best_type in NETWORK_FILESYSTEMS else None
 
 
 def sweep_db_path(sweep_dir: str | os.PathLike[str]) -> Path:
@@ -230,7 +262,11 @@ class SweepState:
             # isolation_level=None: no implicit transactions; ours are explicit BEGIN IMMEDIATE ... COMMIT.
             self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._enable_wal(timeout_s)
+            self.filesystem = network_filesystem(self.path.parent)
+            if self.filesystem is None:
+                self._enable_wal(timeout_s)
+            else:  # WAL's shared memory does not work across hosts: the rollback journal does
+                self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._depth = 0
@@ -273,6 +309,24 @@ class SweepState:
 
     def close(self) -> None:
         self._db.close()
+
+    def claim_owner(self, take_over: bool = False, host: str | None = None) -> str:
+        """Record this host as the sweep's owner (the first to ask owns it); returns the owner.
+
+        Raises:
+            SweepStateError: another host owns the sweep and ``take_over`` is False.
+        """
+        host = host or socket.gethostname()
+        with self.transaction():
+            owner = self.get_meta(OWNER_KEY)
+            if owner is not None and owner != host and not take_over:
+                raise SweepStateError(
+                    f"{self.path.parent}: this sweep is owned by host {owner!r} (this is {host!r}); sweep.db must be "
+                    f"written from one host. Run the launcher/monitor on {owner}, or pass --take-over once that "
+                    "host's monitor is stopped")
+            if owner != host:
+                self.set_meta(OWNER_KEY, host)
+        return host
 
     def __enter__(self) -> SweepState:
         return self

@@ -199,3 +199,31 @@ def test_schema_1_database_is_migrated(tmp_path):
         assert state.latest_attempt("a").array_task_id == 3
     raw = sqlite3.connect(path).execute("SELECT array_task_id FROM attempts ORDER BY attempt").fetchall()
     assert raw == [(12,), (None,), (3,)]
+
+
+def test_sweep_owned_by_one_host_and_network_filesystems_detected(tmp_path, monkeypatch):
+    from brats_ugrip.sweeps import state as state_module
+    from brats_ugrip.sweeps.state import network_filesystem
+
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "server:/export /proj nfs4 rw,relatime 0 0\n"
+              "/dev/sdb1 /proj/local xfs rw 0 0\n"
+              "fs1@o2ib:/lustre /lustre lustre rw 0 0\n")
+    assert network_filesystem("/proj/sweeps/a", mounts) == "nfs4"
+    assert network_filesystem("/proj/local/a", mounts) is None  # the longest mount point wins
+    assert network_filesystem("/lustre/x", mounts) == "lustre"
+    assert network_filesystem("/projx", mounts) is None  # a name prefix is not a mount prefix
+    with SweepState(tmp_path / "a" / "sweep.db") as state:
+        assert state.claim_owner(host="login1") == "login1"
+        assert state.claim_owner(host="login1") == "login1"
+        with pytest.raises(SweepStateError, match="owned by host 'login1'.*--take-over"):
+            state.claim_owner(host="login2")
+        assert state.claim_owner(take_over=True, host="login2") == "login2"
+        assert state.get_meta("owner_host") == "login2"
+    # On a network file system the database runs in rollback-journal mode, not WAL.
+    monkeypatch.setattr(state_module, "network_filesystem", lambda path: "nfs4")
+    with SweepState(tmp_path / "b" / "sweep.db") as state:
+        assert state._db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    monkeypatch.undo()
+    with SweepState(tmp_path / "a" / "sweep.db") as state:  # a local one: WAL
+        assert state._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
