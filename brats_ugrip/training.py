@@ -425,12 +425,11 @@ def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def _cache_dir(config: RunConfig, run_dir: Path) -> Path:
-    """``data.cache_dir``, else ``$BRATS_UGRIP_CACHE/cases`` (shared by the runs of a machine), else the run's own."""
-    if config.data.cache_dir:
-        return Path(config.data.cache_dir)
-    shared = os.environ.get("BRATS_UGRIP_CACHE")
-    return Path(shared) / "cases" if shared else run_dir / "cache"
+def _cache_dir(config: RunConfig, run_dir: Path) -> Path | None:
+    """Where this run caches preprocessed cases: :func:`brats_ugrip.preprocess.case_cache_dir`'s one rule."""
+    from brats_ugrip.preprocess import case_cache_dir
+
+    return case_cache_dir(config.data.cache_dir, run_dir)
 
 
 def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,

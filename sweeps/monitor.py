@@ -149,12 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stall-minutes", type=float, default=60.0, metavar="M",
                         help="flag running runs without a progress update for M minutes (60)")
     parser.add_argument("--collect-last", action="store_true", help="also copy last.ckpt to models/last/")
+    parser.add_argument("--take-over", action="store_true",
+                        help="follow a sweep owned by another host (stop that host's monitor first)")
     args = parser.parse_args(argv)
     if args.interval <= 0 or args.stall_minutes <= 0:
         parser.error("--interval and --stall-minutes must be positive")
 
     out = Console(width=None if Console().is_terminal else PLAIN_WIDTH)
-    monitor = SweepMonitor(args.sweep_dir, stall_minutes=args.stall_minutes, collect_last=args.collect_last)
+    monitor = SweepMonitor(args.sweep_dir, stall_minutes=args.stall_minutes, collect_last=args.collect_last,
+                           take_over=args.take_over)
     try:
         if args.cancel:
             cancelled = monitor.cancel(args.cancel)
