@@ -62,6 +62,10 @@ class SubmitSpec:
             ``gpus_per_node``, ``tasks_per_node`` and ``setup``.
         max_num_timeout: how many times a job that hits its time limit is requeued.
         local_slots: local executor only: how many runs train at the same time (the others wait for a slot).
+
+    A run's ``submit`` dict may also hold ``stop_at_epoch`` (a successive-halving rung, set by the launcher and the
+    monitor's promotions, ``sweeps/promotion.py``): its job stops there, paused. It is not part of the spec (runs
+    stopping at different rungs share an array).
     """
 
     cluster: str
@@ -154,7 +158,8 @@ def submit_runs(state: SweepState, runs: Sequence[RunRecord], spec: SubmitSpec, 
         # redirect_stderr: submitit prints sbatch's complaint itself; it is in the error raised below.
         with submitit.helpers.clean_env(), redirect_stderr(io.StringIO()), executor.batch():
             for run in runs:
-                jobs[run.run_id] = executor.submit(TrainingJob(run.run_dir, run.config, local_slots))
+                jobs[run.run_id] = executor.submit(TrainingJob(run.run_dir, run.config, local_slots,
+                                                               run.submit.get("stop_at_epoch")))
     except FailedJobError as error:
         names = ", ".join(r.run_id for r in runs[:3]) + (", …" if len(runs) > 3 else "")
         raise SubmissionError(f"{spec.cluster} refused the submission of {len(runs)} runs ({names}); none of "
@@ -213,13 +218,15 @@ class TrainingJob(submitit.helpers.Checkpointable):
         run_dir: the run's directory (``SWEEP_DIR/runs/<run_id>``).
         config: the resolved training config, as a plain dict.
         local_slots: ``(slots_dir, n)`` for local jobs: train only while holding one of ``n`` slots.
+        stop_at_epoch: stop (paused) after this many epochs, a successive-halving rung (None: ``max_epochs``).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], config: dict[str, Any],
-                 local_slots: tuple[str, int] | None = None):
+                 local_slots: tuple[str, int] | None = None, stop_at_epoch: int | None = None):
         self.run_dir = str(run_dir)
         self.config = config
         self.local_slots = local_slots
+        self.stop_at_epoch = stop_at_epoch
 
     def __call__(self) -> dict[str, Any]:
         run_dir = Path(self.run_dir)
@@ -232,12 +239,13 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
             if env is None or env.global_rank == 0:  # job.json appears once the run really starts
                 self._prepare_run_dir(run_dir, env)
-            return train(self.config, run_dir)
+            return train(self.config, run_dir, stop_at_epoch=getattr(self, "stop_at_epoch", None))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on timeout or preemption, before the requeue: training saves ``last.ckpt`` at each
         epoch's end, so the requeued job is this same call, which resumes from there."""
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.run_dir, self.config, self.local_slots))
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.run_dir, self.config, self.local_slots,
+                                                              getattr(self, "stop_at_epoch", None)))
 
     def _prepare_run_dir(self, run_dir: Path, env: submitit.JobEnvironment | None) -> None:
         """Link this job's logs into ``run_dir/logs/`` and add this start to ``run_dir/job.json``."""
