@@ -308,9 +308,9 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 class ProgressFile(Callback):
     """``RUN_DIR/progress.json``, written atomically at start, after each epoch and at the end; the monitor
-    reads it. Fields: status (starting, running, completed, failed, interrupted), epoch (completed), max_epochs, step,
-    best_val_dice, best_epoch, val_metrics, epoch_seconds, first_step_seconds (includes ``torch.compile``),
-    host, gpu, pid, slurm_job_id, config_hash, started_at, updated_at, finished_at, error."""
+    reads it. Fields: status (starting, running, completed, paused, failed, interrupted), epoch (completed),
+    max_epochs, step, best_val_dice, best_epoch, val_metrics, epoch_seconds, first_step_seconds (includes
+    ``torch.compile``), host, gpu, pid, slurm_job_id, config_hash, started_at, updated_at, finished_at, error."""
 
     def __init__(self, path: Path, config: RunConfig):
         self.path = path
@@ -433,16 +433,21 @@ def _cache_dir(config: RunConfig, run_dir: Path) -> Path | None:
 
 
 def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,
-          callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+          callbacks: Sequence[Callback] = (), stop_at_epoch: int | None = None) -> dict[str, Any]:
     """Train one run in ``run_dir`` (default ``config.run_dir``), resuming from its ``last.ckpt`` if there is one.
 
     Args:
         config: a :class:`RunConfig`, its dict, or a YAML path.
         callbacks: extra Lightning callbacks (profilers, tests).
+        stop_at_epoch: stop cleanly after this many epochs (a successive-halving rung), below
+            ``trainer.max_epochs``: the run is then "paused", with ``last.ckpt`` to continue from and the latest
+            validation in ``latest_val_metrics``. The config (and its hash) is unchanged: schedule-free AdamW ties nothing
+            to the number of epochs, so a paused run continues exactly as one that never stopped.
 
     Returns:
         ``{"status", "run_dir", "best_checkpoint", "last_checkpoint", "best_val_dice", "best_epoch",
-        "val_metrics" (of the best checkpoint), "epochs", "steps", "config_hash", "init_id"}``.
+        "val_metrics" (of the best checkpoint), "epochs", "steps", "config_hash", "init_id"}``; status is
+        "completed", or "paused" (``stop_at_epoch`` reached first) with ``latest_val_metrics`` too.
     """
     config = _as_config(config)
     if run_dir is None and config.run_dir is None:
@@ -483,7 +488,8 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
     trainer_config = config.trainer
     warnings.filterwarnings("ignore", message="The `srun` command is available")  # login nodes have srun
     trainer = pl.Trainer(
-        default_root_dir=str(run_dir), max_epochs=trainer_config.max_epochs, accelerator=trainer_config.accelerator,
+        default_root_dir=str(run_dir), max_epochs=min(trainer_config.max_epochs, stop_at_epoch or trainer_config.max_epochs),
+        accelerator=trainer_config.accelerator,
         devices=devices, num_nodes=num_nodes, precision=trainer_config.precision, benchmark=trainer_config.cudnn_benchmark,
         check_val_every_n_epoch=trainer_config.val_every, num_sanity_val_steps=0,
         limit_train_batches=trainer_config.limit_train_batches, limit_val_batches=trainer_config.limit_val_batches,
@@ -503,11 +509,14 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
 
     best_path = Path(best.best_model_path) if best.best_model_path else None
     best_meta = checkpoint_meta(load_checkpoint(best_path), best_path) if best_path and best_path.is_file() else {}
-    progress.write(status="completed", epoch=trainer.current_epoch, step=trainer.global_step, finished_at=now_iso())
+    paused = stop_at_epoch is not None and stop_at_epoch <= trainer.current_epoch < trainer_config.max_epochs
+    status = "paused" if paused else "completed"
+    progress.write(status=status, epoch=trainer.current_epoch, step=trainer.global_step, finished_at=now_iso())
     return {
-        "status": "completed", "run_dir": str(run_dir),
+        "status": status, "run_dir": str(run_dir),
         "best_checkpoint": str(best_path) if best_path else None, "last_checkpoint": str(last) if last.is_file() else None,
         "best_val_dice": progress.state["best_val_dice"], "best_epoch": progress.state["best_epoch"],
-        "val_metrics": best_meta.get("val_metrics", {}), "epochs": trainer.current_epoch, "steps": trainer.global_step,
+        "val_metrics": best_meta.get("val_metrics", {}), "epochs": trainer.current_epoch,
+        **({"latest_val_metrics": progress.state["val_metrics"]} if status == "paused" else {}), "steps": trainer.global_step,
         "config_hash": config.hash(), "init_id": module.init_id,
     }

@@ -28,6 +28,8 @@ from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 if TYPE_CHECKING:
     import pandas as pd
 
+    from brats_ugrip.sweeps.promotion import HalvingReport
+
 MODELS_DIR = "models"
 RESULTS_CSV = "results.csv"
 CURVES_PNG = "val_dice_curves.png"
@@ -207,6 +209,8 @@ class SweepSummary:
     per_config: pd.DataFrame
     per_value: dict[str, pd.DataFrame] = field(default_factory=dict)
     curves_png: Path | None = None
+    halving: HalvingReport | None = None
+    """Rungs, promotions, paused runs and GPU-hours of a successive-halving sweep (None for a plain grid)."""
 
 
 def _mean_std(values: pd.Series) -> dict[str, Any]:
@@ -249,7 +253,9 @@ def sweep_summary(sweep_dir: str | os.PathLike[str], state: SweepState, plot: bo
         per_value[key] = (by_fold.groupby(key, dropna=False)["dice_mean"].apply(lambda s: pd.Series(_mean_std(s)))
                           .unstack().reset_index().sort_values("mean", ascending=False, ignore_index=True))
     curves = plot_curves(sweep_dir, runs) if plot else None
-    return SweepSummary(best_per_fold, per_config, per_value, curves)
+    from brats_ugrip.sweeps.promotion import halving_report
+
+    return SweepSummary(best_per_fold, per_config, per_value, curves, halving_report(state))
 
 
 def read_curve(run_dir: str | os.PathLike[str]) -> pd.DataFrame:

@@ -15,6 +15,8 @@ A grid YAML::
     seeds: [0, 1]                      # or `repeat: 3` (seeds 0, 1, 2): varies trainer.seed
     max_retries: 2                     # failed attempts the monitor resubmits
     executor: {cluster: slurm, ...}    # see sweeps/executor.py; `executor.<key>` grid keys vary resources
+    schedule: {kind: asha, metric: val/dice_mean, min_epochs: 5, eta: 3, max_epochs: 135}
+                                       # successive halving (sweeps/halving.py, docs/halving.md); sets max_epochs
 
 Each run gets a stable, readable id from its varied values, sorted by key: ``fold=2-lr=0.0027-name=mednext_b``
 (the last part of each key path, the whole path where two varied keys end alike). Every run's full config is
@@ -37,11 +39,12 @@ from brats_ugrip.data import Datalist
 from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
 from brats_ugrip.sweeps.executor import ExecutorSection
+from brats_ugrip.sweeps.halving import HalvingSchedule
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
 _TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries",
-              "executor"}
+              "executor", "schedule"}
 
 
 class ExcludeWarning(UserWarning):
@@ -121,10 +124,13 @@ class ParameterManager:
             raise self._error(unknown[0], f"unknown key; a grid file has {', '.join(sorted(_TOP_LEVEL))}")
         self.name = self._name()
         self.max_retries = self._max_retries()
+        self.schedule = self._schedule()  # before the base: it sets trainer.max_epochs
         self.base = self._base()
         self.executor_raw = self.grid.get("executor") or {}
         ExecutorSection.from_dict(self.executor_raw)  # fail early on the fixed part
         self.axes = self._axes()
+        if self.schedule is not None and "trainer.max_epochs" in self.varied_keys:
+            raise self._error("schedule.max_epochs", "a schedule sets every run's trainer.max_epochs; do not vary it")
         self.excludes = self._excludes()
 
     # --- parsing ------------------------------------------------------------------------------------------
@@ -158,7 +164,19 @@ class ParameterManager:
         fixed = self.grid.get("set") or {}
         if not isinstance(fixed, dict):
             raise self._error("set", f"expected a mapping of key.path: value, got {fixed!r}")
+        if self.schedule is not None:  # every run is sized for the last rung; the monitor stops it at each rung
+            fixed = {**fixed, "trainer.max_epochs": self.schedule.max_epochs}
         return apply_overrides(base, fixed)
+
+    def _schedule(self) -> HalvingSchedule | None:
+        """``schedule: {kind: asha, ...}`` (see ``sweeps/halving.py``); rungs are checked against each run's
+        ``trainer.val_every`` in :meth:`runs`."""
+        if "schedule" not in self.grid:
+            return None
+        try:
+            return HalvingSchedule.from_dict(self.grid["schedule"])
+        except ConfigError as error:
+            raise self._error(error.key_path, str(error)[len(error.key_path) + 2:]) from None
 
     def _axes(self) -> list[_Axis]:
         axes: list[_Axis] = []
@@ -283,6 +301,8 @@ class ParameterManager:
             executor_values = {k[len(EXECUTOR_PREFIX):]: v for k, v in combo.items() if k.startswith(EXECUTOR_PREFIX)}
             try:
                 config = config_from_dict(apply_overrides(self.base, config_values))
+                if self.schedule is not None:
+                    HalvingSchedule.from_dict(self.grid["schedule"], config.trainer.val_every)
                 _check_data(config, datalists, checked)
                 key = json.dumps(executor_values, sort_keys=True, default=str)
                 if key not in executors:

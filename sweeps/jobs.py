@@ -76,6 +76,10 @@ class SubmitSpec:
             ``gpus_per_node``, ``tasks_per_node`` and ``setup``.
         max_num_timeout: how many times a job that hits its time limit is requeued.
         local_slots: local executor only: how many runs train at the same time (the others wait for a slot).
+
+    A run's ``submit`` dict may also hold ``stop_at_epoch`` (a successive-halving rung, set by the launcher and the
+    monitor's promotions, ``sweeps/promotion.py``): its job stops there, paused. It is not part of the spec (runs
+    stopping at different rungs share an array).
     """
 
     cluster: str
@@ -170,7 +174,8 @@ def submit_runs(state: SweepState, runs: Sequence[RunRecord], spec: SubmitSpec, 
         with submitit.helpers.clean_env(), redirect_stderr(io.StringIO()), executor.batch():
             for run in runs:
                 jobs[run.run_id] = executor.submit(TrainingJob(run.run_dir, run.config, local_slots,
-                                                               attempt=run.attempts + 1))
+                                                               attempt=run.attempts + 1,
+                                                               stop_at_epoch=run.submit.get("stop_at_epoch")))
     except FailedJobError as error:
         names = ", ".join(r.run_id for r in runs[:3]) + (", …" if len(runs) > 3 else "")
         raise SubmissionError(f"{spec.cluster} refused the submission of {len(runs)} runs ({names}); none of "
@@ -230,14 +235,16 @@ class TrainingJob(submitit.helpers.Checkpointable):
         config: the resolved training config, as a plain dict.
         local_slots: ``(slots_dir, n)`` for local jobs: train only while holding one of ``n`` slots.
         attempt: the attempt number ``sweep.db`` gives this submission (written into the result file).
+        stop_at_epoch: stop (paused) after this many epochs, a successive-halving rung (None: ``max_epochs``).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], config: dict[str, Any],
-                 local_slots: tuple[str, int] | None = None, attempt: int = 0):
+                 local_slots: tuple[str, int] | None = None, attempt: int = 0, stop_at_epoch: int | None = None):
         self.run_dir = str(run_dir)
         self.config = config
         self.local_slots = local_slots
         self.attempt = attempt
+        self.stop_at_epoch = stop_at_epoch
 
     def __call__(self) -> dict[str, Any]:
         run_dir = Path(self.run_dir)
@@ -253,7 +260,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 self._prepare_run_dir(run_dir, env)
             interrupted = _watch_requeue_signal()
             try:
-                result = train(self.config, run_dir)
+                result = train(self.config, run_dir, stop_at_epoch=self.stop_at_epoch)
             except Exception as error:
                 if interrupted:  # submitit requeued the job from inside a write; the traceback is only noise
                     _log.warning("%s arrived during %s (%s): the job is requeued and resumes from last.ckpt, "
@@ -267,14 +274,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 write_job_result(run_dir, env.job_id, self.attempt, result=result)
             return result
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # jobs pickled before ``attempt`` existed
-        self.__dict__.update({"attempt": 0, **state})
+    def __setstate__(self, state: dict[str, Any]) -> None:  # jobs pickled before ``attempt``/``stop_at_epoch``
+        self.__dict__.update({"attempt": 0, "stop_at_epoch": None, **state})
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on timeout or preemption, before the requeue: training saves ``last.ckpt`` at each
         epoch's end, so the requeued job is this same call, which resumes from there."""
         return submitit.helpers.DelayedSubmission(TrainingJob(self.run_dir, self.config, self.local_slots,
-                                                              attempt=self.attempt))
+                                                              attempt=self.attempt, stop_at_epoch=self.stop_at_epoch))
 
     def _prepare_run_dir(self, run_dir: Path, env: submitit.JobEnvironment | None) -> None:
         """Link this job's logs into ``run_dir/logs/`` and add this start to ``run_dir/job.json``."""

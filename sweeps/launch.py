@@ -33,6 +33,8 @@ from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweeps.jobs import (SubmitSpec, jobs_folder, sbatch_test_only,
                               scheduler_available, submit_runs)
+from brats_ugrip.sweeps.halving import HalvingSchedule
+from brats_ugrip.sweeps.promotion import set_schedule
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 
 DEFAULT_SWEEPS_ROOT = Path("outputs")
@@ -59,6 +61,7 @@ class LaunchPlan:
     warnings: list[str]
     changed: dict[str, list[str]] = field(default_factory=dict)
     """Runs already in the sweep whose resolved config the grid now changes: run id → changed key paths."""
+    schedule: HalvingSchedule | None = None
 
     @property
     def to_submit(self) -> list[RunRecord]:
@@ -82,13 +85,14 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
     runs = manager.runs()
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_SWEEPS_ROOT / manager.name
     records = []
+    first_stop = {"stop_at_epoch": manager.schedule.rungs[0]} if manager.schedule else {}  # sweeps/promotion.py
     for run_ in runs:
         run_dir = run_dir_path(sweep_dir, run_.run_id).resolve()
         config = run_.config_dict
         config["run_dir"] = str(run_dir)
         config["logging"]["run_name"] = config["logging"].get("run_name") or f"{manager.name}/{run_.run_id}"
         records.append(RunRecord(run_id=run_.run_id, config=config, params=run_.params, run_dir=str(run_dir),
-                                 submit=run_.executor.submit_spec(manager.name).to_dict(),
+                                 submit={**run_.executor.submit_spec(manager.name).to_dict(), **first_stop},
                                  max_retries=manager.max_retries))
     existing: dict[str, RunState] = {}
     changed: dict[str, list[str]] = {}
@@ -107,7 +111,7 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
         warnings.append(f"executor.array_parallelism caps each job array; this grid makes {len(arrays)} arrays "
                         "(its executor.* values differ), so up to that many times the cap run at once")
     return LaunchPlan(manager.name, Path(grid_path), sweep_dir, records, manager.varied_keys, existing,
-                      warnings, changed)
+                      warnings, changed, manager.schedule)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -230,6 +234,7 @@ def _submit_locked(plan: LaunchPlan, take_over: bool) -> dict[str, submitit.Job]
                     state.update_run(record.run_id, submit=record.submit, max_retries=record.max_retries)
             state.set_meta("name", plan.name)
             state.set_meta("grid", str(plan.grid_path.resolve()))
+            set_schedule(state, plan.schedule)
         atomic_write_text(plan.sweep_dir / "grid.yaml", plan.grid_path.read_text())
         plan.existing = {r.run_id: r.state for r in state.runs()}
         groups = plan.groups()

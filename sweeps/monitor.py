@@ -8,6 +8,7 @@
     python sweeps/monitor.py SWEEP_DIR --cancel RUN_ID … | all  # cancel runs (their jobs too)
     python sweeps/monitor.py SWEEP_DIR --retry RUN_ID … | all   # submit again (resumes from last.ckpt)
     python sweeps/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std, Dice curves PNG
+    python sweeps/monitor.py SWEEP_DIR --resume-paused RUN_ID … | all  # continue paused runs to max_epochs
 
 Each poll asks SLURM once (one ``sacct`` for all jobs) or looks at the local jobs, reads the runs' progress files,
 and updates ``SWEEP_DIR/sweep.db``: failed runs are resubmitted up to the grid's ``max_retries`` (then FAILED,
@@ -17,6 +18,11 @@ copied (verified by SHA-256) to ``SWEEP_DIR/models/<run_id>.ckpt`` with their me
 holds one row per run. The monitor may be killed at any moment and restarted, or run twice: a lock serialises
 polls and nothing is submitted twice. The dashboard exits when no run is queued or running any more (exit code 0
 when all completed, 1 otherwise).
+
+A grid with a successive-halving ``schedule:`` stops runs at rungs (PAUSED) and promotes the best configurations
+from each rung (``sweeps/promotion.py``); the dashboard's header and ``--summary`` show each configuration's rung
+and score, the promotions, the paused runs and the GPU-hours against the full grid's. Paused runs count as ended
+(exit code 0 when every run completed or paused); ``--resume-paused`` continues chosen ones to ``max_epochs``.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from brats_ugrip.sweeps.collect import SweepSummary, sweep_summary, write_result
 from brats_ugrip.sweeps.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
 from brats_ugrip.sweeps.recovery import PollReport, SweepMonitor
 from brats_ugrip.sweeps.view import SweepSnapshot
+from brats_ugrip.sweeps.promotion import HalvingReport
 
 PLAIN_WIDTH = 250  # --once to a file or pipe: wide enough that no column is cut
 
@@ -85,7 +92,7 @@ def watch(monitor: SweepMonitor, options: ViewOptions, interval_s: float, out: C
 
 
 def _exit_code(snapshot: SweepSnapshot) -> int:
-    return 0 if all(r.state == RunState.COMPLETED.value for r in snapshot.runs) else 1
+    return 0 if all(r.state in (RunState.COMPLETED.value, RunState.PAUSED.value) for r in snapshot.runs) else 1
 
 
 def _cell(column: str, value: object) -> str:
@@ -126,10 +133,27 @@ def print_summary(summary: SweepSummary, out: Console) -> None:
     for key, frame in summary.per_value.items():
         out.print(_frame_table(f"{key}: mean ± std across folds", _mean_std_frame(frame), [key, "mean ± std",
                                                                                            "n_folds"]))
+    if summary.halving is not None:
+        print_halving(summary.halving, out)
     if summary.curves_png is not None:
         out.print(f"validation Dice curves: {summary.curves_png}", highlight=False)
     else:
         out.print("no validation Dice curves yet (no runs/<id>/csv/metrics.csv with val/dice_mean)")
+
+
+def print_halving(report: HalvingReport, out: Console) -> None:
+    """Successive halving: each configuration's highest rung and score there, its promotions, the cost."""
+    table = Table(title=report.lines()[0], title_justify="left", title_style="bold")
+    for column in ("configuration", "rung (epochs)", "score", "folds", "promoted from", "runs"):
+        table.add_column(column)
+    for entry in report.configs:
+        table.add_row(entry.config, str(entry.rung_epochs or "–"), "–" if entry.score is None else f"{entry.score:.4f}",
+                      str(entry.folds_scored), ", ".join(map(str, entry.promoted_from)) or "–",
+                      ", ".join(f"{state} {n}" for state, n in sorted(entry.states.items())))
+    out.print(table)
+    if report.paused:
+        out.print(f"paused ({len(report.paused)}; checkpoints collected in models/; continue with --resume-paused): "
+                  + ", ".join(report.paused), highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=15.0, metavar="S", help="seconds between polls (15)")
     parser.add_argument("--cancel", nargs="+", metavar="RUN_ID", help="cancel these runs (or `all`) and exit")
     parser.add_argument("--retry", nargs="+", metavar="RUN_ID", help="submit these runs (or `all` failed) again, exit")
+    parser.add_argument("--resume-paused", nargs="+", metavar="RUN_ID",
+                        help="continue these paused runs (or `all`) from last.ckpt to max_epochs, and exit")
     parser.add_argument("--stall-minutes", type=float, default=60.0, metavar="M",
                         help="flag running runs without a progress update for M minutes (60)")
     parser.add_argument("--collect-last", action="store_true", help="also copy last.ckpt to models/last/")
@@ -170,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out.print(f"{run_id}: resubmitted as job {job_id}", highlight=False)
             if not submitted:
                 out.print("nothing to retry")
+            return 0
+        if args.resume_paused:
+            from brats_ugrip.sweeps.promotion import resume_paused
+
+            for run_id, job_id in resume_paused(monitor, args.resume_paused).items():
+                out.print(f"{run_id}: continues to max_epochs as job {job_id}", highlight=False)
             return 0
         snapshot_keys = monitor.snapshot().varied_keys
         options = ViewOptions(sort=args.sort, filters=[parse_filter(f, snapshot_keys) for f in args.filter],

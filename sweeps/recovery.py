@@ -52,6 +52,7 @@ from brats_ugrip.sweeps.job_states import (UNCOMPLETED_MARK, JobPhase, JobStateS
 from brats_ugrip.slurm.sacct import SacctError
 from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
 from brats_ugrip.sweeps.jobs import jobs_folder
+from brats_ugrip.sweeps.promotion import ended_paused, promote
 
 LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"
@@ -154,8 +155,8 @@ class SweepMonitor:
         self.stall_minutes = stall_minutes
         self.collect_last = collect_last
         self.progress = ProgressReader()
-        self._collected: set[str] = set()
-        self._collect_failed: set[str] = set()
+        self._collected: set[tuple[str, RunState]] = set()
+        self._collect_failed: set[tuple[str, RunState]] = set()
 
     def close(self) -> None:
         self.state.close()
@@ -184,6 +185,7 @@ class SweepMonitor:
                     resubmission = self._apply(run, latest[run.run_id], status, report)
                     if resubmission is not None:
                         resubmissions.append(resubmission)
+            resubmissions += [_Resubmission(run, why) for run, why in promote(self.state, report.notes)]
             self._resubmit(resubmissions, report)
             self._collect(report)
             results = self.sweep_dir / "results.csv"
@@ -285,7 +287,8 @@ class SweepMonitor:
                   result: dict[str, Any] | None, job_state: str, ended_at: float, note: str | None) -> None:
         checkpoints = Path(run.run_dir) / "checkpoints"
         best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
-        self._write(run, attempt, report, RunState.COMPLETED, job_state, status.node, ended_at=ended_at,
+        final = RunState.PAUSED if ended_paused(result, run.run_dir) else RunState.COMPLETED  # stopped at a rung
+        self._write(run, attempt, report, final, job_state, status.node, ended_at=ended_at,
                     started_at=attempt.started_at or status.started_at, reason=note,
                     metrics=dict(result) if result is not None else dict(run.metrics),
                     best_checkpoint=str(best) if best.is_file() else None,
@@ -404,20 +407,22 @@ class SweepMonitor:
     # --- collection ---------------------------------------------------------------------------------------
 
     def _collect(self, report: PollReport) -> None:
-        for run in self.state.runs([RunState.COMPLETED]):
-            if run.run_id in self._collected or run.run_id in self._collect_failed:
+        for run in self.state.runs([RunState.COMPLETED, RunState.PAUSED]):  # paused runs are soup ingredients too
+            # A paused run's best.ckpt may change when it continues: checked each poll (two stat calls).
+            key = (run.run_id, run.state)
+            if run.state == RunState.COMPLETED and key in self._collected or key in self._collect_failed:
                 continue
             if is_collected(self.sweep_dir, run):
-                self._collected.add(run.run_id)
+                self._collected.add(key)
                 continue
             try:
                 collect_run(self.sweep_dir, run, self.collect_last)
             except (CheckpointError, OSError) as error:
-                self._collect_failed.add(run.run_id)  # tried again by the next monitor started
+                self._collect_failed.add(key)  # tried again by the next monitor started
                 self.state.update_run(run.run_id, reason=f"collection failed: {error}")
                 report.notes.append(f"{run.run_id}: collection failed: {error}")
                 continue
-            self._collected.add(run.run_id)
+            self._collected.add(key)
             report.collected.append(run.run_id)
 
     # --- actions ------------------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def run_dir_path(sweep_dir: str | os.PathLike[str], run_id: str) -> Path:
 class RunState(str, Enum):
     """Where a run stands. A run moves PENDING → SUBMITTED → RUNNING → COMPLETED, possibly through REQUEUED
     (timed out or preempted, its job requeued itself), TIMEOUT (timed out and not requeued), RETRYING
-    (resubmitted by the monitor after a failure), FAILED (no retries left) or CANCELLED."""
+    (resubmitted by the monitor after a failure), FAILED (no retries left) or CANCELLED. Under a successive-halving
+    schedule a run stops at a rung as PAUSED, with its checkpoints, until the monitor promotes it (RETRYING) or
+    someone resumes it (``monitor.py --resume-paused``)."""
 
     PENDING = "PENDING"  # recorded, never submitted (new, or its submission failed)
     SUBMITTED = "SUBMITTED"  # accepted by the scheduler, waiting to start
@@ -100,6 +102,7 @@ class RunState(str, Enum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    PAUSED = "PAUSED"  # stopped cleanly at a successive-halving rung (sweeps/promotion.py); may be continued
 
     @classmethod
     def active(cls) -> tuple[RunState, ...]:
@@ -109,7 +112,7 @@ class RunState(str, Enum):
     @classmethod
     def final(cls) -> tuple[RunState, ...]:
         """States after which nothing happens unless someone retries the run."""
-        return (cls.COMPLETED, cls.FAILED, cls.CANCELLED)
+        return (cls.COMPLETED, cls.FAILED, cls.CANCELLED, cls.PAUSED)
 
     @property
     def is_active(self) -> bool:
