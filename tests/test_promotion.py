@@ -77,8 +77,9 @@ def _stop(asha, run_id: str, epochs: int, score: float, status: str = "paused") 
     run_dir = run_dir_path(asha.dir, run_id)
     _write_checkpoint(run_dir, dice=score)
     latest = {"mean": score}
-    _write_result(asha.dir, job_id, ("success", {"status": status, "epochs": epochs, "latest_val_metrics": latest,
-                                                 "val_metrics": latest, "best_val_dice": score}))
+    _write_result(asha.dir, run_id, job_id, {"status": "success", "result": {
+        "status": status, "epochs": epochs, "latest_val_metrics": latest, "val_metrics": latest,
+        "best_val_dice": score}})
     (run_dir / "progress.json").write_text(json.dumps({"status": status, "epoch": epochs, "epoch_seconds": 36.0,
                                                        "val_metrics": latest}))
     asha.scheduler.set(job_id, "COMPLETED", started_at=time.time() - 60, ended_at=time.time())
