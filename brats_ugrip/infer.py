@@ -2,7 +2,9 @@
 
 ``--input`` is a case folder (``ID/ID-t1c.nii.gz`` ...), a folder of case folders, or a datalist JSON (its
 ``testing`` cases, or ``--section training``/``all``). Each case gives ``DIR/<ID>.nii.gz``: a label map in the
-checkpoint's label scheme (or ``--scheme``) with the affine and shape of the case's images. Window size, overlap,
+checkpoint's label scheme (or ``--scheme``) with the affine and shape of the case's images. A case with NaN or
+infinite voxels, a checkpoint with non-finite weights, or a full disk stops the command with one line naming the
+file (exit 2); every map written is complete (atomic writes). Window size, overlap,
 TTA ... come from the checkpoint's config (``inference`` section) unless given here.
 """
 from __future__ import annotations
@@ -50,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch.compile the network once (pays off from a few cases on)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out names an existing file, not a folder; give a folder for the label maps")
 
     from brats_ugrip.checkpoints import load_model
     from brats_ugrip.config import InferenceConfig, config_from_dict
@@ -69,7 +74,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
     cases = input_cases(args.input, args.section)
     model = prepare_model(model, settings)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for case in track(cases, f"predicting {len(cases)} cases"):
         prediction = predict_case(model, case.images, settings, scheme, case_id=case.case_id)

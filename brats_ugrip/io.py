@@ -72,9 +72,12 @@ def write_volume(path: str | os.PathLike[str], data: np.ndarray, affine: np.ndar
         image.header.set_xyzt_units("mm", "sec")
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
     with atomic_path(path) as tmp:
-        named = tmp.with_name(tmp.name + suffix)
-        nib.save(image, str(named))
-        os.replace(named, tmp)
+        named = tmp.with_name(tmp.name + suffix)  # nibabel picks the format from the name
+        try:
+            nib.save(image, str(named))
+            os.replace(named, tmp)
+        finally:
+            named.unlink(missing_ok=True)  # a failed save (a full disk) leaves nothing behind
     return path
 
 
