@@ -171,7 +171,7 @@ def _tiny_run(train_workspace, name: str, max_epochs: int = 2):
     config = load_config(base={
         "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 1, "cache_dir": str(root / "cache")},
         "model": {"name": "segresnet", "init_filters": 8}, "optim": {"name": "adamw_sf", "lr": 0.003},
-        "trainer": {"max_epochs": max_epochs, "accelerator": "cpu", "limit_train_batches": 2, "limit_val_batches": 1,
+        "trainer": {"max_epochs": max_epochs, "accelerator": "cpu", "limit_train_batches": 1, "limit_val_batches": 1,
                     "log_every_n_steps": 1, "cudnn_benchmark": False},
         "inference": {"roi_size": [48, 48, 48], "sw_batch_size": 1}, "logging": {"mode": "disabled"}})
     return config, root / name
@@ -184,17 +184,17 @@ def test_a_run_whose_loss_becomes_nan_fails_at_that_step_and_keeps_a_finite_best
     calls = []
     forward = SegmentationLoss.forward
 
-    def nan_from_step_3(self, *args, **kwargs):
+    def nan_from_step_2(self, *args, **kwargs):
         calls.append(1)
         loss = forward(self, *args, **kwargs)
-        return loss * float("nan") if len(calls) >= 3 else loss
+        return loss * float("nan") if len(calls) >= 2 else loss
 
-    monkeypatch.setattr(SegmentationLoss, "forward", nan_from_step_3)
+    monkeypatch.setattr(SegmentationLoss, "forward", nan_from_step_2)
     config, run_dir = _tiny_run(train_workspace, "nan_loss")
-    with pytest.raises(TrainingDivergedError, match=r"^diverged at epoch 2, step 3: the training loss is nan"):
-        train(config, run_dir)
+    with pytest.raises(TrainingDivergedError, match=r"^diverged at epoch 2, step 2: the training loss is nan"):
+        train(config, run_dir)  # one step an epoch: epoch 1 is finite, the first step of epoch 2 is not
     progress = read_progress(run_dir)
-    assert progress["status"] == "failed" and progress["error"].startswith("diverged at epoch 2, step 3")
+    assert progress["status"] == "failed" and progress["error"].startswith("diverged at epoch 2, step 2")
     for name in ("best.ckpt", "last.ckpt"):  # written at epoch 1, before the divergence; loading checks finiteness
         assert load_checkpoint(run_dir / "checkpoints" / name)["brats_ugrip"]["epoch"] == 1
 
@@ -205,15 +205,14 @@ def test_weights_that_become_nan_are_never_checkpointed(train_workspace):
     from brats_ugrip.training import read_progress, train
 
     class PoisonLastStep(Callback):
-        """NaN into one weight after the epoch's last step: the loss never sees it, only the checkpoint would."""
+        """NaN into one weight after the epoch's only step: the loss never sees it, only the checkpoint would."""
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 1:
-                with torch.no_grad():
+            with torch.no_grad():
                     next(pl_module.parameters()).view(-1)[0] = float("nan")
 
     config, run_dir = _tiny_run(train_workspace, "nan_weights", max_epochs=1)
-    with pytest.raises(TrainingDivergedError, match=r"^diverged at epoch 1, step 2: weight 'model\..*' holds"):
+    with pytest.raises(TrainingDivergedError, match=r"^diverged at epoch 1, step 1: weight 'model\..*' holds"):
         train(config, run_dir, callbacks=[PoisonLastStep()])
     assert read_progress(run_dir)["status"] == "failed"
     assert not list((run_dir / "checkpoints").glob("*.ckpt"))  # no best.ckpt of NaN weights, no last.ckpt either
