@@ -26,6 +26,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -316,19 +317,22 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 class DivergenceGuard(Callback):
     """Stops a run whose training loss becomes NaN or infinite with :class:`TrainingDivergedError` ("diverged at
     epoch E, step S": E counts epochs from 1, S is the optimizer step that used the loss), which the progress file
-    records as the run's failure. A step's loss is checked when the next step ends, or before validation and the
-    epoch's end (so before any checkpoint): reading it then never stalls the GPU in the middle of a step.
+    records as the run's failure. A step's loss is copied to the host without waiting and checked when the next step
+    ends, or before validation and the epoch's end (so before any checkpoint): on a GPU the check waits for that
+    copy only, never for the step in flight, so it adds no synchronisation per step.
     Weights are checked where checkpoints are written (:meth:`SegmentationModule.on_save_checkpoint`)."""
 
     def __init__(self) -> None:
-        self._pending: tuple[torch.Tensor, int, int] | None = None
+        self._pending: tuple[torch.Tensor, Any, int, int] | None = None  # host loss, its copy's CUDA event, E, S
 
     def _check(self) -> None:
         if self._pending is None:
             return
-        loss, epoch, step = self._pending
+        loss, copied, epoch, step = self._pending
         self._pending = None
-        if not bool(torch.isfinite(loss)):
+        if copied is not None:
+            copied.synchronize()
+        if not math.isfinite(float(loss)):
             raise TrainingDivergedError(f"diverged at epoch {epoch}, step {step}: the training loss is {float(loss)}; "
                                         "lower optim.lr, add warmup or trainer.gradient_clip")
 
@@ -336,8 +340,16 @@ class DivergenceGuard(Callback):
                            batch_idx: int) -> None:
         self._check()
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor):
-            self._pending = (loss.detach(), trainer.current_epoch + 1, trainer.global_step)
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss, copied = loss.detach(), None
+        if loss.is_cuda:
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            loss = host
+        self._pending = (loss, copied, trainer.current_epoch + 1, trainer.global_step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check()

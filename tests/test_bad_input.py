@@ -134,6 +134,30 @@ def test_infer_refuses_a_case_with_nan_voxels_instead_of_an_empty_map(bad_voxels
     assert not list((tmp_path / "preds").glob("*.nii.gz"))
 
 
+class _BadCases(torch.utils.data.Dataset):
+    def __init__(self, case: Case):
+        self.case = case
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        return preprocess_case(self.case.images, case_id=self.case.case_id).image
+
+
+def test_a_case_refused_in_a_loader_worker_is_still_one_line(bad_voxels, capsys):
+    case = _bad_case(bad_voxels)
+
+    def main(argv):
+        next(iter(torch.utils.data.DataLoader(_BadCases(case), num_workers=1)))
+
+    code, err = _run_main(main, [], capsys)
+    assert code == 2 and "Traceback" not in err and "worker" not in err
+    assert err.strip() == f"error: {case.case_id} t1c: {case.images[0]}: {NAN_VOXELS} of {48 ** 3} voxels are NaN or " \
+                          "infinite; fix or re-export the image (a network given them predicts nothing, and " \
+                          "zero-filling them silently would hide a broken file)"
+
+
 # --- non-finite numbers in configs -------------------------------------------------------------------------------
 
 
