@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ensemble": ("brats_ugrip.ensembling.ensemble", "per-channel weighted ensembles: fit, predict"),
     "mlcube-build": ("brats_ugrip.mlcube.build", "build a MedPerf MLCube package"),
     "mlcube-check": ("brats_ugrip.mlcube.check", "run a package's infer task on cases and check every output"),
+    "export": ("brats_ugrip.export", "ONNX / Triton export of a checkpoint or an ensemble spec"),
 }
 
 

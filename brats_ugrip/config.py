@@ -419,11 +419,6 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_to_dict(config: RunConfig) -> dict[str, Any]:
-    """The resolved config as a plain dict (every default filled in)."""
-    return config.to_dict()
-
-
 HASH_EXCLUDED = ("run_dir", "logging")
 
 

@@ -67,13 +67,6 @@ class Case:
     source: str = "original"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    def as_dict(self) -> dict[str, Any]:
-        """MONAI-style dict: ``{"image": [paths], "label": path, "case_id": ...}``."""
-        item: dict[str, Any] = {"case_id": self.case_id, "image": [str(p) for p in self.images]}
-        if self.label is not None:
-            item["label"] = str(self.label)
-        return item
-
 
 def detect_naming(case_dir: Path) -> Naming | None:
     """The naming convention of the files in ``case_dir``, or None if it holds no complete BraTS case."""

@@ -56,11 +56,10 @@ from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, load
 from brats_ugrip.data import Datalist
 from brats_ugrip.datasets import make_loaders, training_batch
 from brats_ugrip.errors import CheckpointError, ConfigError, TrainingDivergedError
-from brats_ugrip.heldout import fingerprint
+from brats_ugrip.heldout import fingerprint, label_map_scores
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
-from brats_ugrip.labels import REGIONS
+from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.losses import SegmentationLoss
-from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_but_last, get_spec, reset_last_convolutions,
                                 resolve_kwargs, upkern_state_dict)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
@@ -193,7 +192,8 @@ class SegmentationModule(pl.LightningModule):
         self._case_scores, self._case_ids = [], []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._case_scores.append(case_dice(self.model, batch["image"], batch["label"], self.settings))
+        self._case_scores.append(case_dice(self.model, batch["image"], batch["label"], self.settings,
+                                           self.config.data.scheme))
         self._case_ids.extend(batch["case_id"])
 
     def on_validation_epoch_end(self) -> None:
@@ -264,13 +264,15 @@ class SegmentationModule(pl.LightningModule):
             _set_rng_states(checkpoint["rng_states"])
 
 
-def case_dice(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, settings: Any) -> list[float]:
-    """Dice of TC, WT, ET for one case: sliding-window probabilities thresholded at ``settings.threshold``.
-    ``image`` (1, 4, x, y, z), ``label`` (1, 3, x, y, z)."""
+def case_dice(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, settings: Any,
+              scheme: str = "brats2023") -> list[float]:
+    """Dice of TC, WT, ET for one case: sliding-window probabilities thresholded at ``settings.threshold``, written
+    as a label map in ``scheme`` and scored by :func:`brats_ugrip.heldout.label_map_scores`, as soups and ensemble
+    fitting score. ``image`` (1, 4, x, y, z), ``label`` (1, 3, x, y, z)."""
     probabilities = sliding_window_probabilities(model, image, settings)
-    prediction = (probabilities[0] > settings.threshold).cpu().numpy()
-    reference = label[0].cpu().numpy() > 0.5
-    return [dice(p, r) for p, r in zip(prediction, reference)]
+    labels = get_scheme(scheme).to_labels((probabilities[0] > settings.threshold).cpu().numpy())
+    scores = label_map_scores(labels, label[0].cpu().numpy() > 0.5, scheme)
+    return [scores[f"dice_{r}"] for r in REGIONS]
 
 
 def summarise_dice(case_scores: list[list[float]]) -> dict[str, float]:
@@ -282,9 +284,9 @@ def summarise_dice(case_scores: list[list[float]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, settings: Any) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: Any, settings: Any, scheme: str = "brats2023") -> dict[str, float]:
     """Mean region Dice of ``model`` over a validation loader (as logged during training)."""
-    return summarise_dice([case_dice(model, batch["image"], batch["label"], settings) for batch in loader])
+    return summarise_dice([case_dice(model, batch["image"], batch["label"], settings, scheme) for batch in loader])
 
 
 def _rng_states() -> dict[str, Any]:

@@ -50,7 +50,6 @@ CONTAINER_MOUNTS: dict[str, str] = {
 """Mount points of MedPerf's model container template."""
 CONTAINER_TYPES = ("DockerImage", "DockerArchive", "EncryptedDockerArchive", "SingularityFile",
                    "EncryptedSingularityFile")
-RUN_ARGS = ("shm_size", "gpus", "command", "entrypoint", "environment")
 
 
 # --- a small schema language --------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ class ParameterManager:
     @classmethod
     def from_file(cls, path: str | Path) -> ParameterManager:
         path = Path(path)
-        return cls(read_yaml(path, scientific_numbers=True, what="grid file"), str(path), path.stem)
+        return cls(read_yaml(path, what="grid file"), str(path), path.stem)
 
     def __post_init__(self) -> None:
         if not isinstance(self.grid, dict):
@@ -124,7 +124,7 @@ class ParameterManager:
             if not path.is_file():
                 raise self._error("base", f"config file {base} not found (paths are relative to the working directory)")
             try:
-                base = read_yaml(path, scientific_numbers=True, what="base config file")
+                base = read_yaml(path, what="base config file")
             except ConfigError as error:  # named as the grid's `base` key, and the base file in the message
                 raise self._error("base", str(error)) from None
             if not isinstance(base, dict):

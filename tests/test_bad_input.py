@@ -424,7 +424,7 @@ def test_infer_onto_a_full_disk_is_one_line_exit_2(phantom_dir, tmp_path, monkey
 
 @pytest.mark.parametrize("content, expected", [("data: {datalist: [unclosed\n", "not valid YAML"),
                                                ("data: !!python/object/apply:os.system [echo pwned]\n",
-                                                "never !!python")])
+                                                "python/object/apply")])
 def test_grid_base_with_bad_yaml_or_a_python_tag_is_a_config_error(tmp_path, content, expected):
     from brats_ugrip.sweeps.grid import ParameterManager
 
@@ -448,6 +448,6 @@ def test_python_tags_are_refused_by_every_yaml_reader(tmp_path, reader):
     marker = tmp_path / "pwned"
     path.write_text(f"models: !!python/object/apply:os.system ['touch {marker}']\n")
     read = {"config": load_config, "ensemble": EnsembleSpec.load, "grid": ParameterManager.from_file}[reader]
-    with pytest.raises(ConfigError, match=f"{path}: <file>: refused: .*never !!python"):
+    with pytest.raises(ConfigError, match=f"{path}: <file>: not valid YAML .*python/object/apply:os.system"):
         read(path)
     assert not marker.exists()
