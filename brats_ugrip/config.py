@@ -14,7 +14,8 @@ Everything a training run needs is in one :class:`RunConfig`::
     run_dir
 
 Validation happens when loading, before anything heavy: an unknown key, a wrong type or an impossible value
-raises :class:`~brats_ugrip.errors.ConfigError` whose message starts with the key path (``optim.lr: ...``).
+raises :class:`~brats_ugrip.errors.ConfigError` whose message starts with the key path (``optim.lr: ...``); NaN
+and infinity are refused wherever a number goes.
 Checks that need the data or the machine (fold present in the datalist, roi not larger than the volumes, a GPU
 for mixed precision) are made by ``brats_ugrip.training.train`` before it builds anything.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -33,6 +35,7 @@ from typing import Any, Literal
 import yaml
 
 from brats_ugrip.errors import ConfigError
+from brats_ugrip.files import read_yaml
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
@@ -187,6 +190,9 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in the dataclass's form."""
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML's .nan and .inf are floats; no setting means anything with them (a NaN lr passes `lr <= 0`).
+        raise ConfigError(path, f"must be a finite number, got {value!r}")
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -232,9 +238,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _convert(number, tp, path)  # "nan" and "inf" parse too
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
@@ -391,12 +399,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError("<file>", "config file not found", source)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", source) from error
+        loaded = read_yaml(path, what="config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError("<root>", "a run config must be a YAML mapping of sections", source)
         values = apply_overrides(values, _flatten(loaded))

@@ -2,7 +2,9 @@
 
 ``--input`` is a case folder (``ID/ID-t1c.nii.gz`` ...), a folder of case folders, or a datalist JSON (its
 ``testing`` cases, or ``--section training``/``all``). Each case gives ``DIR/<ID>.nii.gz``: a label map in the
-checkpoint's label scheme (or ``--scheme``) with the affine and shape of the case's images. Window size, overlap,
+checkpoint's label scheme (or ``--scheme``) with the affine and shape of the case's images. A case with NaN or
+infinite voxels, a checkpoint with non-finite weights, or a full disk stops the command with one line naming the
+file (exit 2); every map written is complete (atomic writes). Window size, overlap,
 TTA ... come from the checkpoint's config (``inference`` section) unless given here.
 
 ``--onnx model.onnx`` instead of ``--ckpt`` runs a model exported by ``brats_ugrip.export`` with onnxruntime (CPU)
@@ -79,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="torch.compile the network once (pays off from a few cases on)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is a GPU)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out names an existing file, not a folder; give a folder for the label maps")
 
     import torch
 
@@ -96,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = dataclasses.replace(settings, compile=False)
     cases = input_cases(args.input, args.section)
     model = prepare_model(model, settings)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for case in track(cases, f"predicting {len(cases)} cases"):
         prediction = predict_case(model, case.images, settings, scheme, case_id=case.case_id)

@@ -1,5 +1,9 @@
 """Preprocessing shared by training, validation and inference, and a disk cache of its results.
 
+Every image is checked finite where it is read (``brats_ugrip.io.read_volume``): a case with a NaN or infinite
+voxel is refused with a :class:`~brats_ugrip.errors.DataError` naming the case, modality, file and count, never
+zero-filled, so training and inference (which both preprocess here) stop on it.
+
 One case becomes a :class:`PreprocessedCase`: the four modalities reoriented to RAS, cropped to the brain's
 bounding box (plus a margin) and z-score normalised per channel on non-zero (brain) voxels; the label as
 region channels (TC, WT, ET). :meth:`PreprocessedCase.restore` pastes an array predicted on the crop back into
@@ -143,7 +147,7 @@ def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: s
     case_id = case_id or Path(image_paths[0]).parent.name
     volumes, affine = [], None
     for name, path in zip(MODALITIES, image_paths):
-        data, this_affine = read_volume(path)
+        data, this_affine = read_volume(path, what=f"{case_id} {name}: ")
         if volumes and data.shape != volumes[0].shape:
             raise DataError(f"{case_id}: {name} shape {data.shape} differs from {MODALITIES[0]} {volumes[0].shape} ({path})")
         affine = this_affine if affine is None else affine
@@ -155,7 +159,7 @@ def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: s
     image = normalise_nonzero(image[(slice(None), *box)])
     regions = None
     if label_path is not None:
-        label, _ = read_volume(label_path, dtype=np.int16)
+        label, _ = read_volume(label_path, dtype=np.int16, what=f"{case_id} seg: ")
         if label.shape != volumes[0].shape:
             raise DataError(f"{case_id}: label shape {label.shape} differs from image shape {volumes[0].shape} ({label_path})")
         regions = get_scheme(scheme).to_regions(_to_ras(label, ornt)[box], source=str(label_path)).astype(np.uint8)

@@ -12,6 +12,10 @@ Run directory::
 Rerunning a run in the same directory resumes from ``last.ckpt`` (epoch, optimizer and schedule-free state,
 schedule, RNG) and ends at the same total number of epochs.
 
+A run whose loss or weights become NaN or infinite stops with :class:`~brats_ugrip.errors.TrainingDivergedError`
+("diverged at epoch E, step S"), marked ``failed`` in ``progress.json`` with that reason; no checkpoint with a
+non-finite weight is ever written (:class:`DivergenceGuard`), so ``best.ckpt`` stays the last finite best.
+
 Schedule-free AdamW: the optimizer is switched to ``train()`` at each training epoch start and to ``eval()``
 before validation and at the end; every checkpoint holds the averaged ``x`` weights, whenever it is written
 (:meth:`SegmentationModule.on_save_checkpoint` computes them if the optimizer is in train mode at that moment).
@@ -22,6 +26,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -45,12 +50,12 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_ugrip.atomic import atomic_write, atomic_write_json
-from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, git_commit, load_checkpoint,
-                                     model_state_dict, now_iso, weights_hash)
+from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, first_nonfinite, git_commit,
+                                     load_checkpoint, model_state_dict, now_iso, weights_hash)
 from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, load_config, save_config
 from brats_ugrip.data import Datalist
 from brats_ugrip.datasets import make_loaders, training_batch
-from brats_ugrip.errors import CheckpointError, ConfigError
+from brats_ugrip.errors import CheckpointError, ConfigError, TrainingDivergedError
 from brats_ugrip.heldout import fingerprint, label_map_scores
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.labels import REGIONS, get_scheme
@@ -223,6 +228,11 @@ class SegmentationModule(pl.LightningModule):
             if averaged and "optimizer_states" in checkpoint:
                 for group in checkpoint["optimizer_states"][i]["param_groups"]:
                     group["train_mode"] = False
+        bad = first_nonfinite(checkpoint["state_dict"])
+        if bad is not None:  # the last line of defence: no checkpoint (best.ckpt above all) is ever a diverged one
+            raise TrainingDivergedError(f"diverged at epoch {self.trainer.current_epoch + 1}, step "
+                                        f"{self.trainer.global_step}: weight {bad[0]!r} holds {bad[1]} NaN or "
+                                        "infinite values (no checkpoint written)")
         checkpoint[META_KEY] = {
             "format": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -303,6 +313,56 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# --- divergence ---------------------------------------------------------------------------------------------
+
+
+class DivergenceGuard(Callback):
+    """Stops a run whose training loss becomes NaN or infinite with :class:`TrainingDivergedError` ("diverged at
+    epoch E, step S": E counts epochs from 1, S is the optimizer step that used the loss), which the progress file
+    records as the run's failure. A step's loss is copied to the host without waiting and checked when the next step
+    ends, or before validation and the epoch's end (so before any checkpoint): on a GPU the check waits for that
+    copy only, never for the step in flight, so it adds no synchronisation per step.
+    Weights are checked where checkpoints are written (:meth:`SegmentationModule.on_save_checkpoint`)."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, Any, int, int] | None = None  # host loss, its copy's CUDA event, E, S
+
+    def _check(self) -> None:
+        if self._pending is None:
+            return
+        loss, copied, epoch, step = self._pending
+        self._pending = None
+        if copied is not None:
+            copied.synchronize()
+        if not math.isfinite(float(loss)):
+            raise TrainingDivergedError(f"diverged at epoch {epoch}, step {step}: the training loss is {float(loss)}; "
+                                        "lower optim.lr, add warmup or trainer.gradient_clip")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._check()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss, copied = loss.detach(), None
+        if loss.is_cuda:
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            loss = host
+        self._pending = (loss, copied, trainer.current_epoch + 1, trainer.global_step)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+
 # --- progress file ------------------------------------------------------------------------------------------
 
 
@@ -370,8 +430,10 @@ class ProgressFile(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))  # preempted or cancelled: resumable
-        self.write(status="interrupted" if stopped else "failed", error=f"{exception.__class__.__name__}: {exception}",
-                   finished_at=now_iso())
+        # A diverged run's reason is its message ("diverged at epoch E, step S: ..."), what the monitor shows.
+        error = str(exception) if isinstance(exception, TrainingDivergedError) else \
+            f"{exception.__class__.__name__}: {exception}"
+        self.write(status="interrupted" if stopped else "failed", error=error, finished_at=now_iso())
 
 
 def read_progress(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -494,7 +556,8 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
         check_val_every_n_epoch=trainer_config.val_every, num_sanity_val_steps=0,
         limit_train_batches=trainer_config.limit_train_batches, limit_val_batches=trainer_config.limit_val_batches,
         gradient_clip_val=trainer_config.gradient_clip, log_every_n_steps=trainer_config.log_every_n_steps,
-        logger=_loggers(config, run_dir), callbacks=[progress, best, last_callback, *callbacks], plugins=plugins,
+        logger=_loggers(config, run_dir), callbacks=[DivergenceGuard(), progress, best, last_callback, *callbacks],
+        plugins=plugins,
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
     )
     if trainer_config.compile:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from rich.table import Table
 
 from brats_ugrip.cli import console, run
@@ -41,7 +40,7 @@ from brats_ugrip.data import brats_case_number
 from brats_ugrip.errors import BratsUgripError, DataError
 from brats_ugrip.io import load_nifti
 from brats_ugrip.labels import get_scheme
-from brats_ugrip.mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, validate_package
+from brats_ugrip.mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, load_yaml, validate_package
 
 MEDPERF_PREDICTION = re.compile(r".*(\d{5}-\d{3})\.nii\.gz$")
 """How MedPerf's BraTS evaluator reads a predictions folder (examples/BraTS2023/segmentation_metrics): any other
@@ -238,13 +237,13 @@ def check_package(package: str | os.PathLike[str], data: str | os.PathLike[str],
         raise DataError(f"{layout.root}: package folder not found; build one with mlcube/build.py")
     problems = validate_package(layout.root)
     checks = [Check("mlcube.yaml, container_config.yaml", not problems, "valid" if not problems else "\n".join(problems))]
-    container = yaml.safe_load(layout.container_config.read_text()) if layout.container_config.is_file() else None
+    container = load_yaml(layout.container_config)[0]
     usable = (isinstance(container, dict) and infer_command(container) and layout.parameters.is_file()
               and INFER_INPUTS.keys() | INFER_OUTPUTS.keys() <= container_volumes(container).keys())
     if not usable:
         return checks + [Check("infer task", False, "not run: container_config.yaml has no usable infer command and "
                                "volumes, or parameters.yaml is missing")]
-    parameters = yaml.safe_load(layout.parameters.read_text())
+    parameters = load_yaml(layout.parameters)[0]
     parameters = parameters if isinstance(parameters, dict) else {}
     scheme = parameters.get("label_scheme") or "brats2023"
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mlcube-check-"))

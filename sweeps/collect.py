@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_json, atomic_write_text
 from brats_ugrip.errors import CheckpointError
+from brats_ugrip.files import sha256_file
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 if TYPE_CHECKING:
@@ -46,14 +47,6 @@ def model_paths(sweep_dir: str | os.PathLike[str], run_id: str) -> tuple[Path, P
     """(``models/<run_id>.ckpt``, ``models/<run_id>.json``)."""
     folder = models_dir(sweep_dir)
     return folder / f"{run_id}.ckpt", folder / f"{run_id}.json"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def copy_verified(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> tuple[str, int]:

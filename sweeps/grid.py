@@ -26,20 +26,18 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from brats_ugrip.config import RunConfig, apply_overrides, config_from_dict
 from brats_ugrip.data import Datalist
 from brats_ugrip.errors import BratsUgripError, ConfigError
-from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
+from brats_ugrip.files import read_yaml
 from brats_ugrip.sweeps.executor import ExecutorSection
 from brats_ugrip.sweeps.halving import HalvingSchedule
+from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
@@ -49,25 +47,6 @@ _TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "s
 
 class ExcludeWarning(UserWarning):
     """An exclude rule of a grid matches no combination (probably a typo in a value)."""
-
-
-_SCIENTIFIC = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-
-
-def read_yaml(path: Path) -> Any:
-    """``yaml.safe_load`` of a grid or base file, with ``1e-3`` (no dot) read as a number: YAML 1.1 keeps it a
-    string, and a grid of learning rates means numbers (their run ids say ``lr=0.001``)."""
-
-    def numbers(value: Any) -> Any:
-        if isinstance(value, str) and _SCIENTIFIC.match(value):
-            return float(value)
-        if isinstance(value, dict):
-            return {key: numbers(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [numbers(item) for item in value]
-        return value
-
-    return numbers(yaml.safe_load(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -108,13 +87,7 @@ class ParameterManager:
     @classmethod
     def from_file(cls, path: str | Path) -> ParameterManager:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("<file>", "grid file not found", str(path))
-        try:
-            grid = read_yaml(path)
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", str(path)) from error
-        return cls(grid, str(path), path.stem)
+        return cls(read_yaml(path, what="grid file"), str(path), path.stem)
 
     def __post_init__(self) -> None:
         if not isinstance(self.grid, dict):
@@ -156,7 +129,10 @@ class ParameterManager:
             path = Path(base)
             if not path.is_file():
                 raise self._error("base", f"config file {base} not found (paths are relative to the working directory)")
-            base = read_yaml(path)
+            try:
+                base = read_yaml(path, what="base config file")
+            except ConfigError as error:  # named as the grid's `base` key, and the base file in the message
+                raise self._error("base", str(error)) from None
             if not isinstance(base, dict):
                 raise self._error("base", f"{path} is not a mapping of config sections")
         elif not isinstance(base, dict):
