@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import submitit
 from rich.console import Console
@@ -29,7 +30,11 @@ from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweeps.jobs import (SubmitSpec, jobs_folder, sbatch_test_only,
                               scheduler_available, submit_runs)
+from brats_ugrip.sweeps.run_ids import param_tags
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+
+if TYPE_CHECKING:
+    from brats_ugrip.sweeps.grid import Run
 
 DEFAULT_SWEEPS_ROOT = Path("outputs")
 
@@ -80,7 +85,7 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
         run_dir = run_dir_path(sweep_dir, run_.run_id).resolve()
         config = run_.config_dict
         config["run_dir"] = str(run_dir)
-        config["logging"]["run_name"] = config["logging"].get("run_name") or f"{manager.name}/{run_.run_id}"
+        _tracking(config["logging"], manager.name, run_)
         records.append(RunRecord(run_id=run_.run_id, config=config, params=run_.params, run_dir=str(run_dir),
                                  submit=run_.executor.submit_spec(manager.name).to_dict(),
                                  max_retries=manager.max_retries))
@@ -91,6 +96,16 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
             existing = {r.run_id: r.state for r in state.runs()}
     return LaunchPlan(manager.name, Path(grid_path), sweep_dir, records, manager.varied_keys, existing,
                       list(manager.warnings))
+
+
+def _tracking(logging: dict[str, Any], sweep_name: str, run_: Run) -> None:
+    """What W&B groups and filters a sweep's runs by (``logging`` is excluded from the config hash, so these never
+    change a run's identity): name = the run id, group = the sweep, tags = the varied ``key=value``, varied = the
+    varied keys. Values the grid sets itself are kept."""
+    logging["run_name"] = logging.get("run_name") or run_.run_id
+    logging["group"] = logging.get("group") or sweep_name
+    logging["tags"] = [*logging.get("tags", []), *param_tags(run_.params)]
+    logging["varied"] = list(run_.params)
 
 
 def ensure_writable(sweep_dir: Path) -> None:
