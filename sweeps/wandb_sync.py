@@ -117,8 +117,8 @@ def _is_new(segment: Segment, synced: dict[str, dict[str, Any]]) -> bool:
     return record is None or (record.get("size"), record.get("mtime_ns")) != (segment.size, segment.mtime_ns)
 
 
-def sync_sweep(sweep_dir: str | os.PathLike[str], *, runner: Runner | None = None,
-               executable: str | None = None, extra_args: Sequence[str] = (), state: SweepState | None = None) -> SyncReport:
+def sync_sweep(sweep_dir: str | os.PathLike[str], *, runner: Runner | None = None, executable: str | None = None,
+               extra_args: Sequence[str] = (), state: SweepState | None = None) -> SyncReport:
     """Send every run's new offline W&B segments with ``wandb sync`` (see the module docstring).
 
     Args:

@@ -37,7 +37,8 @@ def test_logging_keys_are_validated_with_their_path():
     assert config.logging.mode == "offline"  # every run, on SLURM too, unless a grid or config says online
     assert config.logging.group == "ssa" and config.logging.tags == ["optim.lr=0.001"]
     for override, key in (({"logging.tags": ["x" * 65]}, "logging.tags[0]"), ({"logging.tags": "a"}, "logging.tags"),
-                          ({"logging.group": ""}, "logging.group"), ({"logging.varied": ["optim."]}, "logging.varied[0]"),
+                          ({"logging.group": ""}, "logging.group"),
+                          ({"logging.varied": ["optim."]}, "logging.varied[0]"),
                           ({"logging.entity": "me"}, "logging.entity")):
         with pytest.raises(ConfigError) as error:
             load_config(base=base, overrides=override)
@@ -127,7 +128,8 @@ def test_a_failed_sync_records_nothing_and_is_tried_again(tmp_path):
     assert len(failing.commands) == 2 and set(report.failed) == {"a", "b"} and read_synced(tmp_path) == {}
     runner = Recorder()
     sync_sweep(tmp_path, runner=runner, executable=WANDB)
-    assert runner.commands == [[WANDB, "sync", "--include-synced", str(a1)], [WANDB, "sync", "--include-synced", str(b1)]]
+    assert runner.commands == [[WANDB, "sync", "--include-synced", str(a1)],
+                               [WANDB, "sync", "--include-synced", str(b1)]]
 
 
 def test_monitor_sync_flag(tmp_path, monkeypatch, capsys):
