@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             write_results(args.sweep_dir, monitor.state)
             print_summary(sweep_summary(args.sweep_dir, monitor.state), out)
-            out.print(f"sweep report: {write_report(args.sweep_dir, monitor.state)}", highlight=False)
+            out.print(f"sweep report: {write_report(args.sweep_dir, monitor.state).path}", highlight=False)
             return 0
         if args.json or args.once:
             report = monitor.poll()

@@ -144,3 +144,127 @@ def test_monitor_sync_flag(tmp_path, monkeypatch, capsys):
     runner.status = 1
     os.utime(a1 / "run-ida.wandb", ns=(1, 1))  # changed since it was sent: sent again, and this time it fails
     assert monitor_cli.main([str(tmp_path), "--sync"]) == 1
+
+
+# --- the sweep report --------------------------------------------------------------------------------------
+
+# Validation mean Dice of each run's best checkpoint: (lr, init_filters, fold) → Dice; None: the run failed.
+DICE = {(0.001, 8, 0): 0.70, (0.001, 8, 1): 0.60, (0.001, 16, 0): 0.95, (0.001, 16, 1): None,
+        (0.01, 8, 0): 0.80, (0.01, 8, 1): 0.76, (0.01, 16, 0): 0.85, (0.01, 16, 1): 0.81}
+T0 = 1_800_000_000.0
+
+
+def _log_csv(run_dir: Path, dice: float, epochs: int = 3) -> None:
+    """A Lightning CSV log as training writes it: step rows, then validation and train-epoch rows per epoch."""
+    lines = ["epoch,step,train/loss_step,train/loss_epoch,val/dice_mean"]
+    for epoch in range(epochs):
+        value = dice * (epoch + 1) / epochs
+        lines += [f"{epoch},{2 * epoch},1.0,,", f"{epoch},{2 * epoch + 1},,,{value}", f"{epoch},{2 * epoch + 1},,"
+                  f"{1.5 - value},"]
+    (run_dir / "csv").mkdir(parents=True)
+    (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture
+def report_sweep(tmp_path):
+    """8 runs (lr × init_filters × fold): 7 completed after one 30-minute attempt on 1 GPU, one failed twice
+    (two 10-minute attempts); CSV logs and progress files as training writes them."""
+    with SweepState(sweep_db_path(tmp_path)) as state:
+        state.set_meta("name", "report_demo")
+        for (lr, filters, fold), dice in DICE.items():
+            run_id = f"filters={filters}-fold={fold}-lr={lr}"
+            run_dir = run_dir_path(tmp_path, run_id)
+            run_dir.mkdir(parents=True)
+            metrics = {} if dice is None else {"val_metrics": {"TC": dice, "WT": dice, "ET": dice, "mean": dice},
+                                               "best_val_dice": dice, "best_epoch": 3, "epochs": 3}
+            state.add_runs([RunRecord(run_id=run_id, config={"data": {"fold": fold}, "optim": {"lr": lr}},
+                                      params={"optim.lr": lr, "model.init_filters": filters, "data.fold": fold},
+                                      run_dir=str(run_dir), submit={"cluster": "slurm",
+                                                                    "parameters": {"gpus_per_node": 1}},
+                                      max_retries=1, metrics=metrics)])
+            durations = [1800.0] if dice is not None else [600.0, 600.0]
+            for attempt, seconds in enumerate(durations, 1):
+                state.record_submission(run_id, f"{len(DICE)}{attempt}")
+                state.update_attempt(run_id, attempt, started_at=T0, ended_at=T0 + seconds, node="gpu07",
+                                     state="COMPLETED" if dice is not None else "FAILED",
+                                     error_tail=None if dice is not None else "Traceback ...\nRuntimeError: CUDA out "
+                                                                              "of memory\n")
+            if dice is None:
+                state.update_run(run_id, state=RunState.FAILED, reason="failed 2 times (out of retries)")
+            else:
+                state.update_run(run_id, state=RunState.COMPLETED)
+                _log_csv(run_dir, dice)
+            (run_dir / "progress.json").write_text(json.dumps({"host": "gpu07", "gpu": "NVIDIA H100"}))
+    return tmp_path
+
+
+def _markdown_rows(text: str, heading: str) -> list[dict[str, str]]:
+    """The first Markdown table after ``heading``, as dicts of cell text."""
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return [dict(zip(table[0], row)) for row in table[2:]]
+
+
+def test_report_numbers_are_results_csv_numbers(report_sweep):
+    import pandas as pd
+
+    from brats_ugrip.sweeps.collect import write_results
+    from brats_ugrip.sweeps.report import write_report
+
+    with SweepState(sweep_db_path(report_sweep)) as state:
+        results = pd.read_csv(write_results(report_sweep, state)).set_index("run_id")
+        report = write_report(report_sweep, state)
+    text = report.path.read_text()
+    assert report.path == report_sweep / "report" / "report.md"
+
+    folds = {row["configuration"]: row for row in _markdown_rows(text, "Configuration × fold")}
+    assert list(folds) == ["init_filters=16 lr=0.01", "init_filters=8 lr=0.01", "init_filters=8 lr=0.001",
+                           "init_filters=16 lr=0.001"]  # most folds first, then the highest mean
+    for (lr, filters, fold), dice in DICE.items():
+        cell = folds[f"init_filters={filters} lr={lr}"][f"fold {fold}"]
+        expected = results.loc[f"filters={filters}-fold={fold}-lr={lr}", "dice_mean"]
+        assert cell == ("–" if dice is None else f"{expected:.4f}") and (dice is None or expected == dice)
+    assert folds["init_filters=16 lr=0.01"]["mean"] == f"{(0.85 + 0.81) / 2:.4f}"
+    assert folds["init_filters=16 lr=0.001"]["n_folds"] == "1"
+    # The 0.95 of a configuration that failed on fold 1 does not beat 0.83 over both folds.
+    assert "Best configuration: `init_filters=16 lr=0.01`**, validation mean Dice 0.8300 ± 0.0283" in text
+
+    per_lr = {row["optim.lr"]: row for row in _markdown_rows(text, "### `optim.lr`")}
+    fold_means = [(0.80 + 0.85) / 2, (0.76 + 0.81) / 2]  # per fold, the mean over the runs with lr = 0.01
+    assert per_lr["0.01"]["mean"] == f"{sum(fold_means) / 2:.4f}"
+    assert per_lr["0.01"]["sd"] == f"{abs(fold_means[0] - fold_means[1]) / 2 ** 0.5:.4f}"
+
+    compute = {row["run_id"]: row for row in _markdown_rows(text, "## Compute")}
+    assert compute["filters=8-fold=0-lr=0.01"]["gpu_hours"] == "0.500"
+    assert compute["filters=16-fold=1-lr=0.001"]["gpu_hours"] == "0.333"  # two 10-minute attempts
+    assert compute["filters=8-fold=0-lr=0.01"]["gpu"] == "NVIDIA H100"
+    assert f"**{7 * 0.5 + 2 * 600 / 3600:.2f} GPU-hours** in total" in text
+    (failed,) = _markdown_rows(text, "## Failed runs")
+    assert failed["run_id"] == "filters=16-fold=1-lr=0.001" and failed["attempts"] == "2"
+    assert failed["reason"] == "failed 2 times (out of retries)"
+    assert failed["error"] == "RuntimeError: CUDA out of memory"
+
+    names = sorted(path.name for path in report.figures)
+    assert names == ["dice_vs_model.init_filters.png", "dice_vs_optim.lr.png", "heatmap.png", "learning_curves.png"]
+    for path in report.figures:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({path.name})" in text
+
+
+def test_learning_curves_read_train_loss_and_validation_dice(report_sweep):
+    from brats_ugrip.sweeps.report import read_log
+
+    log = read_log(run_dir_path(report_sweep, "filters=8-fold=0-lr=0.01"))
+    assert list(log["epoch"]) == [1, 2, 3]
+    assert list(log["val_dice"]) == pytest.approx([0.80 / 3, 0.80 * 2 / 3, 0.80])
+    assert list(log["train_loss"]) == pytest.approx([1.5 - 0.80 / 3, 1.5 - 0.80 * 2 / 3, 1.5 - 0.80])
+
+
+def test_monitor_summary_prints_the_report_path(report_sweep, capsys):
+    assert monitor_cli.main([str(report_sweep), "--summary"]) == 0
+    out = capsys.readouterr().out
+    assert f"sweep report: {report_sweep / 'report' / 'report.md'}" in out.replace("\n", "")
