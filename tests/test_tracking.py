@@ -268,3 +268,27 @@ def test_monitor_summary_prints_the_report_path(report_sweep, capsys):
     assert monitor_cli.main([str(report_sweep), "--summary"]) == 0
     out = capsys.readouterr().out
     assert f"sweep report: {report_sweep / 'report' / 'report.md'}" in out.replace("\n", "")
+
+
+def test_slurm_sweep_runs_log_offline_grouped_and_tagged(tmp_path, phantom_dir, tiny_run_base):
+    """A SLURM grid that says nothing about logging: every run logs to W&B offline (compute nodes rarely reach
+    the internet), named by its run id, grouped by the sweep, tagged with its varied values."""
+    import yaml
+
+    from brats_ugrip.data import make_datalist, save_datalist
+    from brats_ugrip.sweeps.launch import plan_launch
+
+    datalist = save_datalist(make_datalist(phantom_dir, 2, 0), tmp_path / "datalist.json")
+    base = tiny_run_base(datalist)
+    del base["logging"]
+    grid = {"name": "ssa_lr", "base": base, "grid": {"optim.lr": [0.001, 0.01], "data.fold": [0, 1]},
+            "executor": {"cluster": "slurm", "gpus_per_node": 1}}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid, sort_keys=False))  # tags in the grid's order
+    plan = plan_launch(tmp_path / "grid.yaml", tmp_path / "sweep")
+    assert len(plan.runs) == 4
+    for record in plan.runs:
+        lr, fold = record.params["optim.lr"], record.params["data.fold"]
+        assert record.config["logging"] == {"project": "brats-ugrip", "run_name": record.run_id, "mode": "offline",
+                                            "group": "ssa_lr", "job_type": None,
+                                            "tags": [f"optim.lr={lr}", f"data.fold={fold}"],
+                                            "varied": ["optim.lr", "data.fold"]}
