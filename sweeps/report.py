@@ -106,7 +106,7 @@ def fold_table(results: pd.DataFrame, runs: list[RunRecord]) -> pd.DataFrame:
 
     keys = config_keys(runs)
     labels = {r.run_id: config_label(r.params, keys) for r in runs}
-    done = results[results["dice_mean"].notna()].copy()
+    done = results[results["dice_mean"].notna()].copy() if "dice_mean" in results else results
     if not len(done):
         return pd.DataFrame(columns=["configuration", "mean", "sd", "n_folds"])
     done["configuration"] = done["run_id"].map(labels)
@@ -364,7 +364,8 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
                 or "nothing") + f". Written {time.strftime('%Y-%m-%d %H:%M')} from `sweep.db` and the run directories.",
              "", "## Best configuration", "", *_best_section(report)]
     lines += ["", "## Validation Dice per parameter value", "",
-              "Per fold, the mean over the runs with that value; then mean ± sd over folds."]
+              "Per fold, the mean over the runs with that value; then mean ± sd over folds." if summary.per_value
+              else "No parameter besides the fold varies, or no run has a validation Dice yet."]
     for key, frame in summary.per_value.items():
         table = frame.rename(columns={"std": "sd"})[[key, "mean", "sd", "n_folds"]].astype({"n_folds": int})
         table[key] = [format_value(v) if not isinstance(v, str) else v for v in table[key]]
