@@ -9,7 +9,8 @@ Everything a training run needs is in one :class:`RunConfig`::
     loss:      name dice_bce | dice | dice_focal, smooth
     trainer:   max_epochs, precision 32 | bf16-mixed | 16-mixed, compile, val_every, seed, limit batches, ...
     inference: roi_size, overlap, sw_batch_size, mode gaussian | constant, tta, precision, compile
-    logging:   wandb project / run name / mode offline | online | disabled
+    logging:   W&B project, run_name, mode offline | online | disabled, group (the sweep), job_type (default
+               fold<data.fold>), tags (the varied key=value), varied (the varied key paths); see docs/tracking.md
     finetune:  init_from, upkern, freeze.all_but_last, reset_last
     run_dir
 
@@ -116,9 +117,17 @@ class InferenceConfig:
 
 @dataclass
 class LoggingConfig:
+    """Weights & Biases. ``offline`` by default: compute nodes rarely reach the internet, so a run (on SLURM or
+    not) writes ``RUN_DIR/wandb/`` and ``sweeps/monitor.py SWEEP --sync`` uploads it later. A sweep's launcher
+    fills ``run_name`` (the run id), ``group`` (the sweep's name), ``tags`` and ``varied``."""
+
     project: str = "brats-ugrip"
     run_name: str | None = None
     mode: Literal["offline", "online", "disabled"] = "offline"
+    group: str | None = None
+    job_type: str | None = None
+    tags: list[str] = field(default_factory=list)
+    varied: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -317,12 +326,32 @@ def _check(config: RunConfig) -> None:
     positive("inference.sw_batch_size", inference.sw_batch_size)
     if not 0 < inference.threshold < 1:
         raise ConfigError("inference.threshold", f"must be in (0, 1), got {inference.threshold}")
+    _check_logging(config.logging)
     finetune = config.finetune
     positive("finetune.freeze.all_but_last", finetune.freeze.all_but_last)
     positive("finetune.reset_last", finetune.reset_last, allow_zero=True)
     if finetune.upkern and not finetune.init_from:
         raise ConfigError("finetune.upkern", "UpKern initialises from a checkpoint; set finetune.init_from")
     check_model_config(config)
+
+
+# wandb.init's own checks (wandb.sdk.wandb_settings): made here, as a run would fail them on the compute node.
+WANDB_PROJECT_MAX = 128
+WANDB_TAG_MAX = 64
+
+
+def _check_logging(logging: LoggingConfig) -> None:
+    if not 0 < len(logging.project) <= WANDB_PROJECT_MAX:
+        raise ConfigError("logging.project", f"must be 1 to {WANDB_PROJECT_MAX} characters, got {logging.project!r}")
+    for name in ("run_name", "group", "job_type"):
+        if getattr(logging, name) == "":
+            raise ConfigError(f"logging.{name}", "is empty; give a name or null")
+    for i, tag in enumerate(logging.tags):
+        if not 0 < len(tag) <= WANDB_TAG_MAX:
+            raise ConfigError(f"logging.tags[{i}]", f"a W&B tag has 1 to {WANDB_TAG_MAX} characters, got {tag!r}")
+    for i, key in enumerate(logging.varied):
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"logging.varied[{i}]", f"expected a dotted key path like optim.lr, got {key!r}")
 
 
 def _absolute_paths(config: RunConfig) -> None:
@@ -417,6 +446,11 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def flat_config(config: RunConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys (``{"optim.lr": 0.001, "data.fold": 0, ...}``; lists stay values)."""
+    return _flatten(config.to_dict())
 
 
 HASH_EXCLUDED = ("run_dir", "logging")

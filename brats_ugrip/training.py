@@ -52,7 +52,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from brats_ugrip.atomic import atomic_write, atomic_write_json
 from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, first_nonfinite, git_commit,
                                      load_checkpoint, model_state_dict, now_iso, weights_hash)
-from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, load_config, save_config
+from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, flat_config, load_config, save_config
 from brats_ugrip.data import Datalist
 from brats_ugrip.datasets import make_loaders, training_batch
 from brats_ugrip.errors import CheckpointError, ConfigError, TrainingDivergedError
@@ -475,15 +475,54 @@ def _process_layout() -> tuple[int | str, int]:
     return local, max(1, int(os.environ.get("WORLD_SIZE", local)) // local)
 
 
+def wandb_run_id(config: RunConfig, run_dir: Path) -> str:
+    """One W&B run per run directory and config: a resumed or requeued run (same directory, same config) continues
+    the same W&B run; another config in the directory (refused by :func:`train` anyway) would be another run."""
+    return hashlib.sha1(f"{run_dir.resolve()}|{config.hash()}".encode()).hexdigest()[:16]
+
+
+def wandb_init_args(config: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """The arguments of ``wandb.init``: the resolved config as dotted keys (``optim.lr``, ``data.fold``, and
+    ``logging.varied``: the keys a sweep varied), name = ``logging.run_name`` (a sweep's run id) or the directory's
+    name, group = the sweep, job_type = ``fold<N>``, tags = the varied ``key=value``s."""
+    logging = config.logging
+    return {
+        "project": logging.project, "name": logging.run_name or run_dir.name, "id": wandb_run_id(config, run_dir),
+        "group": logging.group, "job_type": logging.job_type or f"fold{config.data.fold}",
+        "tags": list(logging.tags), "config": {**flat_config(config), "config_hash": config.hash()},
+        "save_dir": str(run_dir), "resume": "allow", "mode": logging.mode,
+    }
+
+
+class TrackedWandbLogger(WandbLogger):
+    """Lightning's W&B logger that writes ``summary`` (code version, node, GPU of this attempt) into the run's
+    summary when the W&B run starts (on rank 0 only, as Lightning starts it there)."""
+
+    def __init__(self, summary: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self._start_summary = summary
+
+    @property
+    def experiment(self) -> Any:
+        starting = self._experiment is None
+        experiment = super().experiment
+        if starting and self._experiment is not None:
+            experiment.summary.update(self._start_summary)
+        return experiment
+
+
+def _run_summary() -> dict[str, Any]:
+    return {"git_commit": git_commit(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu_count": torch.cuda.device_count()}
+
+
 def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="",
                                                     flush_logs_every_n_steps=1)]
     if config.logging.mode != "disabled":
-        # A stable id per run directory and config: a resumed or requeued run continues the same W&B run.
-        run_id = hashlib.sha1(f"{run_dir.resolve()}|{config.hash()}".encode()).hexdigest()[:16]
-        loggers.append(WandbLogger(project=config.logging.project, name=config.logging.run_name or run_dir.name,
-                                   save_dir=str(run_dir), id=run_id, resume="allow", mode=config.logging.mode,
-                                   offline=config.logging.mode == "offline"))
+        loggers.append(TrackedWandbLogger(_run_summary(), offline=config.logging.mode == "offline",
+                                          **wandb_init_args(config, run_dir)))
     return loggers
 
 

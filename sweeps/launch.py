@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
 from rich.console import Console
@@ -35,7 +35,11 @@ from brats_ugrip.sweeps.jobs import (SubmitSpec, jobs_folder, sbatch_test_only,
                               scheduler_available, submit_runs)
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.promotion import set_schedule
+from brats_ugrip.sweeps.run_ids import param_tags
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+
+if TYPE_CHECKING:
+    from brats_ugrip.sweeps.grid import Run
 
 DEFAULT_SWEEPS_ROOT = Path("outputs")
 
@@ -90,7 +94,7 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
         run_dir = run_dir_path(sweep_dir, run_.run_id).resolve()
         config = run_.config_dict
         config["run_dir"] = str(run_dir)
-        config["logging"]["run_name"] = config["logging"].get("run_name") or f"{manager.name}/{run_.run_id}"
+        _tracking(config["logging"], manager.name, run_)
         records.append(RunRecord(run_id=run_.run_id, config=config, params=run_.params, run_dir=str(run_dir),
                                  submit={**run_.executor.submit_spec(manager.name).to_dict(), **first_stop},
                                  max_retries=manager.max_retries))
@@ -151,6 +155,16 @@ def resolve_changes(plan: LaunchPlan, *, force: bool = False, new_runs: bool = F
     if active:
         raise BratsUgripError(f"--force: runs {', '.join(active)} are queued or running; cancel them first "
                               f"(monitor.py {plan.sweep_dir} --cancel RUN_ID)")
+
+
+def _tracking(logging: dict[str, Any], sweep_name: str, run_: Run) -> None:
+    """What W&B groups and filters a sweep's runs by (``logging`` is excluded from the config hash, so these never
+    change a run's identity): name = the run id, group = the sweep, tags = the varied ``key=value``, varied = the
+    varied keys. Values the grid sets itself are kept."""
+    logging["run_name"] = logging.get("run_name") or run_.run_id
+    logging["group"] = logging.get("group") or sweep_name
+    logging["tags"] = [*logging.get("tags", []), *param_tags(run_.params)]
+    logging["varied"] = list(run_.params)
 
 
 def ensure_writable(sweep_dir: Path) -> None:

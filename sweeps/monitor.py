@@ -7,7 +7,8 @@
     python sweeps/monitor.py SWEEP_DIR --compact                # runs per state for each parameter value
     python sweeps/monitor.py SWEEP_DIR --cancel RUN_ID … | all  # cancel runs (their jobs too)
     python sweeps/monitor.py SWEEP_DIR --retry RUN_ID … | all   # submit again (resumes from last.ckpt)
-    python sweeps/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std, Dice curves PNG
+    python sweeps/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std; SWEEP_DIR/report/
+    python sweeps/monitor.py SWEEP_DIR --sync                   # upload the runs' offline W&B data (once each)
     python sweeps/monitor.py SWEEP_DIR --resume-paused RUN_ID … | all  # continue paused runs to max_epochs
 
 Each poll asks SLURM once (one ``sacct`` for all jobs) or looks at the local jobs, reads the runs' progress files,
@@ -136,7 +137,7 @@ def print_summary(summary: SweepSummary, out: Console) -> None:
     if summary.halving is not None:
         print_halving(summary.halving, out)
     if summary.curves_png is not None:
-        out.print(f"validation Dice curves: {summary.curves_png}", highlight=False)
+        out.print(f"learning curves (training loss, validation Dice): {summary.curves_png}", highlight=False)
     else:
         out.print("no validation Dice curves yet (no runs/<id>/csv/metrics.csv with val/dice_mean)")
 
@@ -162,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="poll once, print one plain table and exit")
     parser.add_argument("--json", action="store_true", help="poll once, print the sweep's state as JSON and exit")
     parser.add_argument("--summary", action="store_true",
-                        help="print the best config per fold and mean±std tables, save the Dice curves PNG, exit")
+                        help="print the best config per fold and mean±std tables, write SWEEP_DIR/report/ "
+                             "(Markdown, PNGs), exit")
+    parser.add_argument("--sync", action="store_true",
+                        help="upload the runs' offline W&B data with `wandb sync` (what was sent is never sent "
+                             "again: SWEEP_DIR/wandb-synced.json), exit")
     parser.add_argument("--sort", choices=SORT_KEYS, default="grid", help="row order (default: grid order)")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
                         help="show only matching runs: state=RUNNING,STALLED or a parameter (lr=0.001); repeatable")
@@ -206,9 +211,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         snapshot_keys = monitor.snapshot().varied_keys
         options = ViewOptions(sort=args.sort, filters=[parse_filter(f, snapshot_keys) for f in args.filter],
                               compact=args.compact)
+        if args.sync:
+            from brats_ugrip.sweeps.wandb_sync import report_lines, sync_sweep
+
+            sync_report = sync_sweep(args.sweep_dir, state=monitor.state)
+            out.print("\n".join(report_lines(sync_report)), highlight=False)
+            return 1 if sync_report.failed else 0
         if args.summary:
+            from brats_ugrip.sweeps.report import write_report
+
             write_results(args.sweep_dir, monitor.state)
             print_summary(sweep_summary(args.sweep_dir, monitor.state), out)
+            out.print(f"sweep report: {write_report(args.sweep_dir, monitor.state).path}", highlight=False)
             return 0
         if args.json or args.once:
             report = monitor.poll()

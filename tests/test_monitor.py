@@ -28,8 +28,9 @@ from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 from brats_ugrip.sweeps import monitor as monitor_cli
-from brats_ugrip.sweeps.collect import (copy_verified, is_collected, model_paths, read_collected, read_curve, sha256_file,
+from brats_ugrip.sweeps.collect import (copy_verified, is_collected, model_paths, read_collected, sha256_file,
                            sweep_summary, verify_collected)
+from brats_ugrip.sweeps.report import read_curve
 from brats_ugrip.sweeps.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
 from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
 from brats_ugrip.sweeps.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
