@@ -1,6 +1,7 @@
 """Epoch data time with and without the preprocessed-case cache, on phantoms, measured in one run.
 
     python bench/cache.py [--cases 20] [--size full|N] [--roi 128]
+    python bench/cache.py --disk-runs 6 [--cases 20] [--size 96]   # disk used vs runs: per-run caches vs one shared
 
 An "epoch" draws one training patch per case through ``TrainDataset`` in the main process. Two figures per
 path: *load* (read, preprocess unless cached, cut the tumour-biased patch: what the cache replaces) and *item*
@@ -21,7 +22,7 @@ from pathlib import Path
 from brats_ugrip.cli import run
 from brats_ugrip.data import cases_from_dir
 from brats_ugrip.datasets import TrainDataset
-from brats_ugrip.preprocess import CaseCache
+from brats_ugrip.preprocess import CaseCache, case_cache_dir
 from brats_ugrip.synthetic.phantom import write_phantoms
 
 
@@ -33,13 +34,48 @@ def epoch_seconds(dataset: TrainDataset, augment: bool) -> float:
     return time.perf_counter() - start
 
 
+def _disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def disk_vs_runs(cases: list, runs: int, root: Path) -> list[dict[str, int]]:
+    """Bytes of preprocessed cache after 1…``runs`` runs of one sweep read every case: with the old rule (each run
+    its own ``run_dir/cache``) and with the shared rule (:func:`case_cache_dir`: ``SWEEP_DIR/cache``)."""
+    sweep = root / "sweep"
+    (sweep / "runs").mkdir(parents=True)
+    (sweep / "sweep.db").touch()
+    rows = []
+    for index in range(runs):
+        run_dir = sweep / "runs" / f"run{index}"
+        for cache_dir in (run_dir / "cache", case_cache_dir(None, run_dir)):  # per run (before), shared (now)
+            cache = CaseCache(cache_dir)
+            for case in cases:
+                cache.get(case)
+        per_run = sum(_disk(d / "cache") for d in (sweep / "runs").iterdir())
+        rows.append({"runs": index + 1, "per_run_bytes": per_run, "shared_bytes": _disk(sweep / "cache")})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--size", default="full", help="'full' for the BraTS grid 240×240×155, or a cube side")
     parser.add_argument("--roi", type=int, default=128)
+    parser.add_argument("--disk-runs", type=int, metavar="N", help="measure cache disk use for 1…N runs and exit")
     args = parser.parse_args(argv)
     size = (240, 240, 155) if args.size == "full" else int(args.size)
+    if args.disk_runs:
+        import os
+
+        os.environ.pop("BRATS_UGRIP_CACHE", None)  # the rule's sweep default, not a machine-wide cache
+        with tempfile.TemporaryDirectory() as tmp:
+            write_phantoms(Path(tmp) / "data", args.cases, size, seed=0)
+            rows = disk_vs_runs(cases_from_dir(Path(tmp) / "data"), args.disk_runs, Path(tmp))
+        print(json.dumps({"bench": "cache_disk", "cases": args.cases, "size": args.size, "rows": rows}))
+        print("\n| runs | per-run caches (MB) | one shared cache (MB) |\n|---|---|---|")
+        for row in rows:
+            print(f"| {row['runs']} | {row['per_run_bytes'] / 1e6:.1f} | {row['shared_bytes'] / 1e6:.1f} |")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_phantoms(data, args.cases, size, seed=0)

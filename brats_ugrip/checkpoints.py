@@ -1,6 +1,7 @@
 """Checkpoints: safe loading (``torch.load(weights_only=True)``), metadata, and models rebuilt from them.
 
-A brats-ugrip checkpoint is a dict of plain types and tensors. Lightning checkpoints (``best.ckpt``,
+A brats-ugrip checkpoint is a dict of plain types and tensors, and its weights are finite: every loader refuses
+NaN or infinite weights, naming the file and the first bad tensor. Lightning checkpoints (``best.ckpt``,
 ``last.ckpt``) hold the LightningModule's ``state_dict`` (keys prefixed ``model.``, plus ``_orig_mod.`` when the
 network was compiled) and everything Lightning needs to resume; model-only checkpoints written by
 :func:`save_model_checkpoint` (soups, exported models) hold the bare network ``state_dict``. Both carry
@@ -44,10 +45,22 @@ LIGHTNING_PREFIX = "model."
 COMPILE_PREFIX = "_orig_mod."
 
 
+def first_nonfinite(state_dict: dict[str, Any]) -> tuple[str, int] | None:
+    """``(name, count)`` of the first floating-point tensor (in ``state_dict`` order) holding NaN or ±inf values."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex()):
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                return name, int(finite.numel() - finite.sum())
+    return None
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu",
                     mmap: bool = False) -> dict[str, Any]:
-    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear :class:`CheckpointError` otherwise.
-    ``mmap``: tensors stay on disk until used (cheap when only the metadata is read)."""
+    """Read a checkpoint with ``torch.load(weights_only=True)``; a clear :class:`CheckpointError` otherwise, also
+    when a weight is NaN or infinite (a diverged run: its predictions are empty, a soup with it is all NaN).
+    ``mmap``: tensors stay on disk until used, and are not checked (a read of the metadata only; whatever uses the
+    weights loads them without ``mmap``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -59,8 +72,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint, corrupt or truncated "
                               f"({error.__class__.__name__}: {error})") from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path}: not a model checkpoint (expected a dict with a 'state_dict')")
+    bad = None if mmap else first_nonfinite(checkpoint["state_dict"])
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad[0]!r} holds {bad[1]} NaN or infinite values (the run diverged); "
+                              "refused, as any model with it would predict nothing")
     return checkpoint
 
 

@@ -16,12 +16,22 @@ R = TypeVar("R")
 console = Console(stderr=True)
 
 
+def error_message(error: BratsUgripError) -> str:
+    """The message of ``error``. One raised in a DataLoader worker comes back in the main process as the same type
+    with the worker's traceback as its message ("Caught DataError in DataLoader worker process 0. Original
+    Traceback ... brats_ugrip.errors.DataError: <message>"): its message is what follows the last type name."""
+    text, marker = str(error), f"{type(error).__name__}: "
+    if text.startswith(f"Caught {type(error).__name__} ") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
     """Run ``main(argv)`` and exit: 0 on success, 2 on a :class:`BratsUgripError` (message printed, no traceback)."""
     try:
         code = main(argv)
     except BratsUgripError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error_message(error)}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

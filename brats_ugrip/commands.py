@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "integrate-cases": ("brats_ugrip.tools.integrate_cases", "add checked cases to a datalist"),
     "sample-cases": ("brats_ugrip.tools.sample_cases", "sample synthetic cases into a datalist"),
     "evaluate": ("brats_ugrip.tools.evaluate", "BraTS metrics of predicted label maps against references"),
+    "doctor": ("brats_ugrip.tools.doctor", "node check before a sweep: GPU, step and loader speed, inference, cache"),
     "train": ("brats_ugrip.train", "train one run from a config YAML"),
     "infer": ("brats_ugrip.infer", "predict label maps with a checkpoint"),
     "launch": ("brats_ugrip.sweeps.launch", "grid YAML → validated runs → job arrays (local or SLURM)"),
@@ -32,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare-soups": ("brats_ugrip.tools.compare_soups", "one test table: best ingredient, soups, ensemble"),
     "mlcube-build": ("brats_ugrip.mlcube.build", "build a MedPerf MLCube package"),
     "mlcube-check": ("brats_ugrip.mlcube.check", "run a package's infer task on cases and check every output"),
+    "export": ("brats_ugrip.export", "ONNX / Triton export of a checkpoint or an ensemble spec"),
 }
 
 

@@ -9,12 +9,14 @@ Everything a training run needs is in one :class:`RunConfig`::
     loss:      name dice_bce | dice | dice_focal, smooth
     trainer:   max_epochs, precision 32 | bf16-mixed | 16-mixed, compile, val_every, seed, limit batches, ...
     inference: roi_size, overlap, sw_batch_size, mode gaussian | constant, tta, precision, compile
-    logging:   wandb project / run name / mode offline | online | disabled
+    logging:   W&B project, run_name, mode offline | online | disabled, group (the sweep), job_type (default
+               fold<data.fold>), tags (the varied key=value), varied (the varied key paths); see the README's "Experiment tracking"
     finetune:  init_from, upkern, freeze.all_but_last, reset_last
     run_dir
 
 Validation happens when loading, before anything heavy: an unknown key, a wrong type or an impossible value
-raises :class:`~brats_ugrip.errors.ConfigError` whose message starts with the key path (``optim.lr: ...``).
+raises :class:`~brats_ugrip.errors.ConfigError` whose message starts with the key path (``optim.lr: ...``); NaN
+and infinity are refused wherever a number goes.
 Checks that need the data or the machine (fold present in the datalist, roi not larger than the volumes, a GPU
 for mixed precision) are made by ``brats_ugrip.training.train`` before it builds anything.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -33,6 +36,7 @@ from typing import Any, Literal
 import yaml
 
 from brats_ugrip.errors import ConfigError
+from brats_ugrip.files import read_yaml
 
 Precision = Literal["32", "bf16-mixed", "16-mixed"]
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")
@@ -116,9 +120,17 @@ class InferenceConfig:
 
 @dataclass
 class LoggingConfig:
+    """Weights & Biases. ``offline`` by default: compute nodes rarely reach the internet, so a run (on SLURM or
+    not) writes ``RUN_DIR/wandb/`` and ``sweeps/monitor.py SWEEP --sync`` uploads it later. A sweep's launcher
+    fills ``run_name`` (the run id), ``group`` (the sweep's name), ``tags`` and ``varied``."""
+
     project: str = "brats-ugrip"
     run_name: str | None = None
     mode: Literal["offline", "online", "disabled"] = "offline"
+    group: str | None = None
+    job_type: str | None = None
+    tags: list[str] = field(default_factory=list)
+    varied: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +202,9 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it in the dataclass's form."""
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML's .nan and .inf are floats; no setting means anything with them (a NaN lr passes `lr <= 0`).
+        raise ConfigError(path, f"must be a finite number, got {value!r}")
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -235,9 +250,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _convert(number, tp, path)  # "nan" and "inf" parse too
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"expected a number, got {value!r}")
         return float(value)
@@ -314,12 +331,32 @@ def _check(config: RunConfig) -> None:
         raise ConfigError("inference.threshold", f"must be in (0, 1), got {inference.threshold}")
     if not 0 <= config.data.augment_intensity < 1:
         raise ConfigError("data.augment_intensity", f"must be in [0, 1), got {config.data.augment_intensity}")
+    _check_logging(config.logging)
     finetune = config.finetune
     positive("finetune.freeze.all_but_last", finetune.freeze.all_but_last)
     positive("finetune.reset_last", finetune.reset_last, allow_zero=True)
     if finetune.upkern and not finetune.init_from:
         raise ConfigError("finetune.upkern", "UpKern initialises from a checkpoint; set finetune.init_from")
     check_model_config(config)
+
+
+# wandb.init's own checks (wandb.sdk.wandb_settings): made here, as a run would fail them on the compute node.
+WANDB_PROJECT_MAX = 128
+WANDB_TAG_MAX = 64
+
+
+def _check_logging(logging: LoggingConfig) -> None:
+    if not 0 < len(logging.project) <= WANDB_PROJECT_MAX:
+        raise ConfigError("logging.project", f"must be 1 to {WANDB_PROJECT_MAX} characters, got {logging.project!r}")
+    for name in ("run_name", "group", "job_type"):
+        if getattr(logging, name) == "":
+            raise ConfigError(f"logging.{name}", "is empty; give a name or null")
+    for i, tag in enumerate(logging.tags):
+        if not 0 < len(tag) <= WANDB_TAG_MAX:
+            raise ConfigError(f"logging.tags[{i}]", f"a W&B tag has 1 to {WANDB_TAG_MAX} characters, got {tag!r}")
+    for i, key in enumerate(logging.varied):
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"logging.varied[{i}]", f"expected a dotted key path like optim.lr, got {key!r}")
 
 
 def _absolute_paths(config: RunConfig) -> None:
@@ -396,12 +433,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError("<file>", "config file not found", source)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", source) from error
+        loaded = read_yaml(path, what="config file") or {}
         if not isinstance(loaded, dict):
             raise ConfigError("<root>", "a run config must be a YAML mapping of sections", source)
         values = apply_overrides(values, _flatten(loaded))
@@ -421,9 +453,9 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def config_to_dict(config: RunConfig) -> dict[str, Any]:
-    """The resolved config as a plain dict (every default filled in)."""
-    return config.to_dict()
+def flat_config(config: RunConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys (``{"optim.lr": 0.001, "data.fold": 0, ...}``; lists stay values)."""
+    return _flatten(config.to_dict())
 
 
 HASH_EXCLUDED = ("run_dir", "logging")

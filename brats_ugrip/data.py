@@ -73,13 +73,6 @@ class Case:
     source: str = "original"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
-    def as_dict(self) -> dict[str, Any]:
-        """MONAI-style dict: ``{"image": [paths], "label": path, "case_id": ...}``."""
-        item: dict[str, Any] = {"case_id": self.case_id, "image": [str(p) for p in self.images]}
-        if self.label is not None:
-            item["label"] = str(self.label)
-        return item
-
 
 def detect_naming(case_dir: Path) -> Naming | None:
     """The naming convention of the files in ``case_dir``, or None if it holds no complete BraTS case."""
@@ -89,8 +82,25 @@ def detect_naming(case_dir: Path) -> Naming | None:
     return None
 
 
+def why_incomplete(case_dir: Path) -> str:
+    """Why ``case_dir`` is not a case: no NIfTI files, or the modalities missing in the naming it comes closest to."""
+    if not any(case_dir.glob("*.nii.gz")):
+        return "no .nii.gz files"
+    files = {naming: naming.image_names(case_dir.name) for naming in NAMINGS.values()}
+    closest = max(files, key=lambda naming: sum((case_dir.parent / name).is_file() for name in files[naming]))
+    missing = [Path(name).name for name in files[closest] if not (case_dir.parent / name).is_file()]
+    return f"incomplete case: missing {', '.join(missing)} ({closest.name} naming)"
+
+
+def skipped_folders(data_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Folders of ``data_dir`` that are not cases (hidden ones aside), each with :func:`why_incomplete`."""
+    return {p.name: why_incomplete(p) for p in sorted(Path(data_dir).iterdir())
+            if p.is_dir() and not p.name.startswith(".") and detect_naming(p) is None}
+
+
 def discover_cases(data_dir: str | os.PathLike[str]) -> tuple[Naming, list[str], list[str]]:
-    """Find case folders under ``data_dir``.
+    """Find case folders under ``data_dir`` (folders that are not cases are left out: :func:`skipped_folders`
+    names them and says why).
 
     Returns:
         (naming, ids of cases with a segmentation, ids of cases without one), ids sorted.
@@ -268,6 +278,29 @@ class Datalist:
                    test=test)
 
     @property
+    def declared_folds(self) -> int | None:
+        """``n_folds`` as recorded by ``tools/make_datalist.py``, or None when the datalist does not say."""
+        value = self.raw.get("n_folds")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def fold_problems(self) -> list[str]:
+        """Fold numbers that contradict the datalist. With ``n_folds`` declared: every training case's fold is
+        −1 or in 0 … n_folds−1, and no fold is empty. Without: the folds are 0 … k−1, with no gap (a gap is
+        usually a mistyped fold number)."""
+        where = self.path or "datalist"
+        declared = self.raw.get("n_folds")
+        if declared is not None and (self.declared_folds is None or declared < 2):
+            return [f"{where}: n_folds must be an integer ≥ 2, got {declared!r}"]
+        n_folds = self.declared_folds or (max(self.folds) + 1 if self.folds else 0)
+        problems = [f"{c.case_id}: fold {c.fold} is outside the datalist's {n_folds} folds (0 … {n_folds - 1}, or "
+                    f"{TRAINING_ONLY_FOLD} for training only)" for c in self.training if c.fold >= n_folds]
+        empty = [f for f in range(n_folds) if f not in self.folds]
+        if empty:
+            declared_text = f"declares n_folds {n_folds}" if self.declared_folds else f"has folds up to {n_folds - 1}"
+            problems.append(f"{where}: {declared_text} but folds {empty} have no case")
+        return problems
+
+    @property
     def folds(self) -> list[int]:
         """Validation folds present (training-only fold −1 excluded), sorted."""
         return sorted({c.fold for c in self.training if c.fold != TRAINING_ONLY_FOLD})
@@ -321,9 +354,11 @@ class CaseReport:
 
 
 def check_case(case: Case, scheme: LabelScheme | str) -> CaseReport:
-    """Check one case: files exist and decode, modalities share shape and affine, images are not empty,
-    labels are in the scheme. Collects every problem rather than stopping at the first."""
+    """Check one case: files exist and decode, modalities share shape and affine, voxels are finite (no NaN or
+    inf), images are not empty, labels are in the scheme. Collects every problem rather than stopping at the first."""
     import nibabel as nib
+
+    from brats_ugrip.io import count_nonfinite, nonfinite_message
 
     scheme = get_scheme(scheme)
     problems: list[str] = []
@@ -344,7 +379,10 @@ def check_case(case: Case, scheme: LabelScheme | str) -> CaseReport:
             problems.append(f"{name}: expected a 3-D volume, got shape {data.shape} in {path}")
             continue
         geometry[name] = (data.shape, image.affine)
-        if name == "seg":
+        nonfinite = count_nonfinite(data)
+        if nonfinite:
+            problems.append(f"{name}: {nonfinite_message(path, data, nonfinite)}")
+        elif name == "seg":
             values = sorted(set(np.unique(data).tolist()) - set(scheme.labels))
             if values:
                 problems.append(f"seg: label values {values} not in scheme {scheme.name} {list(scheme.labels)} in {path}")

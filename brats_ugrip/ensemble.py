@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from scipy import ndimage
 from torch import nn
 
@@ -57,6 +56,7 @@ from brats_ugrip.checkpoints import load_model
 from brats_ugrip.config import InferenceConfig, apply_overrides, config_from_dict
 from brats_ugrip.data import MODALITIES
 from brats_ugrip.errors import CheckpointError, ConfigError
+from brats_ugrip.files import read_yaml
 from brats_ugrip.inference import inference_settings, prepare_model, sliding_window_probabilities
 from brats_ugrip.io import load_nifti, write_label_map, write_volume
 from brats_ugrip.labels import REGIONS, SCHEMES, LabelScheme, get_scheme
@@ -319,13 +319,7 @@ class EnsembleSpec:
     def load(cls, path: str | os.PathLike[str]) -> EnsembleSpec:
         """Read an ``ensemble.yaml``; model paths are relative to its folder."""
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("<file>", "ensemble spec not found", str(path))
-        try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", str(path)) from error
-        return cls.from_dict(values, path.parent, str(path))
+        return cls.from_dict(read_yaml(path, what="ensemble spec"), path.parent, str(path))
 
     def to_dict(self, base_dir: str | os.PathLike[str] = ".") -> dict[str, Any]:
         """Plain YAML content, model paths relative to ``base_dir``."""
@@ -380,13 +374,7 @@ def spec_from_checkpoints(paths: Sequence[str | os.PathLike[str]],
     source = None
     if weights_file is not None:
         source = str(weights_file)
-        path = Path(weights_file)
-        if not path.is_file():
-            raise ConfigError("<file>", "weights file not found", source)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", source) from error
+        loaded = read_yaml(weights_file, what="weights file")
         if not isinstance(loaded, dict) or "weights" not in loaded:
             raise ConfigError("weights", "required: a list with one entry of (TC, WT, ET) weights per model", source)
         _check_keys(loaded, ("weights", "thresholds", "postprocessing", "label_scheme"), "", source)

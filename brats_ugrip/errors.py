@@ -26,3 +26,11 @@ class DataError(BratsUgripError, ValueError):
 
 class CheckpointError(BratsUgripError, ValueError):
     """A checkpoint cannot be read or does not fit what it is used for."""
+
+
+class DiskFullError(BratsUgripError, OSError):
+    """A file could not be written for want of space (or quota); nothing partial is left (``brats_ugrip.atomic``)."""
+
+
+class TrainingDivergedError(BratsUgripError, RuntimeError):
+    """A run's loss or weights became NaN or infinite; the message says at which epoch and step."""

@@ -7,12 +7,14 @@ models pays for reading the data once, not once per evaluation.
 
 Scores are computed as training validation computes ``val_metrics`` (``brats_ugrip.training.case_dice`` and
 ``summarise_dice``): sliding-window probabilities on the brain crop with the run's inference settings,
-thresholded at ``settings.threshold``, Dice per region and case with the BraTS empty-mask convention
-(:func:`brats_ugrip.metrics.regions.dice`), averaged over cases, then over regions. Outside the crop prediction
-and reference are both background, so crop scores equal full-volume scores.
+thresholded at ``settings.threshold``, made into the **label map that gets written** (the innermost region wins,
+so TC includes ET and WT includes TC), then scored by :func:`label_map_scores` — the one scoring function of
+soups, ensemble fitting, training validation and reports: Dice (and HD95) per region and case with the BraTS
+empty-mask convention (:mod:`brats_ugrip.metrics.regions`), averaged over cases, then over regions. Outside the
+crop prediction and reference are both background, so crop scores equal full-volume scores.
 
-A *fingerprint* (sorted case ids, label scheme, crop margin and the inference settings that change predictions)
-names what a score was measured on. :func:`stored_score` returns a checkpoint's ``val_metrics`` only when its
+A *fingerprint* (sorted case ids, label scheme, crop margin, the inference settings that change predictions and
+what is scored: :data:`SCORED`) names what a score was measured on. :func:`stored_score` returns a checkpoint's ``val_metrics`` only when its
 fingerprint equals the set's, so a soup reuses the scores training already measured instead of recomputing them.
 ``sw_batch_size`` is left out of the fingerprint: it changes speed, not predictions.
 """
@@ -41,6 +43,10 @@ from brats_ugrip.preprocess import BRAIN_MARGIN, CaseCache, CaseGeometry
 FINGERPRINT_SETTINGS: tuple[str, ...] = ("roi_size", "overlap", "mode", "tta", "precision", "threshold")
 """Inference settings that change predictions, hence scores (``sw_batch_size`` only changes speed)."""
 
+SCORED = "label-map"
+"""What selection scores are measured on, in the fingerprint: scores of checkpoints from before selection scored
+the written label map (they scored the raw region channels) do not match, and are recomputed."""
+
 GPU_MEMORY_SHARE = 0.5
 """Held-out images go to the GPU only if they take at most this share of its free memory."""
 
@@ -51,8 +57,20 @@ def fingerprint(case_ids: Iterable[str], scheme: str, margin: int, settings: Inf
         raise ValueError("settings.roi_size is not resolved; use brats_ugrip.inference.inference_settings(config)")
     chosen = {name: getattr(settings, name) for name in FINGERPRINT_SETTINGS}
     chosen["roi_size"] = [int(s) for s in settings.roi_size]
-    payload = {"cases": sorted(case_ids), "scheme": get_scheme(scheme).name, "margin": int(margin), "settings": chosen}
+    payload = {"cases": sorted(case_ids), "scheme": get_scheme(scheme).name, "margin": int(margin), "settings": chosen,
+               "scored": SCORED}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def label_map_scores(labels: np.ndarray, reference: np.ndarray, scheme: LabelScheme | str,
+                     spacing: Sequence[float] = (1.0, 1.0, 1.0), with_hd95: bool = False) -> dict[str, float]:
+    """Scores of one written label map ``(x, y, z)`` against reference region channels ``(3, x, y, z)`` (TC, WT, ET):
+    ``dice_TC``, ``dice_WT``, ``dice_ET`` and, with ``with_hd95``, ``hd95_*`` (mm, official BraTS HD95)."""
+    predicted = get_scheme(scheme).to_regions(labels)
+    scores = {f"dice_{r}": dice(p, ref) for r, p, ref in zip(REGIONS, predicted, reference)}
+    if with_hd95:
+        scores.update({f"hd95_{r}": hd95(p, ref, spacing) for r, p, ref in zip(REGIONS, predicted, reference)})
+    return scores
 
 
 def checkpoint_settings(meta: dict[str, Any]) -> InferenceConfig:
@@ -233,16 +251,13 @@ class HeldOutSet:
 
     def score_probabilities(self, probabilities: Iterable[torch.Tensor | np.ndarray], threshold: float = 0.5,
                             with_hd95: bool = False) -> HeldOutScore:
-        """Score per-case probabilities ``(3, x, y, z)`` given in the set's case order (e.g. an ensemble's mean)."""
+        """Score per-case probabilities ``(3, x, y, z)`` given in the set's case order (e.g. an ensemble's mean):
+        thresholded, written as a label map, scored by :func:`label_map_scores`."""
+        scheme = get_scheme(self.scheme)
         per_case = []
         for case, probs in zip(self.cases, probabilities, strict=True):
-            probs = torch.as_tensor(probs)
-            prediction = (probs > threshold).cpu().numpy()
-            scores = {f"dice_{r}": dice(p, ref) for r, p, ref in zip(REGIONS, prediction, case.regions)}
-            if with_hd95:
-                scores.update({f"hd95_{r}": hd95(p, ref, case.spacing)
-                               for r, p, ref in zip(REGIONS, prediction, case.regions)})
-            per_case.append(scores)
+            labels = scheme.to_labels((torch.as_tensor(probs) > threshold).cpu().numpy())
+            per_case.append(label_map_scores(labels, case.regions, scheme, case.spacing, with_hd95))
         return HeldOutScore(self.case_ids, per_case)
 
     def score(self, model: nn.Module, settings: InferenceConfig, with_hd95: bool = False) -> HeldOutScore:

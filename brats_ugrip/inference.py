@@ -66,6 +66,13 @@ def prepare_model(model: nn.Module, settings: InferenceConfig) -> nn.Module:
     return torch.compile(model) if settings.compile else model
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs: its parameters' device, or the CPU for a network without parameters (an ONNX Runtime
+    session wrapped by :class:`brats_ugrip.onnx_model.OnnxNetwork`, which takes CPU tensors)."""
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def _autocast(device: torch.device, settings: InferenceConfig) -> contextlib.AbstractContextManager:
     # bf16 applies on GPUs only; CPU inference runs in fp32 whatever the setting.
     if settings.precision == "bf16" and device.type == "cuda":
@@ -88,7 +95,7 @@ def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, settings
     if settings.roi_size is None:
         raise ValueError("settings.roi_size is not resolved; use inference_settings(config)")
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     predictor = FlipTTA(model, ALL_FLIPS if settings.tta else ((),), max_batch=settings.sw_batch_size)
     with _autocast(device, settings):
         probabilities = sliding_window_inference(

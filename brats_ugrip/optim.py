@@ -66,11 +66,6 @@ def is_schedule_free(optimizer: torch.optim.Optimizer) -> bool:
     return "train_mode" in optimizer.defaults
 
 
-def in_train_mode(optimizer: torch.optim.Optimizer) -> bool:
-    """True when a schedule-free optimizer holds ``y`` in the parameters (always False for other optimizers)."""
-    return is_schedule_free(optimizer) and any(group["train_mode"] for group in optimizer.param_groups)
-
-
 def set_train_mode(optimizer: torch.optim.Optimizer, train: bool) -> None:
     """``optimizer.train()`` / ``.eval()`` for schedule-free optimizers; nothing for the others."""
     if is_schedule_free(optimizer):

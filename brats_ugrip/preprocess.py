@@ -1,12 +1,18 @@
 """Preprocessing shared by training, validation and inference, and a disk cache of its results.
 
+Every image is checked finite where it is read (``brats_ugrip.io.read_volume``): a case with a NaN or infinite
+voxel is refused with a :class:`~brats_ugrip.errors.DataError` naming the case, modality, file and count, never
+zero-filled, so training and inference (which both preprocess here) stop on it.
+
 One case becomes a :class:`PreprocessedCase`: the four modalities reoriented to RAS, cropped to the brain's
 bounding box (plus a margin) and z-score normalised per channel on non-zero (brain) voxels; the label as
 region channels (TC, WT, ET). :meth:`PreprocessedCase.restore` pastes an array predicted on the crop back into
 the input's full shape and orientation, so predictions are written in the input geometry.
 
 :class:`CaseCache` stores preprocessed cases as fp16/uint8 ``.npy`` files: reading one is tens of times faster
-than decoding four ``.nii.gz`` (``bench/cache.py``), so epochs never re-decode NIfTI.
+than decoding four ``.nii.gz`` (``bench/cache.py``), so epochs never re-decode NIfTI. An entry is keyed by the
+case's content (each file's size and a hash of its first and last MiB, not its path) and the preprocessing
+settings, so every run of a dataset shares one cache: :func:`case_cache_dir` is the one rule for where it lives.
 """
 from __future__ import annotations
 
@@ -26,7 +32,10 @@ from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+CACHE_ENV = "BRATS_UGRIP_CACHE"
+"""A shared cache root (e.g. a project folder on the cluster): its ``cases/`` folder serves every run."""
+_FINGERPRINT_BYTES = 1 << 20
 BRAIN_MARGIN = 2
 """Voxels kept around the brain's bounding box by default (training, validation and inference alike)."""
 RAS = nib.orientations.axcodes2ornt(("R", "A", "S"))
@@ -138,7 +147,7 @@ def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: s
     case_id = case_id or Path(image_paths[0]).parent.name
     volumes, affine = [], None
     for name, path in zip(MODALITIES, image_paths):
-        data, this_affine = read_volume(path)
+        data, this_affine = read_volume(path, what=f"{case_id} {name}: ")
         if volumes and data.shape != volumes[0].shape:
             raise DataError(f"{case_id}: {name} shape {data.shape} differs from {MODALITIES[0]} {volumes[0].shape} ({path})")
         affine = this_affine if affine is None else affine
@@ -150,13 +159,57 @@ def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: s
     image = normalise_nonzero(image[(slice(None), *box)])
     regions = None
     if label_path is not None:
-        label, _ = read_volume(label_path, dtype=np.int16)
+        label, _ = read_volume(label_path, dtype=np.int16, what=f"{case_id} seg: ")
         if label.shape != volumes[0].shape:
             raise DataError(f"{case_id}: label shape {label.shape} differs from image shape {volumes[0].shape} ({label_path})")
         regions = get_scheme(scheme).to_regions(_to_ras(label, ornt)[box], source=str(label_path)).astype(np.uint8)
     geometry = CaseGeometry(tuple(volumes[0].shape), tuple(map(tuple, affine.tolist())),
                             tuple(map(tuple, ornt.tolist())), start, stop)
     return PreprocessedCase(case_id, image, regions, geometry)
+
+
+_fingerprints: dict[tuple[str, int, int], str] = {}
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """``size:sha256`` of a file's first and last MiB (memoised per path, size and mtime in this process): what
+    identifies an image's content cheaply; a missing file gives ``missing``."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "missing"
+    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key not in _fingerprints:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            digest.update(handle.read(_FINGERPRINT_BYTES))
+            if stat.st_size > 2 * _FINGERPRINT_BYTES:
+                handle.seek(-_FINGERPRINT_BYTES, os.SEEK_END)
+            digest.update(handle.read())
+        _fingerprints[memo_key] = f"{stat.st_size}:{digest.hexdigest()[:16]}"
+    return _fingerprints[memo_key]
+
+
+def case_cache_dir(configured: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None) -> Path | None:
+    """Where a run's preprocessed cases are cached: the one rule (training, soups and ensembles use it).
+
+    1. ``configured`` (``data.cache_dir``) when set;
+    2. else ``$BRATS_UGRIP_CACHE/cases`` (a shared path, e.g. a project folder);
+    3. else, for a run of a sweep (``SWEEP_DIR/runs/<id>``, with ``SWEEP_DIR/sweep.db``), ``SWEEP_DIR/cache``:
+       one cache for every run of the sweep;
+    4. else the run's own ``run_dir/cache`` (None without a run directory).
+    """
+    if configured:
+        return Path(configured)
+    shared = os.environ.get(CACHE_ENV)
+    if shared:
+        return Path(shared) / "cases"
+    if run_dir is None:
+        return None
+    run_dir = Path(run_dir)
+    if run_dir.parent.name == "runs" and (run_dir.parent.parent / "sweep.db").is_file():
+        return run_dir.parent.parent / "cache"
+    return run_dir / "cache"
 
 
 class CaseCache:
@@ -173,11 +226,11 @@ class CaseCache:
         self.margin = margin
 
     def key(self, case: Case, scheme: str) -> str:
+        """Hash of the preprocessing settings and of each input file's content fingerprint (not its path, so copies
+        of a dataset and every run of it share the entries)."""
         parts = [str(CACHE_VERSION), scheme, str(self.margin)]
         for path in (*case.images, case.label):
-            if path is not None:
-                stat = Path(path).stat() if Path(path).exists() else None
-                parts.append(f"{path}:{stat.st_size if stat else -1}:{stat.st_mtime_ns if stat else -1}")
+            parts.append("-" if path is None else file_fingerprint(path))
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
     def _paths(self, case: Case, scheme: str) -> tuple[Path, Path, Path, Path]:

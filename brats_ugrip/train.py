@@ -13,6 +13,8 @@ import yaml
 
 from brats_ugrip.cli import console, run
 from brats_ugrip.config import load_config
+from brats_ugrip.data import Datalist
+from brats_ugrip.sources import check_run_data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,10 +24,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a config value, e.g. --set optim.lr=3e-4 (repeatable; values are YAML)")
     parser.add_argument("--run-dir", help="run directory (default: run_dir in the config)")
-    parser.add_argument("--check", action="store_true", help="validate the config, print it resolved, and exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and its datalist (paths, fold, patch size; image headers only, no "
+                             "image data), print the config resolved, and exit")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)
     if args.check:
+        # What a real start checks of the data before anything heavy: a missing datalist or fold fails here too.
+        check_run_data(config, Datalist.load(config.data.datalist, config.data.data_root))
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         print(f"# config hash {config.hash()}")
         return 0

@@ -12,6 +12,10 @@ Run directory::
 Rerunning a run in the same directory resumes from ``last.ckpt`` (epoch, optimizer and schedule-free state,
 schedule, RNG) and ends at the same total number of epochs.
 
+A run whose loss or weights become NaN or infinite stops with :class:`~brats_ugrip.errors.TrainingDivergedError`
+("diverged at epoch E, step S"), marked ``failed`` in ``progress.json`` with that reason; no checkpoint with a
+non-finite weight is ever written (:class:`DivergenceGuard`), so ``best.ckpt`` stays the last finite best.
+
 Schedule-free AdamW: the optimizer is switched to ``train()`` at each training epoch start and to ``eval()``
 before validation and at the end; every checkpoint holds the averaged ``x`` weights, whenever it is written
 (:meth:`SegmentationModule.on_save_checkpoint` computes them if the optimizer is in train mode at that moment).
@@ -22,6 +26,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
 import socket
@@ -45,17 +50,16 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_ugrip.atomic import atomic_write, atomic_write_json
-from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, git_commit, load_checkpoint,
-                                     model_state_dict, now_iso, weights_hash)
-from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, load_config, save_config
+from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, first_nonfinite, git_commit,
+                                     load_checkpoint, model_state_dict, now_iso, weights_hash)
+from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, flat_config, load_config, save_config
 from brats_ugrip.data import Datalist
 from brats_ugrip.datasets import make_loaders, training_batch
-from brats_ugrip.errors import CheckpointError, ConfigError
-from brats_ugrip.heldout import fingerprint
+from brats_ugrip.errors import CheckpointError, ConfigError, TrainingDivergedError
+from brats_ugrip.heldout import fingerprint, label_map_scores
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
-from brats_ugrip.labels import REGIONS
+from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.losses import SegmentationLoss
-from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_but_last, get_spec, reset_last_convolutions,
                                 resolve_kwargs, upkern_state_dict)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
@@ -192,7 +196,8 @@ class SegmentationModule(pl.LightningModule):
         self._case_scores, self._case_ids = [], []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._case_scores.append(case_dice(self.model, batch["image"], batch["label"], self.settings))
+        self._case_scores.append(case_dice(self.model, batch["image"], batch["label"], self.settings,
+                                           self.config.data.scheme))
         self._case_ids.extend(batch["case_id"])
 
     def on_validation_epoch_end(self) -> None:
@@ -227,6 +232,11 @@ class SegmentationModule(pl.LightningModule):
             if averaged and "optimizer_states" in checkpoint:
                 for group in checkpoint["optimizer_states"][i]["param_groups"]:
                     group["train_mode"] = False
+        bad = first_nonfinite(checkpoint["state_dict"])
+        if bad is not None:  # the last line of defence: no checkpoint (best.ckpt above all) is ever a diverged one
+            raise TrainingDivergedError(f"diverged at epoch {self.trainer.current_epoch + 1}, step "
+                                        f"{self.trainer.global_step}: weight {bad[0]!r} holds {bad[1]} NaN or "
+                                        "infinite values (no checkpoint written)")
         checkpoint[META_KEY] = {
             "format": FORMAT_VERSION,
             "config": self.config.to_dict(),
@@ -259,13 +269,15 @@ class SegmentationModule(pl.LightningModule):
             _set_rng_states(checkpoint["rng_states"])
 
 
-def case_dice(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, settings: Any) -> list[float]:
-    """Dice of TC, WT, ET for one case: sliding-window probabilities thresholded at ``settings.threshold``.
-    ``image`` (1, 4, x, y, z), ``label`` (1, 3, x, y, z)."""
+def case_dice(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, settings: Any,
+              scheme: str = "brats2023") -> list[float]:
+    """Dice of TC, WT, ET for one case: sliding-window probabilities thresholded at ``settings.threshold``, written
+    as a label map in ``scheme`` and scored by :func:`brats_ugrip.heldout.label_map_scores`, as soups and ensemble
+    fitting score. ``image`` (1, 4, x, y, z), ``label`` (1, 3, x, y, z)."""
     probabilities = sliding_window_probabilities(model, image, settings)
-    prediction = (probabilities[0] > settings.threshold).cpu().numpy()
-    reference = label[0].cpu().numpy() > 0.5
-    return [dice(p, r) for p, r in zip(prediction, reference)]
+    labels = get_scheme(scheme).to_labels((probabilities[0] > settings.threshold).cpu().numpy())
+    scores = label_map_scores(labels, label[0].cpu().numpy() > 0.5, scheme)
+    return [scores[f"dice_{r}"] for r in REGIONS]
 
 
 def summarise_dice(case_scores: list[list[float]]) -> dict[str, float]:
@@ -277,9 +289,9 @@ def summarise_dice(case_scores: list[list[float]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, settings: Any) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: Any, settings: Any, scheme: str = "brats2023") -> dict[str, float]:
     """Mean region Dice of ``model`` over a validation loader (as logged during training)."""
-    return summarise_dice([case_dice(model, batch["image"], batch["label"], settings) for batch in loader])
+    return summarise_dice([case_dice(model, batch["image"], batch["label"], settings, scheme) for batch in loader])
 
 
 def _rng_states() -> dict[str, Any]:
@@ -306,14 +318,64 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+# --- divergence ---------------------------------------------------------------------------------------------
+
+
+class DivergenceGuard(Callback):
+    """Stops a run whose training loss becomes NaN or infinite with :class:`TrainingDivergedError` ("diverged at
+    epoch E, step S": E counts epochs from 1, S is the optimizer step that used the loss), which the progress file
+    records as the run's failure. A step's loss is copied to the host without waiting and checked when the next step
+    ends, or before validation and the epoch's end (so before any checkpoint): on a GPU the check waits for that
+    copy only, never for the step in flight, so it adds no synchronisation per step.
+    Weights are checked where checkpoints are written (:meth:`SegmentationModule.on_save_checkpoint`)."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[torch.Tensor, Any, int, int] | None = None  # host loss, its copy's CUDA event, E, S
+
+    def _check(self) -> None:
+        if self._pending is None:
+            return
+        loss, copied, epoch, step = self._pending
+        self._pending = None
+        if copied is not None:
+            copied.synchronize()
+        if not math.isfinite(float(loss)):
+            raise TrainingDivergedError(f"diverged at epoch {epoch}, step {step}: the training loss is {float(loss)}; "
+                                        "lower optim.lr, add warmup or trainer.gradient_clip")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._check()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss, copied = loss.detach(), None
+        if loss.is_cuda:
+            host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            host.copy_(loss, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            loss = host
+        self._pending = (loss, copied, trainer.current_epoch + 1, trainer.global_step)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check()
+
+
 # --- progress file ------------------------------------------------------------------------------------------
 
 
 class ProgressFile(Callback):
     """``RUN_DIR/progress.json``, written atomically at start, after each epoch and at the end; the monitor
-    reads it. Fields: status (starting, running, completed, failed, interrupted), epoch (completed), max_epochs, step,
-    best_val_dice, best_epoch, val_metrics, epoch_seconds, first_step_seconds (includes ``torch.compile``),
-    host, gpu, pid, slurm_job_id, config_hash, started_at, updated_at, finished_at, error."""
+    reads it. Fields: status (starting, running, completed, paused, failed, interrupted), epoch (completed),
+    max_epochs, step, best_val_dice, best_epoch, val_metrics, epoch_seconds, first_step_seconds (includes
+    ``torch.compile``), host, gpu, pid, slurm_job_id, config_hash, started_at, updated_at, finished_at, error."""
 
     def __init__(self, path: Path, config: RunConfig):
         self.path = path
@@ -373,8 +435,10 @@ class ProgressFile(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         stopped = isinstance(exception, (SIGTERMException, KeyboardInterrupt))  # preempted or cancelled: resumable
-        self.write(status="interrupted" if stopped else "failed", error=f"{exception.__class__.__name__}: {exception}",
-                   finished_at=now_iso())
+        # A diverged run's reason is its message ("diverged at epoch E, step S: ..."), what the monitor shows.
+        error = str(exception) if isinstance(exception, TrainingDivergedError) else \
+            f"{exception.__class__.__name__}: {exception}"
+        self.write(status="interrupted" if stopped else "failed", error=error, finished_at=now_iso())
 
 
 def read_progress(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -416,37 +480,80 @@ def _process_layout() -> tuple[int | str, int]:
     return local, max(1, int(os.environ.get("WORLD_SIZE", local)) // local)
 
 
+def wandb_run_id(config: RunConfig, run_dir: Path) -> str:
+    """One W&B run per run directory and config: a resumed or requeued run (same directory, same config) continues
+    the same W&B run; another config in the directory (refused by :func:`train` anyway) would be another run."""
+    return hashlib.sha1(f"{run_dir.resolve()}|{config.hash()}".encode()).hexdigest()[:16]
+
+
+def wandb_init_args(config: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """The arguments of ``wandb.init``: the resolved config as dotted keys (``optim.lr``, ``data.fold``, and
+    ``logging.varied``: the keys a sweep varied), name = ``logging.run_name`` (a sweep's run id) or the directory's
+    name, group = the sweep, job_type = ``fold<N>``, tags = the varied ``key=value``s."""
+    logging = config.logging
+    return {
+        "project": logging.project, "name": logging.run_name or run_dir.name, "id": wandb_run_id(config, run_dir),
+        "group": logging.group, "job_type": logging.job_type or f"fold{config.data.fold}",
+        "tags": list(logging.tags), "config": {**flat_config(config), "config_hash": config.hash()},
+        "save_dir": str(run_dir), "resume": "allow", "mode": logging.mode,
+    }
+
+
+class TrackedWandbLogger(WandbLogger):
+    """Lightning's W&B logger that writes ``summary`` (code version, node, GPU of this attempt) into the run's
+    summary when the W&B run starts (on rank 0 only, as Lightning starts it there)."""
+
+    def __init__(self, summary: dict[str, Any], **kwargs: Any):
+        super().__init__(**kwargs)
+        self._start_summary = summary
+
+    @property
+    def experiment(self) -> Any:
+        starting = self._experiment is None
+        experiment = super().experiment
+        if starting and self._experiment is not None:
+            experiment.summary.update(self._start_summary)
+        return experiment
+
+
+def _run_summary() -> dict[str, Any]:
+    return {"git_commit": git_commit(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu_count": torch.cuda.device_count()}
+
+
 def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="",
                                                     flush_logs_every_n_steps=1)]
     if config.logging.mode != "disabled":
-        # A stable id per run directory and config: a resumed or requeued run continues the same W&B run.
-        run_id = hashlib.sha1(f"{run_dir.resolve()}|{config.hash()}".encode()).hexdigest()[:16]
-        loggers.append(WandbLogger(project=config.logging.project, name=config.logging.run_name or run_dir.name,
-                                   save_dir=str(run_dir), id=run_id, resume="allow", mode=config.logging.mode,
-                                   offline=config.logging.mode == "offline"))
+        loggers.append(TrackedWandbLogger(_run_summary(), offline=config.logging.mode == "offline",
+                                          **wandb_init_args(config, run_dir)))
     return loggers
 
 
-def _cache_dir(config: RunConfig, run_dir: Path) -> Path:
-    """``data.cache_dir``, else ``$BRATS_UGRIP_CACHE/cases`` (shared by the runs of a machine), else the run's own."""
-    if config.data.cache_dir:
-        return Path(config.data.cache_dir)
-    shared = os.environ.get("BRATS_UGRIP_CACHE")
-    return Path(shared) / "cases" if shared else run_dir / "cache"
+def _cache_dir(config: RunConfig, run_dir: Path) -> Path | None:
+    """Where this run caches preprocessed cases: :func:`brats_ugrip.preprocess.case_cache_dir`'s one rule."""
+    from brats_ugrip.preprocess import case_cache_dir
+
+    return case_cache_dir(config.data.cache_dir, run_dir)
 
 
 def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,
-          callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+          callbacks: Sequence[Callback] = (), stop_at_epoch: int | None = None) -> dict[str, Any]:
     """Train one run in ``run_dir`` (default ``config.run_dir``), resuming from its ``last.ckpt`` if there is one.
 
     Args:
         config: a :class:`RunConfig`, its dict, or a YAML path.
         callbacks: extra Lightning callbacks (profilers, tests).
+        stop_at_epoch: stop cleanly after this many epochs (a successive-halving rung), below
+            ``trainer.max_epochs``: the run is then "paused", with ``last.ckpt`` to continue from and the latest
+            validation in ``latest_val_metrics``. The config (and its hash) is unchanged: schedule-free AdamW ties nothing
+            to the number of epochs, so a paused run continues exactly as one that never stopped.
 
     Returns:
         ``{"status", "run_dir", "best_checkpoint", "last_checkpoint", "best_val_dice", "best_epoch",
-        "val_metrics" (of the best checkpoint), "epochs", "steps", "config_hash", "init_id"}``.
+        "val_metrics" (of the best checkpoint), "epochs", "steps", "config_hash", "init_id"}``; status is
+        "completed", or "paused" (``stop_at_epoch`` reached first) with ``latest_val_metrics`` too.
     """
     config = _as_config(config)
     if run_dir is None and config.run_dir is None:
@@ -489,12 +596,14 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
     trainer_config = config.trainer
     warnings.filterwarnings("ignore", message="The `srun` command is available")  # login nodes have srun
     trainer = pl.Trainer(
-        default_root_dir=str(run_dir), max_epochs=trainer_config.max_epochs, accelerator=trainer_config.accelerator,
+        default_root_dir=str(run_dir), max_epochs=min(trainer_config.max_epochs, stop_at_epoch or trainer_config.max_epochs),
+        accelerator=trainer_config.accelerator,
         devices=devices, num_nodes=num_nodes, precision=trainer_config.precision, benchmark=trainer_config.cudnn_benchmark,
         check_val_every_n_epoch=trainer_config.val_every, num_sanity_val_steps=0,
         limit_train_batches=trainer_config.limit_train_batches, limit_val_batches=trainer_config.limit_val_batches,
         gradient_clip_val=trainer_config.gradient_clip, log_every_n_steps=trainer_config.log_every_n_steps,
-        logger=_loggers(config, run_dir), callbacks=[progress, best, last_callback, *callbacks], plugins=plugins,
+        logger=_loggers(config, run_dir), callbacks=[DivergenceGuard(), progress, best, last_callback, *callbacks],
+        plugins=plugins,
         enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
     )
     if trainer_config.compile:
@@ -509,11 +618,14 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
 
     best_path = Path(best.best_model_path) if best.best_model_path else None
     best_meta = checkpoint_meta(load_checkpoint(best_path), best_path) if best_path and best_path.is_file() else {}
-    progress.write(status="completed", epoch=trainer.current_epoch, step=trainer.global_step, finished_at=now_iso())
+    paused = stop_at_epoch is not None and stop_at_epoch <= trainer.current_epoch < trainer_config.max_epochs
+    status = "paused" if paused else "completed"
+    progress.write(status=status, epoch=trainer.current_epoch, step=trainer.global_step, finished_at=now_iso())
     return {
-        "status": "completed", "run_dir": str(run_dir),
+        "status": status, "run_dir": str(run_dir),
         "best_checkpoint": str(best_path) if best_path else None, "last_checkpoint": str(last) if last.is_file() else None,
         "best_val_dice": progress.state["best_val_dice"], "best_epoch": progress.state["best_epoch"],
-        "val_metrics": best_meta.get("val_metrics", {}), "epochs": trainer.current_epoch, "steps": trainer.global_step,
+        "val_metrics": best_meta.get("val_metrics", {}), "epochs": trainer.current_epoch,
+        **({"latest_val_metrics": progress.state["val_metrics"]} if status == "paused" else {}), "steps": trainer.global_step,
         "config_hash": config.hash(), "init_id": module.init_id,
     }

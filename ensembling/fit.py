@@ -40,9 +40,9 @@ import torch
 
 from brats_ugrip.cli import track
 from brats_ugrip.ensemble import Ensemble, EnsembleSpec, LoadedMember, PostProcessing, labels_from_probabilities
-from brats_ugrip.heldout import HeldOutScore, HeldOutSet
+from brats_ugrip.heldout import HeldOutScore, HeldOutSet, label_map_scores
 from brats_ugrip.labels import REGIONS, LabelScheme, get_scheme
-from brats_ugrip.metrics.regions import bounding_box, dice, hd95
+from brats_ugrip.metrics.regions import bounding_box
 
 METHODS: tuple[str, ...] = ("fitted", "dice", "equal")
 THRESHOLDS: tuple[float, ...] = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))
@@ -166,12 +166,8 @@ def score(cache: PredictionCache, weights: np.ndarray, thresholds: Sequence[floa
     per_case = []
     for i, case in enumerate(cache.cases):
         labels = labels_from_probabilities(cache.probabilities(i, weights), thresholds, scheme, postprocessing)
-        predicted = scheme.to_regions(labels)
         reference = case.reference.reshape(len(REGIONS), *case.shape)
-        scores = {f"dice_{r}": dice(p, ref) for r, p, ref in zip(REGIONS, predicted, reference)}
-        if with_hd95:
-            scores.update({f"hd95_{r}": hd95(p, ref, case.spacing) for r, p, ref in zip(REGIONS, predicted, reference)})
-        per_case.append(scores)
+        per_case.append(label_map_scores(labels, reference, scheme, case.spacing, with_hd95))
     return HeldOutScore([c.case_id for c in cache.cases], per_case)
 
 
@@ -313,8 +309,8 @@ def fit_postprocessing(cache: PredictionCache, weights: np.ndarray, thresholds: 
     def mean_dice(postprocessing: PostProcessing) -> float:
         per_region = np.zeros(len(REGIONS))
         for labels, reference in boxes:
-            predicted = scheme.to_regions(postprocessing.apply(labels, scheme))
-            per_region += [dice(p, r) for p, r in zip(predicted, reference)]
+            scores = label_map_scores(postprocessing.apply(labels, scheme), reference, scheme)
+            per_region += [scores[f"dice_{r}"] for r in REGIONS]
         return float(np.mean(per_region / len(boxes)))
 
     kept = PostProcessing()

@@ -33,17 +33,15 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 import brats_ugrip
 from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.cli import console, run
-from brats_ugrip.ensemble import INFERENCE_KEYS, Ensemble, EnsembleMember, EnsembleSpec
 from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.metrics.lesionwise import LESIONWISE_PRESETS
-from brats_ugrip.mlcube.runtime import load_package, save_packaged_model
 from brats_ugrip.mlcube.schema import CONTAINER_MOUNTS, INFER_INPUTS, INFER_OUTPUTS, INFER_TASK, PARAMETERS_FILE, PackageLayout, \
     validate_package
 
@@ -51,6 +49,9 @@ CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
 """Challenges a package can be built for; each is also the metric set ``mlcube/check.py`` scores with."""
 OUTPUT_SCHEME = "brats2023"
 """Labels of BraTS 2023+ predictions: 1 NETC, 2 SNFH, 3 ET (models predict regions, so any training scheme fits)."""
+if TYPE_CHECKING:  # torch is imported when a package is built, not for --help
+    from brats_ugrip.ensemble import Ensemble, EnsembleSpec
+
 HERE = Path(__file__).resolve().parent
 PROJECT_SOURCES = {"mlcube.py": HERE / "entrypoint.py", "runtime.py": HERE / "runtime.py"}
 """``project/`` files copied from this folder; the brats_ugrip modules they import are copied along."""
@@ -66,6 +67,8 @@ MLCUBE_DEFAULTS = {"data_path": "data", "parameters_file": PARAMETERS_FILE, "add
 
 
 def load_source(model: Path) -> Ensemble:
+    from brats_ugrip.ensemble import Ensemble, EnsembleMember, EnsembleSpec
+
     """The ensemble to package, loaded on the CPU and checked: an ensemble spec (``.yaml``) or one checkpoint (an
     ensemble of one with the checkpoint's threshold). Output labels are :data:`OUTPUT_SCHEME`."""
     if model.suffix in (".yaml", ".yml"):
@@ -111,6 +114,9 @@ def package_meta(meta: dict[str, Any]) -> dict[str, Any]:
 def write_models(ensemble: Ensemble, additional_files: Path) -> EnsembleSpec:
     """Write each model's weights and metadata; returns the spec of the packaged models, with every inference
     setting written out (what ``parameters.yaml`` holds)."""
+    from brats_ugrip.ensemble import INFERENCE_KEYS, EnsembleMember
+    from brats_ugrip.mlcube.runtime import save_packaged_model
+
     members = []
     for i, (loaded, member) in enumerate(zip(ensemble.members, ensemble.spec.members)):
         path = save_packaged_model(additional_files / f"model-{i}.safetensors", loaded.model,
@@ -275,6 +281,8 @@ def build_package(model: str | os.PathLike[str], challenge: str, out: str | os.P
                   author: str = "brats-ugrip", force: bool = False) -> PackageLayout:
     """Build the package (module docstring) into ``out``, atomically: it is assembled next to ``out``, validated,
     and only then moved into place (replacing an existing ``out`` when ``force``)."""
+    from brats_ugrip.mlcube.runtime import load_package
+
     if challenge not in CHALLENGES:
         raise ConfigError("--challenge", f"unknown challenge {challenge!r}; choose one of {', '.join(CHALLENGES)}")
     if accelerator_count < 0:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from rich.table import Table
 
 from brats_ugrip.cli import console, run
@@ -41,14 +40,11 @@ from brats_ugrip.data import brats_case_number
 from brats_ugrip.errors import BratsUgripError, DataError
 from brats_ugrip.io import load_nifti
 from brats_ugrip.labels import get_scheme
-from brats_ugrip.mlcube.runtime import EXIT_BAD_PACKAGE, EXIT_CASES_FAILED, case_problems, input_cases
-from brats_ugrip.mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, validate_package
+from brats_ugrip.mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, load_yaml, validate_package
 
 MEDPERF_PREDICTION = re.compile(r".*(\d{5}-\d{3})\.nii\.gz$")
 """How MedPerf's BraTS evaluator reads a predictions folder (examples/BraTS2023/segmentation_metrics): any other
 entry fails the evaluation."""
-EXIT_MEANINGS = {0: "every case written", EXIT_CASES_FAILED: "some cases skipped, reported by id",
-                 EXIT_BAD_PACKAGE: "the package or a folder is unusable"}
 SANDBOX = Path(__file__).resolve().parent / "sandbox.py"
 PASSED_THROUGH_ENV = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                       "CUDA_VISIBLE_DEVICES")
@@ -168,6 +164,11 @@ def check_prediction(path: Path, reference: Path, labels: tuple[int, ...]) -> li
 
 def output_checks(data: Path, predictions: Path, scheme: str, exit_code: int) -> list[Check]:
     """Compare the predictions folder with the cases of ``data`` (see the module docstring, point 3)."""
+    # The package's own rules for which cases it can predict, and its exit codes (imports torch: only when checking).
+    from brats_ugrip.mlcube.runtime import EXIT_BAD_PACKAGE, EXIT_CASES_FAILED, case_problems, input_cases
+
+    meanings = {0: "every case written", EXIT_CASES_FAILED: "some cases skipped, reported by id",
+                EXIT_BAD_PACKAGE: "the package or a folder is unusable"}
     numbers: set[str] = set()
     expected: dict[str, list[str]] = {}  # case id -> why it cannot be predicted (empty: it can)
     references = {}
@@ -204,8 +205,8 @@ def output_checks(data: Path, predictions: Path, scheme: str, exit_code: int) ->
               "; ".join(f"{case_id}: {', '.join(problems)}" for case_id, problems in cannot.items())),
         Check("geometry, dtype and labels", not bad, f"{len(written)} predictions in the input geometry, integer "
               f"labels of {scheme}" if not bad else "; ".join(f"{k}: {', '.join(v)}" for k, v in bad.items())),
-        Check("exit code", code_ok, f"{exit_code}: " + (EXIT_MEANINGS.get(exit_code, "killed or crashed") if code_ok else
-              f"expected {0 if complete else EXIT_CASES_FAILED} ({EXIT_MEANINGS[0]} / {EXIT_MEANINGS[1]})")),
+        Check("exit code", code_ok, f"{exit_code}: " + (meanings.get(exit_code, "killed or crashed") if code_ok else
+              f"expected {0 if complete else EXIT_CASES_FAILED} ({meanings[0]} / {meanings[EXIT_CASES_FAILED]})")),
     ]
 
 
@@ -236,13 +237,13 @@ def check_package(package: str | os.PathLike[str], data: str | os.PathLike[str],
         raise DataError(f"{layout.root}: package folder not found; build one with mlcube/build.py")
     problems = validate_package(layout.root)
     checks = [Check("mlcube.yaml, container_config.yaml", not problems, "valid" if not problems else "\n".join(problems))]
-    container = yaml.safe_load(layout.container_config.read_text()) if layout.container_config.is_file() else None
+    container = load_yaml(layout.container_config)[0]
     usable = (isinstance(container, dict) and infer_command(container) and layout.parameters.is_file()
               and INFER_INPUTS.keys() | INFER_OUTPUTS.keys() <= container_volumes(container).keys())
     if not usable:
         return checks + [Check("infer task", False, "not run: container_config.yaml has no usable infer command and "
                                "volumes, or parameters.yaml is missing")]
-    parameters = yaml.safe_load(layout.parameters.read_text())
+    parameters = load_yaml(layout.parameters)[0]
     parameters = parameters if isinstance(parameters, dict) else {}
     scheme = parameters.get("label_scheme") or "brats2023"
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="mlcube-check-"))

@@ -24,7 +24,6 @@ but the predictions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -45,6 +43,7 @@ from brats_ugrip.config import apply_overrides, config_from_dict
 from brats_ugrip.data import NAMINGS, Case, brats_case_number, check_case
 from brats_ugrip.ensemble import Ensemble, EnsembleSpec, LoadedMember
 from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
+from brats_ugrip.files import read_yaml, sha256_file
 from brats_ugrip.inference import inference_settings, prepare_model
 from brats_ugrip.io import write_label_map
 
@@ -60,14 +59,6 @@ EXIT_BAD_PACKAGE = 2
 # --- packaged weights ----------------------------------------------------------------------------------------------
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_packaged_model(path: str | os.PathLike[str], model: nn.Module, meta: dict[str, Any], source: str) -> Path:
     """Write ``path`` (``.safetensors``: the network's weights) and its ``.json`` sidecar (metadata)."""
     path = Path(path)
@@ -75,7 +66,7 @@ def save_packaged_model(path: str | os.PathLike[str], model: nn.Module, meta: di
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "brats-ugrip", "model": meta["model"]["name"]})
     atomic_write_json(path.with_suffix(".json"),
-                      {"format": PACKAGE_FORMAT, "sha256": sha256(path), "source": source, "meta": meta})
+                      {"format": PACKAGE_FORMAT, "sha256": sha256_file(path), "source": source, "meta": meta})
     return path
 
 
@@ -92,7 +83,7 @@ def load_packaged_member(path: Path, inference: dict[str, Any], key: str, device
     meta = record.get("meta") if isinstance(record, dict) else None
     if not isinstance(meta, dict) or not {"model", "config"} <= meta.keys():
         raise CheckpointError(f"{sidecar}: not a brats-ugrip model description (expected meta.model and meta.config)")
-    if sha256(path) != record.get("sha256"):
+    if sha256_file(path) != record.get("sha256"):
         raise CheckpointError(f"{path}: its sha256 differs from the one recorded in {sidecar.name}; the weights are "
                               "corrupt or belong to another package")
     model = build_model(meta)
@@ -119,12 +110,7 @@ class Parameters:
     @classmethod
     def load(cls, parameters_file: str | os.PathLike[str], additional_files: str | os.PathLike[str]) -> Parameters:
         path = Path(parameters_file)
-        if not path.is_file():
-            raise ConfigError("<file>", "parameters file not found", str(path))
-        try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", str(path)) from error
+        values = read_yaml(path, what="parameters file")
         if not isinstance(values, dict):
             raise ConfigError("<root>", "expected a mapping: an ensemble spec (models, thresholds ...) and challenge",
                               str(path))

@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-import yaml
+
+from brats_ugrip.errors import ConfigError
+from brats_ugrip.files import read_yaml
 
 # --- the model task contract ------------------------------------------------------------------------------------
 
@@ -48,7 +50,6 @@ CONTAINER_MOUNTS: dict[str, str] = {
 """Mount points of MedPerf's model container template."""
 CONTAINER_TYPES = ("DockerImage", "DockerArchive", "EncryptedDockerArchive", "SingularityFile",
                    "EncryptedSingularityFile")
-RUN_ARGS = ("shm_size", "gpus", "command", "entrypoint", "environment")
 
 
 # --- a small schema language --------------------------------------------------------------------------------------
@@ -320,12 +321,10 @@ def container_config_problems(config: Any) -> list[str]:
 
 def load_yaml(path: Path) -> tuple[Any, list[str]]:
     """``(content, problems)`` of a YAML file; content is None when it cannot be read."""
-    if not path.is_file():
-        return None, [f"{path}: file not found"]
     try:
-        return yaml.safe_load(path.read_text()), []
-    except yaml.YAMLError as error:
-        return None, [f"{path}: not valid YAML ({error})"]
+        return read_yaml(path), []
+    except ConfigError as error:
+        return None, [str(error)]
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ is the truth about a job: submitit's watcher polls rarely and lags.
 
 Pending array tasks are reported in one compressed record, e.g. ``123_[4-9%2]``; :func:`parse_sacct` expands it
 into one record per task.
+
+Job ids are not unique over time: a controller that lost its state numbers jobs from 1 again while accounting
+keeps the old jobs, and ids wrap around on busy clusters. ``sacct --duplicates -j 1`` then returns the old job's
+records with the new one's. Every record carries its ``Submit`` time, and :func:`records_since` keeps only those
+submitted since our own submission of that id.
 """
 from __future__ import annotations
 
@@ -18,7 +23,12 @@ from datetime import datetime
 
 from brats_ugrip.errors import BratsUgripError
 
-SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason")
+SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason", "Submit")
+_REQUIRED_FIELDS = 8
+"""Lines without the trailing ``Submit`` (an older recorded answer) still parse; their records match any time."""
+SUBMIT_CLOCK_SLACK_S = 5.0
+"""How much earlier than our recorded submission sacct's ``Submit`` may be and still be ours: the launcher notes
+the time just before ``sbatch``, but its clock and the controller's may differ by a little."""
 _ARRAY_RANGE = re.compile(r"^(?P<array>\d+)_\[(?P<tasks>[^\]]+)\]$")
 
 
@@ -31,7 +41,8 @@ class SacctRecord:
     """One line of sacct: one start of a job (a requeued job has several).
 
     ``state`` is sacct's first word (``CANCELLED by 0`` → ``CANCELLED``); times are Unix seconds (None when sacct
-    says ``Unknown``); ``node`` is None before the job got one.
+    says ``Unknown``); ``node`` is None before the job got one; ``submit`` is when the controller accepted this
+    job (or its requeue).
     """
 
     job_id: str
@@ -42,6 +53,7 @@ class SacctRecord:
     start: float | None = None
     end: float | None = None
     reason: str | None = None
+    submit: float | None = None
 
 
 def _time(text: str) -> float | None:
@@ -67,7 +79,7 @@ def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
     """Records by job id (``123`` or ``123_4``), oldest first, from ``sacct -P -n -o <SACCT_FIELDS>`` output.
 
     A compressed record of pending array tasks gives a PENDING record to each of its tasks that has no record of
-    its own.
+    its own (or only records submitted before it: a reused id).
     """
     records: dict[str, list[SacctRecord]] = {}
     compressed: list[SacctRecord] = []
@@ -75,15 +87,17 @@ def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
         if not line.strip():
             continue
         fields = line.split("|")
-        if len(fields) < len(SACCT_FIELDS):
+        if len(fields) < _REQUIRED_FIELDS:
             raise SacctError(f"unexpected sacct line (expected {len(SACCT_FIELDS)} fields "
                              f"{'|'.join(SACCT_FIELDS)}): {line!r}")
-        job_id, state, node, elapsed, exit_code, start, end, reason = fields[:len(SACCT_FIELDS)]
+        job_id, state, node, elapsed, exit_code, start, end, reason = fields[:_REQUIRED_FIELDS]
+        submit = fields[_REQUIRED_FIELDS] if len(fields) > _REQUIRED_FIELDS else ""
         record = SacctRecord(
             job_id=job_id, state=(state.split() or ["UNKNOWN"])[0],
             node=None if node in ("", "None assigned") else node,
             elapsed_s=int(elapsed) if elapsed.isdigit() else 0, exit_code=exit_code or None,
             start=_time(start), end=_time(end), reason=None if reason in ("", "None") else reason,
+            submit=_time(submit),
         )
         (compressed if _ARRAY_RANGE.match(job_id) else records.setdefault(job_id, [])).append(record)
     for record in compressed:
@@ -91,10 +105,23 @@ def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
         assert match is not None
         for task in expand_task_ids(match["tasks"]):
             task_id = f"{match['array']}_{task}"
-            if task_id not in records:
-                records[task_id] = [SacctRecord(task_id, record.state, None, 0, record.exit_code, None, None,
-                                                record.reason)]
+            own = records.get(task_id, [])
+            # A task's own records win, unless they are all older: an earlier job that had the same id.
+            if not own or (record.submit is not None and all(r.submit is not None and r.submit < record.submit
+                                                             for r in own)):
+                records[task_id] = [*own, SacctRecord(task_id, record.state, None, 0, record.exit_code, None, None,
+                                                      record.reason, record.submit)]
     return records
+
+
+def records_since(history: list[SacctRecord], submitted_at: float | None,
+                  slack_s: float = SUBMIT_CLOCK_SLACK_S) -> list[SacctRecord]:
+    """The records of ``history`` that belong to a submission made at ``submitted_at``: those the controller
+    accepted no earlier (less ``slack_s`` for clock differences). Records of an older job that had the same id are
+    dropped; without ``submitted_at``, or for records without a Submit time, nothing is dropped."""
+    if submitted_at is None:
+        return list(history)
+    return [r for r in history if r.submit is None or r.submit >= submitted_at - slack_s]
 
 
 def sacct_command(job_ids: Iterable[str]) -> list[str]:

@@ -3,7 +3,9 @@
 Checks, each an error (:class:`~brats_ugrip.errors.CheckpointError` naming the files) or a :class:`SoupWarning`:
 
 * an empty folder, or one whose checkpoints are all unreadable: error;
-* a corrupt or unreadable checkpoint: skipped with a warning, the soup goes on with the others;
+* a corrupt or unreadable checkpoint, or one with NaN or infinite weights (a diverged run, refused by
+  :func:`~brats_ugrip.checkpoints.load_checkpoint`): skipped with a warning naming it, the soup goes on with the
+  others (one NaN ingredient would make the whole soup NaN);
 * a schedule-free run (``optim.name: adamw_sf``) whose checkpoint does not hold the averaged (eval-mode) weights:
   error — averaging the train-mode ``y`` iterates gives a worse model than any ingredient;
 * different label schemes or input channels: error;

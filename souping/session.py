@@ -9,7 +9,6 @@ records (:func:`brats_ugrip.seen_cases.check_test_cases`), unless ``allow_seen_t
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -83,14 +82,11 @@ def _settings(ingredients: Ingredients) -> InferenceConfig:
 
 def default_cache_dir(meta: dict[str, Any]) -> str | None:
     """Where the run cached its preprocessed cases (as training chooses it), if that folder exists."""
-    data = (meta.get("config") or {}).get("data") or {}
-    shared = os.environ.get("BRATS_UGRIP_CACHE")
-    run_dir = (meta.get("config") or {}).get("run_dir")
-    for candidate in (data.get("cache_dir"), shared and str(Path(shared) / "cases"),
-                      run_dir and str(Path(run_dir) / "cache")):
-        if candidate and Path(candidate).is_dir():
-            return candidate
-    return None
+    from brats_ugrip.preprocess import case_cache_dir  # the one rule for where a run's cache lives
+
+    config = meta.get("config") or {}
+    candidate = case_cache_dir(((config.get("data") or {}).get("cache_dir")), config.get("run_dir"))
+    return str(candidate) if candidate is not None and candidate.is_dir() else None
 
 
 class SoupSession:

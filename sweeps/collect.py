@@ -8,8 +8,8 @@
 - :func:`results_table` / :func:`write_results`: one row per run with every parameter, its state and its final
   metrics per region (validation Dice of the best checkpoint), saved atomically as ``SWEEP_DIR/results.csv``.
 - :func:`sweep_summary`: the best configuration per fold, mean ± std across folds per configuration and per
-  parameter value, and a PNG of the validation Dice curves of every run (from its Lightning CSV log,
-  ``runs/<id>/csv/metrics.csv``).
+  parameter value, and the learning curves of every run (``report/learning_curves.png``: the figures and the
+  Markdown report are :mod:`brats_ugrip.sweeps.report`'s).
 """
 from __future__ import annotations
 
@@ -23,14 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_json, atomic_write_text
 from brats_ugrip.errors import CheckpointError
+from brats_ugrip.files import sha256_file
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from brats_ugrip.sweeps.promotion import HalvingReport
+
 MODELS_DIR = "models"
 RESULTS_CSV = "results.csv"
-CURVES_PNG = "val_dice_curves.png"
 REGIONS = ("TC", "WT", "ET")
 FOLD_KEY = "data.fold"
 _CHUNK = 1 << 20
@@ -44,14 +46,6 @@ def model_paths(sweep_dir: str | os.PathLike[str], run_id: str) -> tuple[Path, P
     """(``models/<run_id>.ckpt``, ``models/<run_id>.json``)."""
     folder = models_dir(sweep_dir)
     return folder / f"{run_id}.ckpt", folder / f"{run_id}.json"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def copy_verified(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> tuple[str, int]:
@@ -207,6 +201,8 @@ class SweepSummary:
     per_config: pd.DataFrame
     per_value: dict[str, pd.DataFrame] = field(default_factory=dict)
     curves_png: Path | None = None
+    halving: HalvingReport | None = None
+    """Rungs, promotions, paused runs and GPU-hours of a successive-halving sweep (None for a plain grid)."""
 
 
 def _mean_std(values: pd.Series) -> dict[str, Any]:
@@ -217,7 +213,7 @@ def _mean_std(values: pd.Series) -> dict[str, Any]:
 def sweep_summary(sweep_dir: str | os.PathLike[str], state: SweepState, plot: bool = True) -> SweepSummary:
     """Best configuration per fold, and mean ± std of the final mean Dice across folds, per configuration (the
     varied values other than the fold) and per value of each parameter (per fold first the mean over the runs with
-    that value, then mean ± std over folds); and the validation Dice curves as a PNG."""
+    that value, then mean ± std over folds); and, with ``plot``, the runs' learning curves as a PNG."""
     import pandas as pd
 
     table = results_table(sweep_dir, state)
@@ -248,53 +244,11 @@ def sweep_summary(sweep_dir: str | os.PathLike[str], state: SweepState, plot: bo
         by_fold = done.groupby([key, "fold"], dropna=False)["dice_mean"].mean().reset_index()
         per_value[key] = (by_fold.groupby(key, dropna=False)["dice_mean"].apply(lambda s: pd.Series(_mean_std(s)))
                           .unstack().reset_index().sort_values("mean", ascending=False, ignore_index=True))
-    curves = plot_curves(sweep_dir, runs) if plot else None
-    return SweepSummary(best_per_fold, per_config, per_value, curves)
+    curves = None
+    if plot:
+        from brats_ugrip.sweeps.report import plot_learning_curves  # the report's module imports this one
 
+        curves = plot_learning_curves(sweep_dir, runs)
+    from brats_ugrip.sweeps.promotion import halving_report
 
-def read_curve(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
-    """Validation mean Dice per epoch (1-based) from the run's Lightning CSV log; empty when there is none.
-    A resumed run may log an epoch twice: its last value counts."""
-    import pandas as pd
-
-    path = Path(run_dir) / "csv" / "metrics.csv"
-    empty = pd.DataFrame(columns=["epoch", "val_dice"])
-    try:
-        log = pd.read_csv(path)
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        return empty
-    if "val/dice_mean" not in log or "epoch" not in log:
-        return empty
-    curve = log.loc[log["val/dice_mean"].notna(), ["epoch", "val/dice_mean"]]
-    curve = curve.rename(columns={"val/dice_mean": "val_dice"}).drop_duplicates("epoch", keep="last")
-    curve["epoch"] = curve["epoch"].astype(int) + 1
-    return curve.reset_index(drop=True)
-
-
-def plot_curves(sweep_dir: str | os.PathLike[str], runs: list[RunRecord]) -> Path | None:
-    """``SWEEP_DIR/val_dice_curves.png``: validation mean Dice per epoch, one line per run (None without curves)."""
-    curves = {run.run_id: read_curve(run.run_dir) for run in runs}
-    curves = {run_id: curve for run_id, curve in curves.items() if len(curve)}
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axes = plt.subplots(figsize=(10, 6))
-    for run_id, curve in curves.items():
-        axes.plot(curve["epoch"], curve["val_dice"], marker="." if len(curve) < 30 else None, label=run_id)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("epoch")
-    axes.set_ylabel("validation mean Dice (TC, WT, ET)")
-    axes.set_title(f"{Path(sweep_dir).resolve().name}: validation Dice per run")
-    axes.grid(alpha=0.3)
-    if len(curves) <= 20:
-        axes.legend(fontsize=7, loc="lower right")
-    path = Path(sweep_dir) / CURVES_PNG
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(figure)
-    return path
+    return SweepSummary(best_per_fold, per_config, per_value, curves, halving_report(state))

@@ -29,9 +29,10 @@ from brats_ugrip.sweeps.run_ids import format_value, short_keys
 STATE_STYLES = {
     "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "green", "REQUEUED": "yellow", "TIMEOUT": "yellow",
     "RETRYING": "yellow", "COMPLETED": "bold blue", "FAILED": "bold red", "CANCELLED": "magenta", STALLED: "bold red",
+    "PAUSED": "blue",
 }
 STATE_ORDER = {s: i for i, s in enumerate(("RUNNING", "REQUEUED", "RETRYING", "SUBMITTED", "PENDING", "TIMEOUT",
-                                           "FAILED", "CANCELLED", "COMPLETED"))}
+                                           "FAILED", "CANCELLED", "PAUSED", "COMPLETED"))}
 SORT_KEYS = ("grid", "state", "dice")
 BAR_WIDTH = 10
 HEADER_LINES = 6  # header (3 lines), the table's heading and rule, a spare line: a frame besides its rows
@@ -164,6 +165,8 @@ def header(snapshot: SweepSnapshot, shown: int, total: int) -> Text:
     else:
         text.append(best.run_id, style="bold")
         text.append(f"  Dice {dice_text(best.best_dice, best.best_epoch)}  ({best.label})")
+    for line in snapshot.halving:
+        text.append(f"\n{line}")
     if shown < total:
         text.append(f"\nshowing {shown} of {total} runs", style="dim")
     for note in snapshot.notes:
@@ -312,7 +315,8 @@ def render(snapshot: SweepSnapshot, options: ViewOptions, height: int | None = N
         return Group(header(snapshot, len(runs), len(snapshot.runs)), compact_table(snapshot, runs, width))
     max_rows = options.max_rows
     if height is not None:
-        fit = max(3, height - HEADER_LINES - len(snapshot.notes) - (len(runs) < len(snapshot.runs)))
+        fit = max(3, height - HEADER_LINES - len(snapshot.notes) - len(snapshot.halving)
+                  - (len(runs) < len(snapshot.runs)))
         max_rows = fit if max_rows is None else min(max_rows, fit)
     shown = len(runs) if max_rows is None or len(runs) <= max_rows else max_rows - 1
     return Group(header(snapshot, shown, len(snapshot.runs)), runs_table(snapshot, runs, max_rows, width))

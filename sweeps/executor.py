@@ -13,7 +13,9 @@ Example (every key optional except ``cluster``)::
       cpus_per_task: 8
       mem_gb: 64
       time: "24:00:00"          # minutes (an integer) or [D-]HH:MM[:SS]
-      array_parallelism: 16     # at most this many runs at once (for local: runs training at the same time)
+      array_parallelism: 16     # at most this many runs of ONE job array at once (SLURM's %N); a grid whose
+                                # executor.* values differ makes one array each, each with this cap. Local:
+                                # runs training at the same time
       max_num_timeout: 5        # requeues after hitting the time limit (preemptions are always requeued)
       signal_delay_s: 120       # USR2 this long before the limit: time to checkpoint
       sbatch_args: {mail-type: END, exclude: "node[01-02]"}

@@ -15,6 +15,8 @@ A grid YAML::
     seeds: [0, 1]                      # or `repeat: 3` (seeds 0, 1, 2): varies trainer.seed
     max_retries: 2                     # failed attempts the monitor resubmits
     executor: {cluster: slurm, ...}    # see sweeps/executor.py; `executor.<key>` grid keys vary resources
+    schedule: {kind: asha, metric: val/dice_mean, min_epochs: 5, eta: 3, max_epochs: 135}
+                                       # successive halving (sweeps/halving.py; README "Successive halving"); sets max_epochs
 
 Each run gets a stable, readable id from its varied values, sorted by key: ``fold=2-lr=0.0027-name=mednext_b``
 (the last part of each key path, the whole path where two varied keys end alike). Every run's full config is
@@ -24,48 +26,28 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from brats_ugrip.config import RunConfig, apply_overrides, config_from_dict
 from brats_ugrip.data import Datalist
 from brats_ugrip.errors import BratsUgripError, ConfigError
-from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
+from brats_ugrip.files import read_yaml
 from brats_ugrip.sweeps.executor import ExecutorSection
+from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.init_from import resolve_in_config
+from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
 _TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries",
-              "executor"}
+              "executor", "schedule"}
 
 
 class ExcludeWarning(UserWarning):
     """An exclude rule of a grid matches no combination (probably a typo in a value)."""
-
-
-_SCIENTIFIC = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-
-
-def read_yaml(path: Path) -> Any:
-    """``yaml.safe_load`` of a grid or base file, with ``1e-3`` (no dot) read as a number: YAML 1.1 keeps it a
-    string, and a grid of learning rates means numbers (their run ids say ``lr=0.001``)."""
-
-    def numbers(value: Any) -> Any:
-        if isinstance(value, str) and _SCIENTIFIC.match(value):
-            return float(value)
-        if isinstance(value, dict):
-            return {key: numbers(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [numbers(item) for item in value]
-        return value
-
-    return numbers(yaml.safe_load(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -106,13 +88,7 @@ class ParameterManager:
     @classmethod
     def from_file(cls, path: str | Path) -> ParameterManager:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError("<file>", "grid file not found", str(path))
-        try:
-            grid = read_yaml(path)
-        except yaml.YAMLError as error:
-            raise ConfigError("<file>", f"not valid YAML ({error})", str(path)) from error
-        return cls(grid, str(path), path.stem)
+        return cls(read_yaml(path, what="grid file"), str(path), path.stem)
 
     def __post_init__(self) -> None:
         if not isinstance(self.grid, dict):
@@ -122,10 +98,13 @@ class ParameterManager:
             raise self._error(unknown[0], f"unknown key; a grid file has {', '.join(sorted(_TOP_LEVEL))}")
         self.name = self._name()
         self.max_retries = self._max_retries()
+        self.schedule = self._schedule()  # before the base: it sets trainer.max_epochs
         self.base = self._base()
         self.executor_raw = self.grid.get("executor") or {}
         ExecutorSection.from_dict(self.executor_raw)  # fail early on the fixed part
         self.axes = self._axes()
+        if self.schedule is not None and "trainer.max_epochs" in self.varied_keys:
+            raise self._error("schedule.max_epochs", "a schedule sets every run's trainer.max_epochs; do not vary it")
         self.excludes = self._excludes()
 
     # --- parsing ------------------------------------------------------------------------------------------
@@ -151,7 +130,10 @@ class ParameterManager:
             path = Path(base)
             if not path.is_file():
                 raise self._error("base", f"config file {base} not found (paths are relative to the working directory)")
-            base = read_yaml(path)
+            try:
+                base = read_yaml(path, what="base config file")
+            except ConfigError as error:  # named as the grid's `base` key, and the base file in the message
+                raise self._error("base", str(error)) from None
             if not isinstance(base, dict):
                 raise self._error("base", f"{path} is not a mapping of config sections")
         elif not isinstance(base, dict):
@@ -159,7 +141,19 @@ class ParameterManager:
         fixed = self.grid.get("set") or {}
         if not isinstance(fixed, dict):
             raise self._error("set", f"expected a mapping of key.path: value, got {fixed!r}")
+        if self.schedule is not None:  # every run is sized for the last rung; the monitor stops it at each rung
+            fixed = {**fixed, "trainer.max_epochs": self.schedule.max_epochs}
         return apply_overrides(base, fixed)
+
+    def _schedule(self) -> HalvingSchedule | None:
+        """``schedule: {kind: asha, ...}`` (see ``sweeps/halving.py``); rungs are checked against each run's
+        ``trainer.val_every`` in :meth:`runs`."""
+        if "schedule" not in self.grid:
+            return None
+        try:
+            return HalvingSchedule.from_dict(self.grid["schedule"])
+        except ConfigError as error:
+            raise self._error(error.key_path, str(error)[len(error.key_path) + 2:]) from None
 
     def _axes(self) -> list[_Axis]:
         axes: list[_Axis] = []
@@ -285,6 +279,8 @@ class ParameterManager:
             try:
                 values = resolve_in_config(apply_overrides(self.base, config_values), self.source)
                 config = config_from_dict(values)
+                if self.schedule is not None:
+                    HalvingSchedule.from_dict(self.grid["schedule"], config.trainer.val_every)
                 _check_data(config, datalists, checked)
                 key = json.dumps(executor_values, sort_keys=True, default=str)
                 if key not in executors:

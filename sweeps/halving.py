@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from brats_ugrip.errors import ConfigError
 
@@ -57,6 +58,48 @@ class HalvingSchedule:
     def rung_index(self, epochs: int) -> int | None:
         """The rung that ends at ``epochs`` (None when no rung does)."""
         return self.rungs.index(epochs) if epochs in self.rungs else None
+
+    def next_rung(self, epochs: int) -> int:
+        """The first rung after ``epochs`` completed epochs: where a run that has trained ``epochs`` stops next."""
+        return next((rung for rung in self.rungs if rung > epochs), self.max_epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "asha", "metric": self.metric, "min_epochs": self.min_epochs, "eta": self.eta,
+                "max_epochs": self.max_epochs}
+
+    @classmethod
+    def from_dict(cls, raw: Any, val_every: int = 1) -> HalvingSchedule:
+        """The grid's ``schedule:`` mapping, validated (a :class:`ConfigError` names ``schedule.<key>``).
+
+        Every rung must be a multiple of ``val_every`` (the runs' ``trainer.val_every``): a run is judged on the
+        validation at its rung's last epoch, so one must happen there.
+        """
+        if not isinstance(raw, Mapping):
+            raise ConfigError("schedule", f"expected a mapping like {{kind: asha, metric: val/dice_mean, "
+                                          f"min_epochs: 5, eta: 3, max_epochs: 135}}, got {raw!r}")
+        unknown = sorted(set(raw) - {"kind", "metric", "min_epochs", "eta", "max_epochs"})
+        if unknown:
+            raise ConfigError(f"schedule.{unknown[0]}", "unknown key; a schedule has kind, metric, min_epochs, eta "
+                                                        "and max_epochs")
+        if raw.get("kind") != "asha":
+            raise ConfigError("schedule.kind", f"expected asha (asynchronous successive halving), got "
+                                               f"{raw.get('kind')!r}")
+        metric = raw.get("metric", cls.metric)
+        if not isinstance(metric, str) or not metric.startswith("val/dice_"):
+            raise ConfigError("schedule.metric", f"expected a validation Dice logged by training, e.g. val/dice_mean "
+                                                 f"or val/dice_et, got {metric!r}")
+        values = {}
+        for key in ("min_epochs", "eta", "max_epochs"):
+            value = raw.get(key, getattr(cls, key))
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"schedule.{key}", f"expected a positive integer, got {value!r}")
+            values[key] = value
+        schedule = cls(metric=metric, **values)
+        off = [rung for rung in schedule.rungs if rung % val_every]
+        if off:
+            raise ConfigError("schedule.min_epochs", f"rungs {schedule.rungs} must be multiples of trainer.val_every "
+                                                     f"({val_every}) so that each has a validation score; {off} are not")
+        return schedule
 
 
 def config_scores(fold_scores: Mapping[tuple[Config, int], float]) -> dict[Config, float]:

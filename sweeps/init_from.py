@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from brats_ugrip.errors import ConfigError
-from brats_ugrip.sweeps.collect import sha256_file
+from brats_ugrip.files import sha256_file
 from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 
 KEY = "finetune.init_from"

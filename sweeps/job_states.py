@@ -2,7 +2,8 @@
 
 - :class:`SlurmJobStates`: one batched ``sacct`` call per poll for all jobs (``slurm/sacct.py``); ``scancel``.
 - :class:`LocalJobStates`: submitit's local executor has no accounting: a job's id is the pid of its controller
-  process; the job is finished when submitit's result pickle exists (``success`` or ``error``), running while
+  process; the job is finished when its result file exists (``run_dir/job_results/<job id>.json``, plain JSON
+  written by the job: submitit's result pickle is never read), running while
   the controller lives (and waiting for a local slot until the run's ``job.json`` names this job), and was killed
   when the controller is gone without a result.
 
@@ -12,7 +13,6 @@ OUT_OF_MEMORY, NODE_FAIL…), so the monitor merges them the same way.
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import socket
 import subprocess
@@ -20,12 +20,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from submitit.core.utils import JobPaths
-
-from brats_ugrip.sweeps.jobs import read_job_info
-from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct
+from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
+from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct, records_since
 
 class JobPhase(Enum):
     """What a scheduler state means for the run it carries: the one mapping from the scheduler's words to what the
@@ -120,9 +118,10 @@ class JobStateSource(Protocol):
 
     cluster: str
 
-    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+    def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         """Status of each job id in ``jobs`` (job id → its run directory); jobs the scheduler does not know (yet)
-        are absent.
+        are absent. ``submitted`` (job id → when we submitted it) lets a source ignore what it knows of an older
+        job that had the same id.
 
         Raises:
             SacctError: the scheduler could not be asked (then nothing must be concluded about the jobs).
@@ -131,20 +130,6 @@ class JobStateSource(Protocol):
 
     def cancel(self, job_ids: list[str]) -> None:
         ...
-
-
-def read_result(jobs_folder: str | os.PathLike[str], job_id: str) -> tuple[str, Any] | None:
-    """submitit's outcome of a job: ``("success", value)`` or ``("error", traceback text)``; None before it ends.
-
-    ``jobs_folder`` is submitit's folder (``SWEEP_DIR/jobs/%j``).
-    """
-    path = JobPaths(jobs_folder, job_id, 0).result_pickle
-    try:
-        with open(path, "rb") as handle:
-            outcome = pickle.load(handle)
-    except (FileNotFoundError, EOFError, pickle.UnpicklingError, AttributeError, ModuleNotFoundError):
-        return None
-    return outcome if isinstance(outcome, tuple) and len(outcome) == 2 else None
 
 
 class SlurmJobStates:
@@ -162,9 +147,13 @@ class SlurmJobStates:
         self.timeout_s = timeout_s
         self.query = query
 
-    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+    def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         statuses = {}
         for job_id, history in self.query(list(jobs), self.timeout_s).items():
+            # Records of an older job under the same id (controller state lost, ids wrapped) are not ours.
+            history = records_since(history, (submitted or {}).get(job_id))
+            if not history:
+                continue
             latest = history[-1]
             starts = [r.start for r in history if r.start is not None]
             statuses[job_id] = JobStatus(
@@ -192,43 +181,41 @@ class LocalJobStates:
     """Jobs of submitit's local executor, from their processes and submitit's files (no accounting exists).
 
     Args:
-        jobs_folder: submitit's folder (``SWEEP_DIR/jobs/%j``).
+        jobs_folder: submitit's folder (``SWEEP_DIR/jobs/%j``); kept for callers, the states need only the run
+            directories.
     """
 
     cluster = "local"
 
-    def __init__(self, jobs_folder: str | os.PathLike[str]):
-        self.jobs_folder = str(jobs_folder)
+    def __init__(self, jobs_folder: str | os.PathLike[str] | None = None):
+        self.jobs_folder = None if jobs_folder is None else str(jobs_folder)
         self.node = socket.gethostname()
 
-    def statuses(self, jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+    def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         return {job_id: self._status(job_id, Path(run_dir)) for job_id, run_dir in jobs.items()}
 
     def _status(self, job_id: str, run_dir: Path) -> JobStatus:
         info = read_job_info(run_dir) or {}
         started = str(info.get("job_id")) == job_id
         started_at = info.get("started_at") if started else None
-        finished = self._finished(job_id, started_at)
+        finished = self._finished(job_id, run_dir, started_at)
         if finished is not None:
             return finished
         if _controller_alive(job_id):
             return JobStatus(job_id, "RUNNING" if started else "PENDING", self.node, started_at)
         # The result may have appeared between the two checks: look again before calling the job killed.
-        finished = self._finished(job_id, started_at)
+        finished = self._finished(job_id, run_dir, started_at)
         return finished or JobStatus(job_id, "FAILED", self.node, started_at, exit_code="killed",
                                      reason="the job's process ended without a result (killed?)")
 
-    def _finished(self, job_id: str, started_at: float | None) -> JobStatus | None:
-        outcome = read_result(self.jobs_folder, job_id)
+    def _finished(self, job_id: str, run_dir: Path, started_at: float | None) -> JobStatus | None:
+        outcome = read_job_result(run_dir, job_id)
         if outcome is None:
             return None
-        ended_at = JobPaths(self.jobs_folder, job_id, 0).result_pickle.stat().st_mtime
-        kind, value = outcome
-        if kind == "success":
-            return JobStatus(job_id, "COMPLETED", self.node, started_at, ended_at, "0:0")
-        text = str(value)
-        state = "TIMEOUT" if UNCOMPLETED_MARK in text else "FAILED"
-        return JobStatus(job_id, state, self.node, started_at, ended_at, "1:0", reason=last_line(text))
+        if outcome.succeeded:
+            return JobStatus(job_id, "COMPLETED", self.node, started_at, outcome.finished_at, "0:0")
+        state = "TIMEOUT" if UNCOMPLETED_MARK in (outcome.message or "") else "FAILED"
+        return JobStatus(job_id, state, self.node, started_at, outcome.finished_at, "1:0", reason=outcome.summary)
 
     def cancel(self, job_ids: list[str]) -> None:
         for job_id in job_ids:

@@ -5,6 +5,12 @@
   (USR2, ``signal_delay_s`` before the end), submitit calls :meth:`TrainingJob.checkpoint` and requeues the job,
   which then resumes from ``run_dir/checkpoints/last.ckpt`` (timeouts at most ``max_num_timeout`` times,
   preemptions always).
+- The job's outcome goes to ``run_dir/job_results/<job id>.json`` (:func:`write_job_result`, atomic JSON): success
+  with training's result, or the error's type, message, traceback tail and whether a retry can help (config and
+  data errors cannot). The monitor reads only that file (:func:`read_job_result`), never submitit's result pickle:
+  nothing of a sweep directory is unpickled by the monitor or the collector.
+- A USR2 that arrives after training returned (the job finishing inside its signal window) is logged in one line
+  and ignored; one that interrupts a write is logged in one line instead of a traceback, and the job requeues.
 - :class:`SubmitSpec` is one resource request (executor kind and its submitit parameters); runs with equal specs
   go into one job array (one ``sbatch``) through :func:`submit_runs`, which records each attempt in ``sweep.db``.
 """
@@ -13,14 +19,18 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import logging
 import os
+import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, field
@@ -31,7 +41,7 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from brats_ugrip.atomic import atomic_write_json, atomic_write_yaml
-from brats_ugrip.errors import BratsUgripError, CheckpointError
+from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 CLUSTERS = ("local", "slurm")
@@ -39,6 +49,10 @@ JOB_INFO_FILE = "job.json"
 """Updated by each job of a run when it starts training: the latest start's job id, cluster, node, pid, start time
 and ``start_epoch`` (the epoch it resumes from, 0 for a fresh start), and ``starts``: every start, oldest first
 (a requeued job starts again under the same job id)."""
+JOB_RESULTS_DIR = "job_results"
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
+"""Errors that the same job raises again on every try (bad config, missing or malformed case): never retried."""
+_log = logging.getLogger(__name__)
 
 
 def jobs_folder(sweep_dir: str | os.PathLike[str]) -> Path:
@@ -62,6 +76,10 @@ class SubmitSpec:
             ``gpus_per_node``, ``tasks_per_node`` and ``setup``.
         max_num_timeout: how many times a job that hits its time limit is requeued.
         local_slots: local executor only: how many runs train at the same time (the others wait for a slot).
+
+    A run's ``submit`` dict may also hold ``stop_at_epoch`` (a successive-halving rung, set by the launcher and the
+    monitor's promotions, ``sweeps/promotion.py``): its job stops there, paused. It is not part of the spec (runs
+    stopping at different rungs share an array).
     """
 
     cluster: str
@@ -149,20 +167,22 @@ def submit_runs(state: SweepState, runs: Sequence[RunRecord], spec: SubmitSpec, 
     for run in runs:  # the run directory shows its config from the moment the run is submitted
         atomic_write_yaml(Path(run.run_dir) / "config.yaml", run.config)
     jobs: dict[str, submitit.Job] = {}
+    submitted_at = time.time()  # before sbatch: no record of this submission in accounting is older
     try:
         # clean_env: a launcher running inside a SLURM job must not pass that job's SLURM_* variables on.
         # redirect_stderr: submitit prints sbatch's complaint itself; it is in the error raised below.
         with submitit.helpers.clean_env(), redirect_stderr(io.StringIO()), executor.batch():
             for run in runs:
-                jobs[run.run_id] = executor.submit(TrainingJob(run.run_dir, run.config, local_slots))
+                jobs[run.run_id] = executor.submit(TrainingJob(run.run_dir, run.config, local_slots,
+                                                               attempt=run.attempts + 1,
+                                                               stop_at_epoch=run.submit.get("stop_at_epoch")))
     except FailedJobError as error:
         names = ", ".join(r.run_id for r in runs[:3]) + (", …" if len(runs) > 3 else "")
         raise SubmissionError(f"{spec.cluster} refused the submission of {len(runs)} runs ({names}); none of "
                               f"them was submitted:\n{str(error).strip()}") from error
-    now = time.time()
     with state.transaction():
         for run_id, job in jobs.items():
-            state.record_submission(run_id, job.job_id, submitted_at=now, log_path=str(job.paths.stderr),
+            state.record_submission(run_id, job.job_id, submitted_at=submitted_at, log_path=str(job.paths.stderr),
                                     state=RunState.RETRYING if resubmission else RunState.SUBMITTED)
     return jobs
 
@@ -205,21 +225,26 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     It links the job's logs into ``run_dir/logs/`` and records the job id and node in ``run_dir/job.json`` before
     training; training writes ``run_dir/config.yaml`` (also written at submission), ``run_dir/progress.json`` and
-    ``run_dir/checkpoints/{best,last}.ckpt``, and resumes from ``last.ckpt``. Under SLURM, training turns
-    Lightning's own auto-requeue off (``SLURMEnvironment(auto_requeue=False)``): requeueing is submitit's.
-    Jobs touch only their run directory (never ``sweep.db``, which may sit on a file system SQLite cannot lock).
+    ``run_dir/checkpoints/{best,last}.ckpt``, and resumes from ``last.ckpt``. The job's outcome (success or the
+    error, classified) goes to ``run_dir/job_results/<job id>.json``. Under SLURM, training turns Lightning's own
+    auto-requeue off (``SLURMEnvironment(auto_requeue=False)``): requeueing is submitit's. Jobs touch only their
+    run directory (never ``sweep.db``, which may sit on a file system SQLite cannot lock).
 
     Args:
         run_dir: the run's directory (``SWEEP_DIR/runs/<run_id>``).
         config: the resolved training config, as a plain dict.
         local_slots: ``(slots_dir, n)`` for local jobs: train only while holding one of ``n`` slots.
+        attempt: the attempt number ``sweep.db`` gives this submission (written into the result file).
+        stop_at_epoch: stop (paused) after this many epochs, a successive-halving rung (None: ``max_epochs``).
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], config: dict[str, Any],
-                 local_slots: tuple[str, int] | None = None):
+                 local_slots: tuple[str, int] | None = None, attempt: int = 0, stop_at_epoch: int | None = None):
         self.run_dir = str(run_dir)
         self.config = config
         self.local_slots = local_slots
+        self.attempt = attempt
+        self.stop_at_epoch = stop_at_epoch
 
     def __call__(self) -> dict[str, Any]:
         run_dir = Path(self.run_dir)
@@ -230,14 +255,33 @@ class TrainingJob(submitit.helpers.Checkpointable):
         with local_slot(*self.local_slots) if self.local_slots else nullcontext():
             from brats_ugrip.training import train
 
-            if env is None or env.global_rank == 0:  # job.json appears once the run really starts
+            writer = env is None or env.global_rank == 0
+            if writer:  # job.json appears once the run really starts
                 self._prepare_run_dir(run_dir, env)
-            return train(self.config, run_dir)
+            interrupted = _watch_requeue_signal()
+            try:
+                result = train(self.config, run_dir, stop_at_epoch=self.stop_at_epoch)
+            except Exception as error:
+                if interrupted:  # submitit requeued the job from inside a write; the traceback is only noise
+                    _log.warning("%s arrived during %s (%s): the job is requeued and resumes from last.ckpt, "
+                                 "which atomic saving kept intact", interrupted[0], _where(error), type(error).__name__)
+                    raise SystemExit(-1) from None
+                if writer and env is not None:
+                    write_job_result(run_dir, env.job_id, self.attempt, error=error)
+                raise
+            _ignore_late_signals()
+            if writer and env is not None:
+                write_job_result(run_dir, env.job_id, self.attempt, result=result)
+            return result
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # jobs pickled before ``attempt``/``stop_at_epoch``
+        self.__dict__.update({"attempt": 0, "stop_at_epoch": None, **state})
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on timeout or preemption, before the requeue: training saves ``last.ckpt`` at each
         epoch's end, so the requeued job is this same call, which resumes from there."""
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.run_dir, self.config, self.local_slots))
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.run_dir, self.config, self.local_slots,
+                                                              attempt=self.attempt, stop_at_epoch=self.stop_at_epoch))
 
     def _prepare_run_dir(self, run_dir: Path, env: submitit.JobEnvironment | None) -> None:
         """Link this job's logs into ``run_dir/logs/`` and add this start to ``run_dir/job.json``."""
@@ -272,6 +316,130 @@ def _completed_epochs(last: Path) -> int | None:
         return int(checkpoint_meta(load_checkpoint(last, mmap=True), last)["epoch"])
     except (CheckpointError, KeyError):
         return None
+
+
+def _watch_requeue_signal() -> list[str]:
+    """Wrap submitit's USR2 handler (main thread only) so that the job learns whether it requeued the job: the
+    returned list gets the signal's name once the handler has asked for the requeue (then the job exits)."""
+    fired: list[str] = []
+    previous = signal.getsignal(signal.SIGUSR2)
+    if not callable(previous):
+        return fired
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            previous(signum, frame)
+        except SystemExit:  # submitit requeued the job and exits: remember it, whatever the exit unwinds through
+            fired.append(signal.Signals(signum).name)
+            raise
+
+    try:
+        signal.signal(signal.SIGUSR2, handler)
+    except ValueError:  # not the main thread
+        pass
+    return fired
+
+
+def _ignore_late_signals() -> None:
+    """Training has returned: a USR2 from now on (the time limit's warning arriving during shutdown) must not
+    requeue a finished run or print a traceback; it is logged in one line."""
+    def late(signum: int, frame: Any) -> None:
+        _log.warning("%s arrived after training finished: ignored (the run is complete)", signal.Signals(signum).name)
+
+    try:
+        signal.signal(signal.SIGUSR2, late)
+    except ValueError:
+        pass
+
+
+def _where(error: BaseException) -> str:
+    """Where an exception was raised, as ``file:line in function`` of its innermost frame."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else "shutdown"
+
+
+def job_result_path(run_dir: str | os.PathLike[str], job_id: str) -> Path:
+    """``run_dir/job_results/<job id>.json``: the outcome of one job of the run (job ids are digits and ``_``)."""
+    if not re.fullmatch(r"[0-9A-Za-z_.-]+", str(job_id)):
+        raise BratsUgripError(f"job id {job_id!r}: not a scheduler job id")
+    return Path(run_dir) / JOB_RESULTS_DIR / f"{job_id}.json"
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job wrote about its own outcome (see :func:`write_job_result`).
+
+    ``status`` is ``"success"`` (``result``: training's result) or ``"error"`` (``error_type``, ``message``,
+    ``traceback_tail``, and ``retryable``: False for config and data errors, which fail the same way every time).
+    """
+
+    job_id: str
+    attempt: int
+    status: str
+    finished_at: float
+    result: dict[str, Any] = field(default_factory=dict)
+    error_type: str | None = None
+    message: str | None = None
+    traceback_tail: str | None = None
+    retryable: bool = True
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "success"
+
+    @property
+    def summary(self) -> str:
+        """``ErrorType: message`` (first line of the message) for an error, ``success`` otherwise."""
+        if self.succeeded:
+            return "success"
+        first = (self.message or "").strip().splitlines()
+        return f"{self.error_type}: {first[0] if first else ''}"[:300]
+
+
+def write_job_result(run_dir: str | os.PathLike[str], job_id: str, attempt: int, *,
+                     result: dict[str, Any] | None = None, error: BaseException | None = None) -> Path:
+    """Write the job's outcome as JSON, atomically: ``result`` (success) or ``error`` (classified)."""
+    payload: dict[str, Any] = {"job_id": str(job_id), "attempt": int(attempt), "finished_at": time.time()}
+    if error is None:
+        payload.update(status="success", result=_plain(result or {}))
+    else:
+        tail = "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()[-20:]
+        payload.update(status="error", error_type=type(error).__name__, message=str(error)[:4000],
+                       traceback_tail="\n".join(tail), retryable=not isinstance(error, DETERMINISTIC_ERRORS))
+    return atomic_write_json(job_result_path(run_dir, job_id), payload)
+
+
+def read_job_result(run_dir: str | os.PathLike[str], job_id: str, attempt: int | None = None) -> JobResult | None:
+    """The outcome job ``job_id`` wrote in ``run_dir`` (plain JSON, never a pickle), or None: before it ended, or
+    when the file belongs to another submission (another attempt number: a reused job id) or is malformed."""
+    try:
+        data = json.loads(job_result_path(run_dir, job_id).read_text())
+        found = JobResult(job_id=str(data["job_id"]), attempt=int(data.get("attempt", 0)), status=str(data["status"]),
+                          finished_at=float(data["finished_at"]), result=dict(data.get("result") or {}),
+                          error_type=data.get("error_type"), message=data.get("message"),
+                          traceback_tail=data.get("traceback_tail"), retryable=bool(data.get("retryable", True)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if found.job_id != str(job_id) or found.status not in ("success", "error"):
+        return None
+    if attempt and found.attempt and found.attempt != attempt:
+        return None
+    return found
+
+
+def final_checkpoint_complete(run_dir: str | os.PathLike[str], result: JobResult) -> bool:
+    """Whether ``run_dir/checkpoints/last.ckpt`` is readable and holds every epoch the successful job reported."""
+    from brats_ugrip.training import CHECKPOINT_DIR
+
+    epochs = _completed_epochs(Path(run_dir) / CHECKPOINT_DIR / "last.ckpt")
+    wanted = result.result.get("epochs")
+    return epochs is not None and epochs > 0 and (not isinstance(wanted, int) or epochs >= wanted)
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    """Training's result as JSON-friendly data (paths and numbers as JSON gives them)."""
+    plain = json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+    return plain if isinstance(plain, dict) else {"result": plain}
 
 
 def read_job_info(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:

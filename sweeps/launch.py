@@ -5,7 +5,9 @@
     python sweeps/launch.py GRID --sweep-dir outputs/ssa --no-watch
 
 Every run's config is validated first: one bad value fails the launch (run id and key path named) and nothing is
-submitted. Runs with the same resources go into one job array (one ``sbatch``). The sweep's state lives in
+submitted. Runs with the same resources go into one job array (one ``sbatch``). One launcher at a time: planning
+and submitting happen under the sweep's lock (the monitor's, ``SWEEP_DIR/.monitor.lock``), so a second launch of
+the same grid waits, then finds the runs already submitted and submits nothing. The sweep's state lives in
 ``SWEEP_DIR/sweep.db``; running the launcher again on the same grid adds only the new runs and never resubmits
 runs that are queued, running or finished (retries are the monitor's: ``sweeps/monitor.py SWEEP_DIR --retry``).
 After submitting, the launcher becomes the monitor (``sweeps/monitor.py SWEEP_DIR``: the same code, in this
@@ -16,9 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import submitit
 from rich.console import Console
@@ -29,7 +33,13 @@ from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweeps.jobs import (SubmitSpec, jobs_folder, sbatch_test_only,
                               scheduler_available, submit_runs)
+from brats_ugrip.sweeps.halving import HalvingSchedule
+from brats_ugrip.sweeps.promotion import set_schedule
+from brats_ugrip.sweeps.run_ids import param_tags
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+
+if TYPE_CHECKING:
+    from brats_ugrip.sweeps.grid import Run
 
 DEFAULT_SWEEPS_ROOT = Path("outputs")
 
@@ -53,6 +63,9 @@ class LaunchPlan:
     varied_keys: list[str]
     existing: dict[str, RunState]
     warnings: list[str]
+    changed: dict[str, list[str]] = field(default_factory=dict)
+    """Runs already in the sweep whose resolved config the grid now changes: run id → changed key paths."""
+    schedule: HalvingSchedule | None = None
 
     @property
     def to_submit(self) -> list[RunRecord]:
@@ -76,21 +89,82 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
     runs = manager.runs()
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_SWEEPS_ROOT / manager.name
     records = []
+    first_stop = {"stop_at_epoch": manager.schedule.rungs[0]} if manager.schedule else {}  # sweeps/promotion.py
     for run_ in runs:
         run_dir = run_dir_path(sweep_dir, run_.run_id).resolve()
         config = run_.config_dict
         config["run_dir"] = str(run_dir)
-        config["logging"]["run_name"] = config["logging"].get("run_name") or f"{manager.name}/{run_.run_id}"
+        _tracking(config["logging"], manager.name, run_)
         records.append(RunRecord(run_id=run_.run_id, config=config, params=run_.params, run_dir=str(run_dir),
-                                 submit=run_.executor.submit_spec(manager.name).to_dict(),
+                                 submit={**run_.executor.submit_spec(manager.name).to_dict(), **first_stop},
                                  max_retries=manager.max_retries))
     existing: dict[str, RunState] = {}
+    changed: dict[str, list[str]] = {}
     db_path = sweep_db_path(sweep_dir)
     if db_path.is_file():
         with SweepState(db_path) as state:
-            existing = {r.run_id: r.state for r in state.runs()}
+            stored = {r.run_id: r for r in state.runs()}
+        existing = {run_id: r.state for run_id, r in stored.items()}
+        for record in records:
+            old = stored.get(record.run_id)
+            if old is not None and old.config_hash != record.config_hash:
+                changed[record.run_id] = changed_keys(old.config, record.config)
+    warnings = list(manager.warnings)
+    arrays = {SubmitSpec.from_dict(r.submit).key for r in records}
+    if len(arrays) > 1 and any(r.submit.get("parameters", {}).get("array_parallelism") for r in records):
+        warnings.append(f"executor.array_parallelism caps each job array; this grid makes {len(arrays)} arrays "
+                        "(its executor.* values differ), so up to that many times the cap run at once")
     return LaunchPlan(manager.name, Path(grid_path), sweep_dir, records, manager.varied_keys, existing,
-                      list(manager.warnings))
+                      warnings, changed, manager.schedule)
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted key paths whose values differ between two resolved configs (``run_dir`` and ``logging`` aside, as
+    in the config hash)."""
+    from brats_ugrip.config import HASH_EXCLUDED, _flatten
+
+    flat_old, flat_new = (_flatten({k: v for k, v in c.items() if k not in HASH_EXCLUDED}) for c in (old, new))
+    return sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
+
+
+def resolve_changes(plan: LaunchPlan, *, force: bool = False, new_runs: bool = False) -> None:
+    """A relaunch that changes existing runs' configs: refuse (listing the changed keys), or with ``new_runs`` add
+    the changed runs under new ids (``<id>-c<config hash>``), or with ``force`` replace their configs (runs still
+    queued or running are refused: cancel them first).
+
+    Raises:
+        BratsUgripError: runs changed and neither option was given, or ``force`` on an active run.
+    """
+    if not plan.changed:
+        return
+    lines = [f"  {run_id}: {', '.join(keys[:8])}{' …' if len(keys) > 8 else ''}"
+             for run_id, keys in plan.changed.items()]
+    if new_runs:
+        for record in plan.runs:
+            if record.run_id in plan.changed:
+                record.run_id = f"{record.run_id}-c{record.config_hash[:6]}"
+                record.run_dir = str(run_dir_path(plan.sweep_dir, record.run_id).resolve())
+                record.config["run_dir"] = record.run_dir
+        plan.changed = {}
+        return
+    if not force:
+        raise BratsUgripError(f"{plan.grid_path}: the grid changes the config of {len(plan.changed)} runs already in "
+                              f"{plan.sweep_dir}:\n" + "\n".join(lines) + "\nlaunch with --new-runs to add them "
+                              "as new runs (new ids), --force to replace their configs, or use a new --sweep-dir")
+    active = [run_id for run_id in plan.changed if plan.existing.get(run_id, RunState.PENDING).is_active]
+    if active:
+        raise BratsUgripError(f"--force: runs {', '.join(active)} are queued or running; cancel them first "
+                              f"(monitor.py {plan.sweep_dir} --cancel RUN_ID)")
+
+
+def _tracking(logging: dict[str, Any], sweep_name: str, run_: Run) -> None:
+    """What W&B groups and filters a sweep's runs by (``logging`` is excluded from the config hash, so these never
+    change a run's identity): name = the run id, group = the sweep, tags = the varied ``key=value``, varied = the
+    varied keys. Values the grid sets itself are kept."""
+    logging["run_name"] = logging.get("run_name") or run_.run_id
+    logging["group"] = logging.get("group") or sweep_name
+    logging["tags"] = [*logging.get("tags", []), *param_tags(run_.params)]
+    logging["varied"] = list(run_.params)
 
 
 def ensure_writable(sweep_dir: Path) -> None:
@@ -145,21 +219,36 @@ def print_plan(plan: LaunchPlan, out: Console) -> None:
                       + ", ".join(f"{k}={v}" for k, v in spec.parameters.items()), highlight=False)
 
 
-def submit_plan(plan: LaunchPlan) -> dict[str, submitit.Job]:
-    """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request)."""
+def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None,
+                take_over: bool = False) -> dict[str, submitit.Job]:
+    """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request), holding
+    the sweep's lock: what is submitted is decided from ``sweep.db`` as it is once the lock is held."""
+    from brats_ugrip.sweeps.recovery import LOCK_FILE, SweepLock  # the monitor's lock: one actor per sweep
+
     ensure_writable(plan.sweep_dir)
     if any(not scheduler_available(g.spec.cluster) for g in plan.groups()):
         raise BratsUgripError(f"{plan.grid_path}: executor.cluster is slurm but `sbatch` is not on the PATH; "
                               "run on the cluster's login node, or set executor.cluster: local")
+    with SweepLock(plan.sweep_dir / LOCK_FILE, on_wait=on_wait).hold():
+        return _submit_locked(plan, take_over)
+
+
+def _submit_locked(plan: LaunchPlan, take_over: bool) -> dict[str, submitit.Job]:
     state = SweepState(sweep_db_path(plan.sweep_dir))
     try:
+        state.claim_owner(take_over)
         with state.transaction():
+            for record in plan.runs:  # --force: changed runs start again, in a fresh run directory
+                if record.run_id in plan.changed and state.has_run(record.run_id):
+                    _set_aside(Path(record.run_dir))
+                    state.replace_config(record)
             state.add_runs(plan.runs)
             for record in plan.runs:  # runs never accepted by a scheduler take the grid's current resources
                 if state.get_run(record.run_id).state == RunState.PENDING:
                     state.update_run(record.run_id, submit=record.submit, max_retries=record.max_retries)
             state.set_meta("name", plan.name)
             state.set_meta("grid", str(plan.grid_path.resolve()))
+            set_schedule(state, plan.schedule)
         atomic_write_text(plan.sweep_dir / "grid.yaml", plan.grid_path.read_text())
         plan.existing = {r.run_id: r.state for r in state.runs()}
         groups = plan.groups()
@@ -176,21 +265,36 @@ def submit_plan(plan: LaunchPlan) -> dict[str, submitit.Job]:
         state.close()
 
 
+def _set_aside(run_dir: Path) -> None:
+    """Move a replaced run's directory to ``<run_dir>.replaced-<time>`` (its checkpoints belong to the old config)."""
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("grid", type=Path, help="grid YAML (see sweeps/grid.py for its keys)")
     parser.add_argument("--sweep-dir", type=Path, help=f"sweep directory (default {DEFAULT_SWEEPS_ROOT}/<grid name>)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and sbatch parameters; submit nothing")
     parser.add_argument("--no-watch", action="store_true", help="return after submitting (no monitor, no waiting)")
+    changes = parser.add_mutually_exclusive_group()
+    changes.add_argument("--new-runs", action="store_true",
+                         help="runs whose config the grid changed are added as new runs (new ids); the old ones stay")
+    changes.add_argument("--force", action="store_true",
+                         help="runs whose config the grid changed get the new config and start again (their old "
+                              "run directories are moved aside)")
+    parser.add_argument("--take-over", action="store_true",
+                        help="launch into a sweep owned by another host (stop that host's monitor first)")
     args = parser.parse_args(argv)
     out = Console()
     plan = plan_launch(args.grid, args.sweep_dir)
+    resolve_changes(plan, force=args.force, new_runs=args.new_runs)
     if args.dry_run:
         print_plan(plan, out)
         return 0
     for message in plan.warnings:
         console.print(f"[yellow]warning:[/] {message}")
-    jobs = submit_plan(plan)
+    jobs = submit_plan(plan, on_wait=lambda message: console.print(f"[yellow]{message}[/]"), take_over=args.take_over)
     already = len(plan.runs) - len(jobs)
     job_ids = sorted({job.job_id.split("_")[0] for job in jobs.values()})
     out.print(f"sweep {plan.name}: {len(jobs)} runs submitted"
@@ -202,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # retries and resumes them, and collects the results.
     from brats_ugrip.sweeps.monitor import main as monitor_main
 
-    return monitor_main([str(plan.sweep_dir)])
+    return monitor_main([str(plan.sweep_dir), *(["--take-over"] if args.take_over else [])])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
     python sweeps/monitor.py SWEEP_DIR --compact                # runs per state for each parameter value
     python sweeps/monitor.py SWEEP_DIR --cancel RUN_ID … | all  # cancel runs (their jobs too)
     python sweeps/monitor.py SWEEP_DIR --retry RUN_ID … | all   # submit again (resumes from last.ckpt)
-    python sweeps/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std, Dice curves PNG
+    python sweeps/monitor.py SWEEP_DIR --summary                # best config per fold, mean±std; SWEEP_DIR/report/
+    python sweeps/monitor.py SWEEP_DIR --sync                   # upload the runs' offline W&B data (once each)
+    python sweeps/monitor.py SWEEP_DIR --resume-paused RUN_ID … | all  # continue paused runs to max_epochs
 
 Each poll asks SLURM once (one ``sacct`` for all jobs) or looks at the local jobs, reads the runs' progress files,
 and updates ``SWEEP_DIR/sweep.db``: failed runs are resubmitted up to the grid's ``max_retries`` (then FAILED,
@@ -17,6 +19,11 @@ copied (verified by SHA-256) to ``SWEEP_DIR/models/<run_id>.ckpt`` with their me
 holds one row per run. The monitor may be killed at any moment and restarted, or run twice: a lock serialises
 polls and nothing is submitted twice. The dashboard exits when no run is queued or running any more (exit code 0
 when all completed, 1 otherwise).
+
+A grid with a successive-halving ``schedule:`` stops runs at rungs (PAUSED) and promotes the best configurations
+from each rung (``sweeps/promotion.py``); the dashboard's header and ``--summary`` show each configuration's rung
+and score, the promotions, the paused runs and the GPU-hours against the full grid's. Paused runs count as ended
+(exit code 0 when every run completed or paused); ``--resume-paused`` continues chosen ones to ``max_epochs``.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from brats_ugrip.sweeps.collect import SweepSummary, sweep_summary, write_result
 from brats_ugrip.sweeps.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
 from brats_ugrip.sweeps.recovery import PollReport, SweepMonitor
 from brats_ugrip.sweeps.view import SweepSnapshot
+from brats_ugrip.sweeps.promotion import HalvingReport
 
 PLAIN_WIDTH = 250  # --once to a file or pipe: wide enough that no column is cut
 
@@ -85,7 +93,7 @@ def watch(monitor: SweepMonitor, options: ViewOptions, interval_s: float, out: C
 
 
 def _exit_code(snapshot: SweepSnapshot) -> int:
-    return 0 if all(r.state == RunState.COMPLETED.value for r in snapshot.runs) else 1
+    return 0 if all(r.state in (RunState.COMPLETED.value, RunState.PAUSED.value) for r in snapshot.runs) else 1
 
 
 def _cell(column: str, value: object) -> str:
@@ -126,10 +134,27 @@ def print_summary(summary: SweepSummary, out: Console) -> None:
     for key, frame in summary.per_value.items():
         out.print(_frame_table(f"{key}: mean ± std across folds", _mean_std_frame(frame), [key, "mean ± std",
                                                                                            "n_folds"]))
+    if summary.halving is not None:
+        print_halving(summary.halving, out)
     if summary.curves_png is not None:
-        out.print(f"validation Dice curves: {summary.curves_png}", highlight=False)
+        out.print(f"learning curves (training loss, validation Dice): {summary.curves_png}", highlight=False)
     else:
         out.print("no validation Dice curves yet (no runs/<id>/csv/metrics.csv with val/dice_mean)")
+
+
+def print_halving(report: HalvingReport, out: Console) -> None:
+    """Successive halving: each configuration's highest rung and score there, its promotions, the cost."""
+    table = Table(title=report.lines()[0], title_justify="left", title_style="bold")
+    for column in ("configuration", "rung (epochs)", "score", "folds", "promoted from", "runs"):
+        table.add_column(column)
+    for entry in report.configs:
+        table.add_row(entry.config, str(entry.rung_epochs or "–"), "–" if entry.score is None else f"{entry.score:.4f}",
+                      str(entry.folds_scored), ", ".join(map(str, entry.promoted_from)) or "–",
+                      ", ".join(f"{state} {n}" for state, n in sorted(entry.states.items())))
+    out.print(table)
+    if report.paused:
+        out.print(f"paused ({len(report.paused)}; checkpoints collected in models/; continue with --resume-paused): "
+                  + ", ".join(report.paused), highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,7 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="poll once, print one plain table and exit")
     parser.add_argument("--json", action="store_true", help="poll once, print the sweep's state as JSON and exit")
     parser.add_argument("--summary", action="store_true",
-                        help="print the best config per fold and mean±std tables, save the Dice curves PNG, exit")
+                        help="print the best config per fold and mean±std tables, write SWEEP_DIR/report/ "
+                             "(Markdown, PNGs), exit")
+    parser.add_argument("--sync", action="store_true",
+                        help="upload the runs' offline W&B data with `wandb sync` (what was sent is never sent "
+                             "again: SWEEP_DIR/wandb-synced.json), exit")
     parser.add_argument("--sort", choices=SORT_KEYS, default="grid", help="row order (default: grid order)")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
                         help="show only matching runs: state=RUNNING,STALLED or a parameter (lr=0.001); repeatable")
@@ -146,15 +175,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=15.0, metavar="S", help="seconds between polls (15)")
     parser.add_argument("--cancel", nargs="+", metavar="RUN_ID", help="cancel these runs (or `all`) and exit")
     parser.add_argument("--retry", nargs="+", metavar="RUN_ID", help="submit these runs (or `all` failed) again, exit")
+    parser.add_argument("--resume-paused", nargs="+", metavar="RUN_ID",
+                        help="continue these paused runs (or `all`) from last.ckpt to max_epochs, and exit")
     parser.add_argument("--stall-minutes", type=float, default=60.0, metavar="M",
                         help="flag running runs without a progress update for M minutes (60)")
     parser.add_argument("--collect-last", action="store_true", help="also copy last.ckpt to models/last/")
+    parser.add_argument("--take-over", action="store_true",
+                        help="follow a sweep owned by another host (stop that host's monitor first)")
     args = parser.parse_args(argv)
     if args.interval <= 0 or args.stall_minutes <= 0:
         parser.error("--interval and --stall-minutes must be positive")
 
     out = Console(width=None if Console().is_terminal else PLAIN_WIDTH)
-    monitor = SweepMonitor(args.sweep_dir, stall_minutes=args.stall_minutes, collect_last=args.collect_last)
+    monitor = SweepMonitor(args.sweep_dir, stall_minutes=args.stall_minutes, collect_last=args.collect_last,
+                           take_over=args.take_over)
     try:
         if args.cancel:
             cancelled = monitor.cancel(args.cancel)
@@ -168,12 +202,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not submitted:
                 out.print("nothing to retry")
             return 0
+        if args.resume_paused:
+            from brats_ugrip.sweeps.promotion import resume_paused
+
+            for run_id, job_id in resume_paused(monitor, args.resume_paused).items():
+                out.print(f"{run_id}: continues to max_epochs as job {job_id}", highlight=False)
+            return 0
         snapshot_keys = monitor.snapshot().varied_keys
         options = ViewOptions(sort=args.sort, filters=[parse_filter(f, snapshot_keys) for f in args.filter],
                               compact=args.compact)
+        if args.sync:
+            from brats_ugrip.sweeps.wandb_sync import report_lines, sync_sweep
+
+            sync_report = sync_sweep(args.sweep_dir, state=monitor.state)
+            out.print("\n".join(report_lines(sync_report)), highlight=False)
+            return 1 if sync_report.failed else 0
         if args.summary:
+            from brats_ugrip.sweeps.report import write_report
+
             write_results(args.sweep_dir, monitor.state)
             print_summary(sweep_summary(args.sweep_dir, monitor.state), out)
+            out.print(f"sweep report: {write_report(args.sweep_dir, monitor.state).path}", highlight=False)
             return 0
         if args.json or args.once:
             report = monitor.poll()

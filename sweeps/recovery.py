@@ -39,18 +39,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from submitit.core.utils import DelayedSubmission, JobPaths
+from submitit.core.utils import JobPaths
 
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.errors import BratsUgripError, CheckpointError
-from brats_ugrip.sweeps.jobs import SubmissionError, SubmitSpec, error_tail, submit_runs
+from brats_ugrip.sweeps.jobs import (SubmissionError, SubmitSpec, error_tail, final_checkpoint_complete,
+                                     read_job_result, submit_runs)
 from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
 from brats_ugrip.sweeps.collect import collect_run, is_collected, write_results
-from brats_ugrip.sweeps.job_states import (UNCOMPLETED_MARK, JobPhase, JobStateSource, JobStatus, LocalJobStates, SlurmJobStates, last_line,
-                              read_result)
+from brats_ugrip.sweeps.job_states import (UNCOMPLETED_MARK, JobPhase, JobStateSource, JobStatus, LocalJobStates,
+                                           SlurmJobStates, last_line)
 from brats_ugrip.slurm.sacct import SacctError
 from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
 from brats_ugrip.sweeps.jobs import jobs_folder
+from brats_ugrip.sweeps.promotion import ended_paused, promote
 
 LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"
@@ -73,19 +75,26 @@ class SweepLock:
         timeout_s: how long :meth:`hold` waits for another holder before failing.
     """
 
-    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 600.0):
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 600.0,
+                 on_wait: Callable[[str], None] | None = None):
         self.path = Path(path)
         self.timeout_s = timeout_s
+        self.on_wait = on_wait
 
     @contextmanager
     def hold(self) -> Iterator[None]:
         deadline = time.monotonic() + self.timeout_s
         with open(self.path, "a") as handle:
+            waited = False
             while True:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if not waited and self.on_wait is not None:
+                        self.on_wait(f"{self.path}: another launcher or monitor holds the sweep's lock; waiting "
+                                     f"(up to {self.timeout_s:.0f} s)")
+                    waited = True
                     if time.monotonic() > deadline:
                         raise MonitorError(f"{self.path}: another monitor has held the lock for more than "
                                            f"{self.timeout_s:.0f} s; is one stuck? (its pid: `fuser {self.path}`)")
@@ -126,17 +135,19 @@ class SweepMonitor:
             files for ``local``).
         submit: how runs are submitted (default :func:`brats_ugrip.sweeps.jobs.submit_runs`).
         lock_timeout_s: how long a poll waits for another monitor's poll.
+        take_over: follow a sweep owned by another host (that host's monitor must be stopped).
     """
 
     def __init__(self, sweep_dir: str | os.PathLike[str], *, stall_minutes: float = 60.0, collect_last: bool = False,
                  sources: Sequence[JobStateSource] | None = None, submit: SubmitFunction = submit_runs,
-                 lock_timeout_s: float = 600.0):
+                 lock_timeout_s: float = 600.0, take_over: bool = False):
         self.sweep_dir = Path(sweep_dir)
         db_path = sweep_db_path(self.sweep_dir)
         if not db_path.is_file():
             raise MonitorError(f"{db_path}: not found; is {self.sweep_dir} a sweep directory (made by "
                                "`python sweeps/launch.py GRID --sweep-dir DIR`)?")
         self.state = SweepState(db_path)
+        self.state.claim_owner(take_over)  # one host writes sweep.db (see brats_ugrip.sweeps.state)
         self.jobs_folder = jobs_folder(self.sweep_dir)
         self.sources = {s.cluster: s for s in (sources or (SlurmJobStates(), LocalJobStates(self.jobs_folder)))}
         self.submit = submit
@@ -144,8 +155,8 @@ class SweepMonitor:
         self.stall_minutes = stall_minutes
         self.collect_last = collect_last
         self.progress = ProgressReader()
-        self._collected: set[str] = set()
-        self._collect_failed: set[str] = set()
+        self._collected: set[tuple[str, RunState]] = set()
+        self._collect_failed: set[tuple[str, RunState]] = set()
 
     def close(self) -> None:
         self.state.close()
@@ -174,6 +185,7 @@ class SweepMonitor:
                     resubmission = self._apply(run, latest[run.run_id], status, report)
                     if resubmission is not None:
                         resubmissions.append(resubmission)
+            resubmissions += [_Resubmission(run, why) for run, why in promote(self.state, report.notes)]
             self._resubmit(resubmissions, report)
             self._collect(report)
             results = self.sweep_dir / "results.csv"
@@ -186,9 +198,13 @@ class SweepMonitor:
                   report: PollReport) -> dict[str, JobStatus]:
         """One query per scheduler for the latest attempt of every run in ``runs``."""
         by_cluster: dict[str, dict[str, Path]] = {}
+        submitted: dict[str, float] = {}
         for run in runs:
             cluster = run.submit.get("cluster", "local")
-            by_cluster.setdefault(cluster, {})[latest[run.run_id].job_id] = Path(run.run_dir)
+            attempt = latest[run.run_id]
+            by_cluster.setdefault(cluster, {})[attempt.job_id] = Path(run.run_dir)
+            if attempt.submitted_at is not None:
+                submitted[attempt.job_id] = attempt.submitted_at
         statuses: dict[str, JobStatus] = {}
         for cluster, jobs in by_cluster.items():
             source = self.sources.get(cluster)
@@ -196,7 +212,7 @@ class SweepMonitor:
                 report.notes.append(f"no job-state source for executor {cluster!r}: {len(jobs)} runs not followed")
                 continue
             try:
-                statuses.update(source.statuses(jobs))
+                statuses.update(source.statuses(jobs, submitted))
             except SacctError as error:  # keep what the database says; conclude nothing about these jobs
                 report.notes.append(f"{cluster}: {error}")
         return statuses
@@ -219,47 +235,78 @@ class SweepMonitor:
             self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at)
             return None
 
-        ended_at = status.ended_at or now
-        outcome = read_result(self.jobs_folder, attempt.job_id)
-        traceback_line = last_line(outcome[1]) if outcome and outcome[0] == "error" else None
-        if phase == JobPhase.COMPLETED:
-            metrics = _plain(outcome[1]) if outcome and outcome[0] == "success" else dict(run.metrics)
-            checkpoints = Path(run.run_dir) / "checkpoints"
-            best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
-            self._write(run, attempt, report, RunState.COMPLETED, scheduler_state, status.node, ended_at=ended_at,
-                        started_at=attempt.started_at or status.started_at, reason=None, metrics=metrics,
-                        best_checkpoint=str(best) if best.is_file() else None,
-                        last_checkpoint=str(last) if last.is_file() else None)
+        return self._apply_final(run, attempt, status, phase, report)
+
+    def _apply_final(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus, phase: JobPhase,
+                     report: PollReport) -> _Resubmission | None:
+        """An attempt that ended: the job's own result file first (plain JSON), then the scheduler's word."""
+        scheduler_state = status.state
+        ended_at = status.ended_at or time.time()
+        outcome = read_job_result(run.run_dir, attempt.job_id, attempt.attempt)
+        trusted = (phase != JobPhase.COMPLETED and outcome is not None and outcome.succeeded
+                   and final_checkpoint_complete(run.run_dir, outcome))
+        if phase == JobPhase.COMPLETED or trusted:
+            # A job that wrote its success and a complete last.ckpt is done, whatever the scheduler recorded after
+            # it (a USR2 during interpreter exit turns a finished job into FAILED 12:0).
+            note = (f"completed: the job reported success; the scheduler's {scheduler_state} "
+                    f"(exit {status.exit_code}) came after it") if trusted else None
+            self._complete(run, attempt, status, report, outcome.result if outcome and outcome.succeeded else None,
+                           "COMPLETED" if trusted else scheduler_state, ended_at, note)
             return None
         if phase == JobPhase.CANCELLED:
             self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
                         reason=run.reason or "cancelled outside the monitor (scancel, or the job was killed)")
             return None
         tail = error_tail(attempt.log_path)
-        timed_out = phase == JobPhase.INTERRUPTED or UNCOMPLETED_MARK in (outcome[1] if outcome and
-                                                                                      outcome[0] == "error" else "")
-        if timed_out:
-            since = attempt.started_at or status.started_at or attempt.submitted_at or 0.0
-            last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
-            progressed = last.is_file() and last.stat().st_mtime > since
-            word = "PREEMPTED" if scheduler_state == "PREEMPTED" else "TIMEOUT"
-            self._write_attempt(attempt, word, status.node, ended_at=ended_at, error_tail=tail)
-            if progressed:
-                return _Resubmission(run, f"{word} (not requeued): resuming from last.ckpt")
-            self._write(run, attempt, report, RunState.FAILED, word, status.node, ended_at=ended_at,
-                        reason=f"{word} without a new last.ckpt: one epoch does not fit the time limit "
-                               "(raise executor.time, then --retry)")
+        job_error = outcome if outcome is not None and not outcome.succeeded else None
+        if job_error is not None and not job_error.retryable:
+            self._write_attempt(attempt, scheduler_state, status.node, ended_at=ended_at,
+                                error_tail=job_error.traceback_tail or tail)
+            self._write(run, attempt, report, RunState.FAILED, scheduler_state, status.node, ended_at=ended_at,
+                        reason=f"{job_error.summary} (attempt {attempt.attempt}; not retried: a config or data "
+                               "error fails the same way every time; fix it, then --retry)")
             report.failed.append(run.run_id)
             return None
-        # A failure (FAILED, OUT_OF_MEMORY, NODE_FAIL…, or a final state this code does not know).
-        self._write_attempt(attempt, scheduler_state, status.node, ended_at=ended_at, error_tail=tail)
-        detail = traceback_line or status.reason or last_line(tail or "") or f"exit code {status.exit_code}"
+        if phase == JobPhase.INTERRUPTED or (job_error is not None and UNCOMPLETED_MARK in (job_error.message or "")):
+            return self._resume_or_fail(run, attempt, status, report, ended_at, tail)
+        # A failure (FAILED, OUT_OF_MEMORY, NODE_FAIL…, or a final state this code does not know): retryable.
+        self._write_attempt(attempt, scheduler_state, status.node, ended_at=ended_at,
+                            error_tail=tail or (job_error.traceback_tail if job_error else None))
+        detail = ((job_error.summary if job_error else None) or status.reason or last_line(tail or "")
+                  or f"exit code {status.exit_code}")
         failures = sum(a.state not in NOT_FAILURES for a in self.state.attempts(run.run_id) if a.ended_at is not None)
         reason = f"{scheduler_state} (attempt {attempt.attempt}): {detail}"
         if failures <= run.max_retries:
             return _Resubmission(run, f"retry {failures}/{run.max_retries} after {reason}")
         self._write(run, attempt, report, RunState.FAILED, scheduler_state, status.node, ended_at=ended_at,
                     reason=f"{reason}; no retries left ({run.max_retries})")
+        report.failed.append(run.run_id)
+        return None
+
+    def _complete(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus, report: PollReport,
+                  result: dict[str, Any] | None, job_state: str, ended_at: float, note: str | None) -> None:
+        checkpoints = Path(run.run_dir) / "checkpoints"
+        best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
+        final = RunState.PAUSED if ended_paused(result, run.run_dir) else RunState.COMPLETED  # stopped at a rung
+        self._write(run, attempt, report, final, job_state, status.node, ended_at=ended_at,
+                    started_at=attempt.started_at or status.started_at, reason=note,
+                    metrics=dict(result) if result is not None else dict(run.metrics),
+                    best_checkpoint=str(best) if best.is_file() else None,
+                    last_checkpoint=str(last) if last.is_file() else None)
+
+    def _resume_or_fail(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus, report: PollReport,
+                        ended_at: float, tail: str | None) -> _Resubmission | None:
+        """A timeout or preemption not requeued by its job: resume when the attempt wrote a newer last.ckpt."""
+        since = attempt.started_at or status.started_at or attempt.submitted_at or 0.0
+        last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+        progressed = last.is_file() and last.stat().st_mtime > since
+        word = "PREEMPTED" if status.state == "PREEMPTED" else "TIMEOUT"
+        self._write_attempt(attempt, word, status.node, ended_at=ended_at, error_tail=tail)
+        if progressed:
+            return _Resubmission(run, f"{word} (not requeued): resuming from last.ckpt")
+        self._write(run, attempt, report, RunState.FAILED, word, status.node, ended_at=ended_at,
+                    reason=f"{word} without a new last.ckpt: one epoch does not fit the time limit "
+                           "(raise executor.time, then --retry)")
         report.failed.append(run.run_id)
         return None
 
@@ -351,6 +398,7 @@ class SweepMonitor:
                     continue
                 self.state.record_submission(
                     run.run_id, job_id, log_path=str(JobPaths(self.jobs_folder, job_id, 0).stderr),
+                    submitted_at=float(intent["time"]),
                     state=RunState.RETRYING if intent.get("resubmission") else RunState.SUBMITTED)
                 report.adopted[run.run_id] = job_id
                 report.changed.append(run.run_id)
@@ -359,20 +407,22 @@ class SweepMonitor:
     # --- collection ---------------------------------------------------------------------------------------
 
     def _collect(self, report: PollReport) -> None:
-        for run in self.state.runs([RunState.COMPLETED]):
-            if run.run_id in self._collected or run.run_id in self._collect_failed:
+        for run in self.state.runs([RunState.COMPLETED, RunState.PAUSED]):  # paused runs are soup ingredients too
+            # A paused run's best.ckpt may change when it continues: checked each poll (two stat calls).
+            key = (run.run_id, run.state)
+            if run.state == RunState.COMPLETED and key in self._collected or key in self._collect_failed:
                 continue
             if is_collected(self.sweep_dir, run):
-                self._collected.add(run.run_id)
+                self._collected.add(key)
                 continue
             try:
                 collect_run(self.sweep_dir, run, self.collect_last)
             except (CheckpointError, OSError) as error:
-                self._collect_failed.add(run.run_id)  # tried again by the next monitor started
+                self._collect_failed.add(key)  # tried again by the next monitor started
                 self.state.update_run(run.run_id, reason=f"collection failed: {error}")
                 report.notes.append(f"{run.run_id}: collection failed: {error}")
                 continue
-            self._collected.add(run.run_id)
+            self._collected.add(key)
             report.collected.append(run.run_id)
 
     # --- actions ------------------------------------------------------------------------------------------
@@ -446,7 +496,10 @@ class SweepMonitor:
 
 
 def _submitted_jobs(jobs_folder: Path, since: float) -> Iterator[tuple[str, str]]:
-    """(job id, run directory) of the jobs whose submitit folder appeared after ``since``."""
+    """(job id, run directory) of the jobs whose submitit folder appeared after ``since``.
+
+    The run directory is read from the submitted pickle's opcodes (``pickletools``), never by unpickling it: the
+    monitor runs no code from the sweep directory."""
     root = JobPaths.get_first_id_independent_folder(jobs_folder)
     for folder in root.iterdir() if root.is_dir() else ():
         try:
@@ -455,21 +508,41 @@ def _submitted_jobs(jobs_folder: Path, since: float) -> Iterator[tuple[str, str]
         except OSError:
             continue
         pickle_path = JobPaths(jobs_folder, folder.name, 0).submitted_pickle
-        if not pickle_path.is_file():
-            continue
-        try:
-            function = DelayedSubmission.load(pickle_path).function
-        except Exception:  # a half-written or foreign pickle: not a job of ours
-            continue
-        run_dir = getattr(function, "run_dir", None)
+        run_dir = pickled_string_after(pickle_path, "run_dir")
         if run_dir is not None:
             yield folder.name, str(Path(run_dir).resolve())
 
 
-def _plain(value: Any) -> dict[str, Any]:
-    """Training's result as JSON-friendly data (paths and numbers as JSON gives them)."""
-    plain = json.loads(json.dumps(value, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
-    return plain if isinstance(plain, dict) else {"result": plain}
+def pickled_string_after(path: Path, key: str) -> str | None:
+    """The first string that follows the string ``key`` in a pickle's opcode stream (a dict's value for that key),
+    read with ``pickletools.genops``: a static scan that builds no object and imports nothing. None when the file
+    is missing, truncated or holds no such pair."""
+    import pickletools
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    memo: dict[int, str] = {}
+    memo_count = 0  # MEMOIZE numbers every memoized object, strings or not
+    previous: str | None = None
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            name = opcode.name
+            if name == "MEMOIZE" or name.endswith("PUT"):
+                index = memo_count if name == "MEMOIZE" else int(arg)
+                memo_count += name == "MEMOIZE"
+                if previous is not None:
+                    memo[index] = previous
+                continue
+            value = arg if isinstance(arg, str) and "UNICODE" in name else (
+                memo.get(int(arg)) if name.endswith("GET") else None)
+            if previous == key and value is not None:
+                return value
+            previous = value
+    except Exception:  # a truncated or foreign file (genops raises ValueError and others): nothing to read
+        return None
+    return None
 
 
 def follow(sweep_dir: str | os.PathLike[str], *, poll_s: float = 2.0, timeout_s: float | None = None,

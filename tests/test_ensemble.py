@@ -284,9 +284,28 @@ def test_cached_scores_equal_heldout_scores_of_each_model(checkpoints, datalist)
     cache = PredictionCache.predict(held_out, ensemble.members, floor=0.1, progress=False)
     member = ensemble.members[1]
     expected = held_out.score(member.model, member.settings).dice
-    for c, region in enumerate(REGIONS):
-        table = region_dice_table(cache, c, np.eye(2), (member.settings.threshold,))
-        assert table[1, 0] == pytest.approx(expected[region], abs=1e-6)
+    threshold = member.settings.threshold
+    # Held-out scores are of the written label map: TC counts the ET voxels, WT both (forced, as the fit counts them).
+    forced = [np.zeros(0, dtype=np.int64) for _ in cache.cases]
+    for name in ("ET", "TC", "WT"):
+        c = REGIONS.index(name)
+        table = region_dice_table(cache, c, np.eye(2), (threshold,), forced)
+        assert table[1, 0] == pytest.approx(expected[name], abs=1e-6)
+        forced = [np.union1d(f, _positives(case, c, np.eye(2)[1], threshold)) for f, case in zip(forced, cache.cases)]
+
+
+def test_soup_scoring_and_ensemble_fit_scoring_give_the_same_scores_for_the_same_model(checkpoints, datalist):
+    """Soups score a model with HeldOutSet.score (souping/session.py); the fit scores it alone through the ensemble
+    pipeline (fit.score). Both score the label map that gets written, through heldout.label_map_scores."""
+    held_out = HeldOutSet.from_fold(Datalist.load(datalist), 0, progress=False)
+    ensemble = ensemble_of(checkpoints, [1, 1])
+    cache = PredictionCache.predict(held_out, ensemble.members, floor=0.1, progress=False)
+    for k, member in enumerate(ensemble.members):
+        soup = held_out.score(member.model, member.settings, with_hd95=True)
+        alone = np.repeat(np.eye(2)[k][:, None], 3, axis=1)
+        fit = score(cache, alone, (member.settings.threshold,) * 3, SCHEME, with_hd95=True)
+        assert soup.per_case == fit.per_case
+        assert soup.dice == fit.dice and soup.hd95 == fit.hd95
 
 
 def test_cli_fits_on_a_fold_and_never_scores_below_the_best_single_model(checkpoints, datalist, tmp_path):

@@ -76,6 +76,7 @@ def test_cli_scores_every_reference_case_and_reports_the_missing_one(tmp_path, c
     stderr = capsys.readouterr().err
     assert re.search(r"1 case\(s\) have no prediction.*worst\s+case:\s+C\b", stderr, re.DOTALL)
     assert "lw_dice" in stderr  # the mean table
+    assert "reproduces: rachitsaluja/BraTS-2023-Metrics metrics.py (BraTS-GLI, 2023)" in " ".join(stderr.split())
 
     table = pd.read_csv(out).set_index("case_id")
     assert list(table.index) == ["A", "B", "C"]
@@ -86,6 +87,15 @@ def test_cli_scores_every_reference_case_and_reports_the_missing_one(tmp_path, c
     assert table.loc["B", "lw_dice_TC"] == pytest.approx(expected_b["lw_dice_TC"])
     assert table.loc["C", ["dice_ET", "lw_dice_WT"]].tolist() == [0.0, 0.0]
     assert table.loc["C", ["hd95_TC", "lw_hd95_ET"]].tolist() == [BRATS_MAX_HD95] * 2
+
+
+def test_cli_help_names_the_official_code_and_year_of_every_metric_set(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "brats2024-gli  rachitsaluja/BraTS-2024-Metrics metrics_GLI.py (BraTS-GLI, 2024)" in help_text
+    assert "brats2023-met  rachitsaluja/BraTS-2023-Metrics metrics.py (BraTS-MET, 2023)" in help_text
+    assert all(name in help_text for name in METRIC_SETS)
 
 
 def test_cli_shape_mismatch_exits_non_zero_naming_the_case(tmp_path, capsys):

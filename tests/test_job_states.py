@@ -2,6 +2,7 @@
 against SLURM's meaning of each word (``man sacct``, JOB STATE CODES) and against the real ``sacct --helpstate``."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -46,3 +47,22 @@ def test_every_state_sacct_lists_is_mapped():
         pytest.skip("this sacct has no --helpstate and its manual page is not installed")
     assert len(listed) >= 15, listed  # 22.05's manual lists 16, 23.02+'s --helpstate 24
     assert listed <= set(SCHEDULER_STATES), sorted(listed - set(SCHEDULER_STATES))
+
+
+def test_job_result_file_classifies_errors_and_guards_against_other_submissions(tmp_path):
+    from brats_ugrip.errors import ConfigError, DataError
+    from brats_ugrip.sweeps.jobs import job_result_path, read_job_result, write_job_result
+
+    write_job_result(tmp_path, "12_3", 2, error=DataError("case 7: flair missing"))
+    found = read_job_result(tmp_path, "12_3", 2)
+    assert found.status == "error" and not found.retryable and found.summary == "DataError: case 7: flair missing"
+    assert json.loads(job_result_path(tmp_path, "12_3").read_text())["attempt"] == 2  # plain JSON on disk
+    assert read_job_result(tmp_path, "12_3", 3) is None  # another attempt reusing the id: not ours
+    write_job_result(tmp_path, "13", 1, error=ConfigError("optim.lr", "must be > 0"))
+    assert not read_job_result(tmp_path, "13").retryable
+    write_job_result(tmp_path, "14", 1, error=RuntimeError("CUDA out of memory"))
+    assert read_job_result(tmp_path, "14").retryable
+    write_job_result(tmp_path, "15", 1, result={"best_val_dice": 0.5, "run_dir": tmp_path})
+    assert read_job_result(tmp_path, "15").result == {"best_val_dice": 0.5, "run_dir": str(tmp_path)}
+    job_result_path(tmp_path, "16").write_text("{not json")
+    assert read_job_result(tmp_path, "16") is None

@@ -97,7 +97,8 @@ def test_local_slots_let_one_holder_at_a_time(tmp_path):
 
 
 def test_dry_run_reads_sweep_states_and_runs_get_their_dir(tmp_path, phantom_dir, capsys):
-    """A dry run on an existing sweep shows its states; each run config names its run directory and W&B name."""
+    """A dry run on an existing sweep shows its states; each run config names its run directory and its W&B name,
+    group and tags."""
     grid = _grid(tmp_path, phantom_dir, [0.001])
     sweep = tmp_path / "sweep"
     plan = launch.plan_launch(grid, sweep)
@@ -109,4 +110,7 @@ def test_dry_run_reads_sweep_states_and_runs_get_their_dir(tmp_path, phantom_dir
     assert "SUBMITTED" in out and "nothing to submit" in out
     record = json.loads(json.dumps(plan.runs[0].config))
     assert record["run_dir"] == str((sweep / "runs" / "fold=0-lr=0.001").resolve())
-    assert record["logging"]["run_name"] == "local_demo/fold=0-lr=0.001"
+    # W&B: name = run id, group = sweep, tags = the varied key=value, and which keys were varied.
+    assert record["logging"] == {"project": "brats-ugrip", "run_name": "fold=0-lr=0.001", "mode": "disabled",
+                                 "group": "local_demo", "job_type": None, "tags": ["optim.lr=0.001", "data.fold=0"],
+                                 "varied": ["optim.lr", "data.fold"]}

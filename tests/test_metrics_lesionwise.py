@@ -112,7 +112,8 @@ def test_presets_hold_the_challenge_parameters():
     gli24 = get_lesionwise_preset("brats2024-gli")
     assert gli24.merge_prediction and not get_lesionwise_preset("brats2023-gli").merge_prediction
     assert gli24.regions["ET"] == LesionParams(3, 10) and gli24.regions["WT"] == LesionParams(3, 20)
-    assert gli24.regions["NETC"] == LesionParams(5, 20) and gli24.regions["SNFH"].dilation == 5
+    assert gli24.regions["NETC"] == LesionParams(5, 20)
+    assert gli24.regions["SNFH"].dilation == 3  # the official code tests "SFNH": its intended 5 never applies
     assert get_lesionwise_preset("brats2024-ped").regions["TC"] == LesionParams(5, 10)
     assert get_lesionwise_preset("brats2024-met").regions["ET"] == LesionParams(1, 2)
     with pytest.raises(ConfigError, match="brats2024-gli"):

@@ -28,8 +28,9 @@ from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 from brats_ugrip.sweeps import monitor as monitor_cli
-from brats_ugrip.sweeps.collect import (copy_verified, is_collected, model_paths, read_collected, read_curve, sha256_file,
+from brats_ugrip.sweeps.collect import (copy_verified, is_collected, model_paths, read_collected, sha256_file,
                            sweep_summary, verify_collected)
+from brats_ugrip.sweeps.report import read_curve
 from brats_ugrip.sweeps.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
 from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
 from brats_ugrip.sweeps.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
@@ -69,7 +70,7 @@ class ScriptedScheduler:
         self.next_id = 9000
         self._lock = threading.Lock()
 
-    def statuses(self, jobs):
+    def statuses(self, jobs, submitted=None):
         return {job_id: self.states[job_id] for job_id in jobs if job_id in self.states}
 
     def cancel(self, job_ids):
@@ -131,10 +132,16 @@ def _write_checkpoint(run_dir: Path, name: str = "best.ckpt", dice: float = 0.8,
     return path
 
 
-def _write_result(sweep_dir: Path, job_id: str, outcome: tuple) -> None:
-    path = JobPaths(jobs_folder(sweep_dir), job_id, 0).result_pickle
+def _write_result(sweep_dir: Path, run_id: str, job_id: str, outcome: dict) -> None:
+    """The job's own result file, as TrainingJob writes it (plain JSON in the run directory)."""
+    path = run_dir_path(sweep_dir, run_id) / "job_results" / f"{job_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(outcome))
+    path.write_text(json.dumps({"job_id": job_id, "attempt": 0, "finished_at": time.time(), **outcome}))
+
+
+def _error(error_type: str, message: str, retryable: bool = True) -> dict:
+    return {"status": "error", "error_type": error_type, "message": message, "retryable": retryable,
+            "traceback_tail": f"Traceback (most recent call last):\n{error_type}: {message}"}
 
 
 def _write_log(sweep_dir: Path, job_id: str, text: str) -> None:
@@ -150,8 +157,8 @@ def _complete(sweep, run_id: str, dice: float, job_id: str | None = None) -> Non
     fold = int(run_id.split("-")[0].split("=")[1])
     _write_checkpoint(run_dir, dice=dice, fold=fold)
     metrics = {"TC": dice - 0.05, "WT": dice + 0.05, "ET": dice, "mean": dice}
-    _write_result(sweep.dir, job_id, ("success", {"status": "completed", "best_val_dice": dice, "best_epoch": 3,
-                                                  "val_metrics": metrics, "epochs": 4}))
+    _write_result(sweep.dir, run_id, job_id, {"status": "success", "result": {
+        "status": "completed", "best_val_dice": dice, "best_epoch": 3, "val_metrics": metrics, "epochs": 4}})
     sweep.scheduler.set(job_id, "COMPLETED", node="gpu01", started_at=time.time() - 60, ended_at=time.time())
 
 
@@ -228,8 +235,8 @@ def test_failing_run_is_retried_then_failed_while_others_complete(sweep):
     bad, good = "fold=0-lr=0.001", "fold=1-lr=0.01"
     _write_log(sweep.dir, sweep.job[bad], "loading data\nTraceback (most recent call last):\nRuntimeError: CUDA out "
                                           "of memory. Tried to allocate 2.00 GiB\n")
-    _write_result(sweep.dir, sweep.job[bad], ("error", "Traceback ...\nRuntimeError: CUDA out of memory. Tried to "
-                                                        "allocate 2.00 GiB"))
+    _write_result(sweep.dir, bad, sweep.job[bad],
+                  _error("RuntimeError", "CUDA out of memory. Tried to allocate 2.00 GiB"))
     sweep.scheduler.set(sweep.job[bad], "OUT_OF_MEMORY", ended_at=time.time())
     sweep.scheduler.set(sweep.job[good], "RUNNING")
     report = sweep.monitor.poll()
@@ -302,7 +309,7 @@ def test_unknown_jobs_and_sacct_errors_change_nothing(sweep):
     from brats_ugrip.slurm.sacct import SacctError
 
     class Broken(ScriptedScheduler):
-        def statuses(self, jobs):
+        def statuses(self, jobs, submitted=None):
             raise SacctError("sacct failed (exit 1): slurmdbd: connection refused")
 
     before = {r.run_id: r.state for r in sweep.monitor.state.runs()}
@@ -370,6 +377,78 @@ def test_monitor_killed_during_a_submission_adopts_the_submitted_job(sweep):
     assert sweep.monitor.state.get_run(bad).state == RunState.RETRYING
     assert not (sweep.dir / INTENT_FILE).exists()
     assert [s for s in sweep.scheduler.submissions if s[0] == bad] == [(bad, sweep.job[bad])]
+
+
+class _Trap:
+    """A pickle that, when loaded, writes a marker file (what an attacker with write access could plant)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_monitor_never_unpickles_sweep_files(tmp_path):
+    """Booby-trapped result and submitted pickles in submitit's folder: `monitor --once` (real local job states,
+    an interrupted submission to adopt) reads JSON only, so the trap's marker never appears."""
+    marker = tmp_path / "executed"
+    sweep_dir = tmp_path / "sweep"
+    records = _records(sweep_dir, lrs=(0.001,), folds=(0, 1))
+    dead_job, adopted_job = "999999999", "888888888"  # pids that no process has: the local controllers are gone
+    with SweepState(sweep_db_path(sweep_dir)) as state:
+        state.add_runs(records)
+        state.set_meta("name", "trap")
+        state.record_submission(records[0].run_id, dead_job)
+    for job_id in (dead_job, adopted_job):
+        paths = JobPaths(jobs_folder(sweep_dir), job_id, 0)
+        paths.folder.mkdir(parents=True)
+        paths.result_pickle.write_bytes(pickle.dumps(("success", _Trap(marker))))
+        paths.submitted_pickle.write_bytes(pickle.dumps(_Trap(marker)))
+    (sweep_dir / INTENT_FILE).write_text(json.dumps({"time": time.time() - 5, "attempts": {records[1].run_id: 0},
+                                                     "resubmission": False}))
+    # Sanity: the trap works when unpickled.
+    pickle.loads(pickle.dumps(_Trap(tmp_path / "sanity")))
+    assert (tmp_path / "sanity").exists()
+    assert monitor_cli.main([str(sweep_dir), "--once"]) == 0
+    assert not marker.exists()
+    with SweepState(sweep_db_path(sweep_dir)) as state:
+        run = state.get_run(records[0].run_id)
+    # Without its JSON result the job counts as killed (a retry), not as the pickle's "success".
+    assert run.state == RunState.RETRYING and "without a result" in run.reason
+
+
+def test_job_success_with_a_complete_checkpoint_wins_over_the_scheduler(sweep):
+    """USR2 during interpreter exit: sacct says FAILED 12:0 after the job wrote its success and a complete
+    last.ckpt. Such a run is COMPLETED with no retry spent; without the complete checkpoint it is a failure."""
+    done, broken = "fold=0-lr=0.001", "fold=0-lr=0.01"
+    for run_id in (done, broken):
+        _write_result(sweep.dir, run_id, sweep.job[run_id], {"status": "success", "result": {
+            "status": "completed", "best_val_dice": 0.7, "epochs": 4}})
+        sweep.scheduler.set(sweep.job[run_id], "FAILED", exit_code="12:0", ended_at=time.time())
+    run_dir = run_dir_path(sweep.dir, done)
+    _write_checkpoint(run_dir, "best.ckpt")
+    _write_checkpoint(run_dir, "last.ckpt")  # its metadata says epoch 4 = the result's epochs
+    report = sweep.monitor.poll()
+    run = sweep.monitor.state.get_run(done)
+    assert run.state == RunState.COMPLETED and run.attempts == 1 and done not in report.resubmitted
+    assert "reported success" in run.reason and "12:0" in run.reason and run.metrics["best_val_dice"] == 0.7
+    assert sweep.monitor.state.latest_attempt(done).state == "COMPLETED"
+    assert broken in report.resubmitted  # no last.ckpt: the success alone is not trusted
+
+
+def test_config_and_data_errors_fail_at_once_other_errors_are_retried(sweep):
+    data, oom = "fold=0-lr=0.001", "fold=1-lr=0.001"
+    _write_result(sweep.dir, data, sweep.job[data], _error("DataError", "case BraTS-001: t1c.nii.gz is missing",
+                                                           retryable=False))
+    _write_result(sweep.dir, oom, sweep.job[oom], _error("OutOfMemoryError", "CUDA out of memory"))
+    for run_id in (data, oom):
+        sweep.scheduler.set(sweep.job[run_id], "FAILED", exit_code="1:0", ended_at=time.time())
+    report = sweep.monitor.poll()
+    run = sweep.monitor.state.get_run(data)
+    assert run.state == RunState.FAILED and run.attempts == 1 and report.failed == [data]
+    assert run.reason.startswith("DataError: case BraTS-001: t1c.nii.gz is missing") and "not retried" in run.reason
+    assert list(report.resubmitted) == [oom]
 
 
 def test_restarted_monitor_rebuilds_everything(sweep):
@@ -597,8 +676,13 @@ def test_local_job_states_from_processes_and_result_files(tmp_path):
         time.sleep(0.2)
     statuses = source.statuses({running.job_id: run_dir, failing.job_id: run_dir})
     assert statuses[running.job_id].state == "PENDING"  # alive, but its run has not started (no job.json)
-    assert statuses[failing.job_id].state == "FAILED"
-    assert statuses[failing.job_id].reason == "ValueError: invalid literal for int() with base 10: 'not a number'"
+    # A job that ended without writing its result file (submitit's pickle is never read): killed or crashed.
+    assert statuses[failing.job_id].state == "FAILED" and "without a result" in statuses[failing.job_id].reason
+    (run_dir / "job_results").mkdir()
+    (run_dir / "job_results" / f"{failing.job_id}.json").write_text(json.dumps(
+        {"job_id": failing.job_id, "attempt": 1, "finished_at": 1.0, **_error("ValueError", "bad value\nmore")}))
+    status = source.statuses({failing.job_id: run_dir})[failing.job_id]
+    assert status.state == "FAILED" and status.reason == "ValueError: bad value" and status.ended_at == 1.0
     (run_dir / "job.json").write_text(json.dumps({"job_id": running.job_id, "started_at": 123.0}))
     assert source.statuses({running.job_id: run_dir})[running.job_id].state == "RUNNING"
     source.cancel([running.job_id])
@@ -662,7 +746,7 @@ def test_local_sweep_monitor_killed_and_restarted(tmp_path, retry_grid, launch_s
     grid, bad = retry_grid(tmp_path, {"cluster": "local", "array_parallelism": 2})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     sweep_dir = launch_sweep(grid, tmp_path, env)
-    bad.unlink()  # the run on this datalist now fails at start, every attempt
+    bad.unlink()  # the run on this datalist now fails at start with a DataError: not retried
     monitor_command = [sys.executable, str(REPO / "sweeps" / "monitor.py"), str(sweep_dir), "--interval", "1"]
     logs = [tmp_path / f"monitor{i}.log" for i in range(3)]
 
@@ -687,11 +771,12 @@ def test_local_sweep_monitor_killed_and_restarted(tmp_path, retry_grid, launch_s
     assert runs.pop(bad_id).state == RunState.FAILED
     assert all(r.state == RunState.COMPLETED and r.attempts == 1 for r in runs.values())
     attempts = state.attempts(bad_id)
-    assert len(attempts) == 2 and all("bad.json" in (a.error_tail or "") for a in attempts)
-    assert "no retries left" in state.get_run(bad_id).reason
+    assert len(attempts) == 1 and "bad.json" in (attempts[0].error_tail or "")
+    reason = state.get_run(bad_id).reason
+    assert reason.startswith("DataError: ") and "bad.json" in reason and "not retried" in reason
     # Nothing was submitted twice: the jobs submitit's folder holds (one submitted pickle each) are the attempts.
     submitted = {p.name.removesuffix("_submitted.pkl") for p in (sweep_dir / "jobs").glob("*/*_submitted.pkl")}
-    assert submitted == {a.job_id for a in state.attempts()} and len(submitted) == 4
+    assert submitted == {a.job_id for a in state.attempts()} and len(submitted) == 3
     for run_id in runs:
         assert verify_collected(sweep_dir, run_id)
     import pandas as pd
@@ -699,3 +784,67 @@ def test_local_sweep_monitor_killed_and_restarted(tmp_path, retry_grid, launch_s
     results = pd.read_csv(sweep_dir / "results.csv").set_index("run_id")
     assert results.loc[bad_id, "state"] == "FAILED" and results["dice_mean"].notna().sum() == 2
     state.close()
+
+
+# --- reused job ids -----------------------------------------------------------------------------------------
+
+# `sacct -X -n -P --duplicates -o JobID,State,NodeList,ElapsedRaw,ExitCode,Start,End,Reason,Submit` lines captured
+# on the dev cluster (job 4: requeued once, then completed; array 1: three tasks completed). The reuse is built
+# from them: after a controller reset a new job 4 and a new array 1 were submitted at 07:00, and sacct answers
+# for the old jobs and the new ones together (resetting the shared dev cluster's controller to capture it live
+# would have killed other engineers' jobs).
+SACCT_REUSED = """\
+1_0|COMPLETED|localhost|1|0:0|2026-12-02T05:50:36|2026-12-02T05:50:37|None|2026-12-02T05:50:35
+1_1|COMPLETED|localhost|1|0:0|2026-12-02T05:50:36|2026-12-02T05:50:37|None|2026-12-02T05:50:35
+4|REQUEUED|localhost|49|0:0|2026-12-02T05:50:41|2026-12-02T05:51:30|None|2026-12-02T05:50:40
+4|COMPLETED|localhost|12|0:0|2026-12-02T05:51:41|2026-12-02T05:51:53|BeginTime|2026-12-02T05:51:30
+4|RUNNING|localhost|30|0:0|2026-12-02T07:00:02|Unknown|None|2026-12-02T07:00:00
+1_[0-1]|PENDING|None assigned|0|0:0|Unknown|Unknown|Priority|2026-12-02T07:00:01
+"""
+
+
+def _at(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()  # sacct prints local time, as parse_sacct reads it
+
+
+def test_sacct_records_of_an_older_job_with_the_same_id_are_ignored():
+    from brats_ugrip.slurm.sacct import records_since
+    from brats_ugrip.sweeps.job_states import SlurmJobStates
+
+    records = parse_sacct(SACCT_REUSED)
+    assert [r.state for r in records["1_0"]] == ["COMPLETED", "PENDING"]  # the new pending tasks are not lost
+    assert records["4"][0].submit == _at("2026-12-02T05:50:40")
+    ours = _at("2026-12-02T06:59:59")  # noted just before sbatch
+    assert [r.state for r in records_since(records["4"], ours)] == ["RUNNING"]
+    assert records_since(records["4"], None) == records["4"]
+    source = SlurmJobStates(query=lambda ids, timeout: parse_sacct(SACCT_REUSED))
+    statuses = source.statuses({"4": Path("a"), "1_0": Path("b"), "1_1": Path("c")},
+                               {"4": ours, "1_0": ours, "1_1": ours})
+    assert statuses["4"].state == "RUNNING" and statuses["4"].requeues == 0
+    assert statuses["4"].started_at == _at("2026-12-02T07:00:02")
+    assert statuses["1_0"].state == statuses["1_1"].state == "PENDING"
+    # Without our submit times, the old job 4's requeue would be counted as this job's.
+    assert source.statuses({"4": Path("a")})["4"].requeues == 1
+
+
+def test_monitor_does_not_take_an_old_job_for_a_new_one(tmp_path):
+    """The issue's case: after a controller reset, runs still PENDING were marked COMPLETED with the old jobs'
+    times. With submit times recorded, the old records are ignored and the runs stay SUBMITTED."""
+    from brats_ugrip.sweeps.job_states import SlurmJobStates
+
+    old_only = "\n".join(line for line in SACCT_REUSED.splitlines() if "07:00" not in line) + "\n"
+    with SweepState(sweep_db_path(tmp_path)) as state:
+        records = _records(tmp_path, lrs=(0.001,), folds=(0, 1), cluster="slurm")
+        state.add_runs(records)
+        state.record_submission(records[0].run_id, "4", submitted_at=_at("2026-12-02T06:59:59"))
+        state.record_submission(records[1].run_id, "1_1", submitted_at=_at("2026-12-02T06:59:59"))
+        assert state.latest_attempt(records[1].run_id).array_task_id == 1
+    monitor = SweepMonitor(tmp_path, sources=[SlurmJobStates(query=lambda ids, timeout: parse_sacct(old_only))])
+    try:
+        monitor.poll()
+        assert {r.state for r in monitor.state.runs()} == {RunState.SUBMITTED}
+        assert all(a.ended_at is None for a in monitor.state.attempts())
+    finally:
+        monitor.close()

@@ -321,7 +321,8 @@ def test_heldout_reads_each_case_once_and_crop_scores_equal_full_volume(datalist
         prediction = predict_preprocessed(model, preprocessed, settings)
         reference = nib.load(str(case.label)).get_fdata().astype(int)
         regions = get_scheme("brats2023").to_regions(reference)
-        full = [dice(p > settings.threshold, r) for p, r in zip(prediction.probabilities, regions)]
+        # Scored as the label map that gets written (TC includes ET), in the input geometry.
+        full = [dice(p, r) for p, r in zip(get_scheme("brats2023").to_regions(prediction.labels), regions)]
         assert [scores[f"dice_{r}"] for r in ("TC", "WT", "ET")] == pytest.approx(full, abs=1e-6)
         assert scores["hd95_WT"] >= 0
 

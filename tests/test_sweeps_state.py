@@ -163,3 +163,67 @@ def test_unopenable_database_is_a_clear_error(tmp_path):
     with pytest.raises(SweepStateError, match="cannot open"):
         SweepState(garbage)
     assert not isinstance(SweepStateError("x"), sqlite3.Error)
+
+
+def test_schema_1_database_is_migrated(tmp_path):
+    """A sweep.db written before attempts had their own array task id column opens, gains the column (filled from
+    the job ids) and reports schema version 2."""
+    import sqlite3
+
+    path = tmp_path / "sweep.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        CREATE TABLE runs (run_id TEXT PRIMARY KEY, config_hash TEXT NOT NULL, config_json TEXT NOT NULL,
+            params_json TEXT NOT NULL, submit_json TEXT NOT NULL, run_dir TEXT NOT NULL, state TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, max_retries INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL,
+            updated_at REAL NOT NULL, submitted_at REAL, started_at REAL, ended_at REAL,
+            metrics_json TEXT NOT NULL DEFAULT '{}', best_checkpoint TEXT, last_checkpoint TEXT, reason TEXT);
+        CREATE TABLE attempts (run_id TEXT NOT NULL, attempt INTEGER NOT NULL, job_id TEXT NOT NULL,
+            state TEXT NOT NULL, node TEXT, submitted_at REAL, started_at REAL, ended_at REAL, error_tail TEXT,
+            log_path TEXT, PRIMARY KEY (run_id, attempt));
+        INSERT INTO runs VALUES ('a', 'h', '{}', '{}', '{}', '/r/a', 'SUBMITTED', 2, 1, 1, 1, 5, NULL, NULL, '{}',
+            NULL, NULL, NULL);
+        INSERT INTO attempts VALUES ('a', 1, '77_12', 'FAILED', NULL, 1, NULL, 3, NULL, NULL);
+        INSERT INTO attempts VALUES ('a', 2, '80', 'PENDING', NULL, 5, NULL, NULL, NULL, NULL);
+    """)
+    db.commit()
+    db.close()
+    with SweepState(path) as state:
+        assert state.get_meta("schema_version") == "2"
+        first, second = state.attempts("a")
+        assert (first.array_task_id, second.array_task_id) == (12, None)
+        assert second.submitted_at == 5
+        state.record_submission("a", "81_3")
+        assert state.latest_attempt("a").array_task_id == 3
+    raw = sqlite3.connect(path).execute("SELECT array_task_id FROM attempts ORDER BY attempt").fetchall()
+    assert raw == [(12,), (None,), (3,)]
+
+
+def test_sweep_owned_by_one_host_and_network_filesystems_detected(tmp_path, monkeypatch):
+    from brats_ugrip.sweeps import state as state_module
+    from brats_ugrip.sweeps.state import network_filesystem
+
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n"
+              "server:/export /proj nfs4 rw,relatime 0 0\n"
+              "/dev/sdb1 /proj/local xfs rw 0 0\n"
+              "fs1@o2ib:/lustre /lustre lustre rw 0 0\n")
+    assert network_filesystem("/proj/sweeps/a", mounts) == "nfs4"
+    assert network_filesystem("/proj/local/a", mounts) is None  # the longest mount point wins
+    assert network_filesystem("/lustre/x", mounts) == "lustre"
+    assert network_filesystem("/projx", mounts) is None  # a name prefix is not a mount prefix
+    with SweepState(tmp_path / "a" / "sweep.db") as state:
+        assert state.claim_owner(host="login1") == "login1"
+        assert state.claim_owner(host="login1") == "login1"
+        with pytest.raises(SweepStateError, match="owned by host 'login1'.*--take-over"):
+            state.claim_owner(host="login2")
+        assert state.claim_owner(take_over=True, host="login2") == "login2"
+        assert state.get_meta("owner_host") == "login2"
+    # On a network file system the database runs in rollback-journal mode, not WAL.
+    monkeypatch.setattr(state_module, "network_filesystem", lambda path: "nfs4")
+    with SweepState(tmp_path / "b" / "sweep.db") as state:
+        assert state._db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    monkeypatch.undo()
+    with SweepState(tmp_path / "a" / "sweep.db") as state:  # a local one: WAL
+        assert state._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ import pytest
 import torch
 import yaml
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from brats_ugrip.checkpoints import load_checkpoint, load_model, model_state_dict
+from brats_ugrip.checkpoints import git_commit, load_checkpoint, load_model, model_state_dict
 from brats_ugrip.config import LossConfig, OptimConfig, load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.datasets import make_loaders
@@ -21,7 +23,7 @@ from brats_ugrip.heldout import HeldOutSet, checkpoint_settings, validation_fing
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.losses import SegmentationLoss, mednext_ds_weights
 from brats_ugrip.optim import WarmupSchedule, averaged_parameters, build_optimizer, set_train_mode
-from brats_ugrip.training import evaluate, read_progress, train
+from brats_ugrip.training import evaluate, read_progress, train, wandb_run_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,9 @@ def csv_rows(run_dir):
 
 @pytest.fixture(scope="module")
 def segresnet_run(workspace):
-    config = tiny_config(workspace, **{"logging.mode": "offline", "logging.run_name": "tiny"})
+    config = tiny_config(workspace, **{"logging.mode": "offline", "logging.run_name": "tiny",
+                                       "logging.group": "tiny_sweep", "logging.tags": ["optim.lr=0.01"],
+                                       "logging.varied": ["optim.lr"]})
     run_dir = workspace[0] / "segresnet"
     return config, run_dir, train(config, run_dir)
 
@@ -90,18 +94,80 @@ def test_tiny_segresnet_run_writes_a_complete_run_directory(segresnet_run):
     assert len(logged) == 2 and max(logged) == pytest.approx(progress["best_val_dice"])
 
 
+def wandb_records(log: Path) -> list[dict]:
+    """The records of an offline run's ``.wandb`` file, as ``wandb leet inspect --json`` reads them."""
+    result = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(log)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
 def test_wandb_offline_run_holds_the_logged_metrics(segresnet_run):
     _, run_dir, _ = segresnet_run
     (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    result = subprocess.run([str(Path(sys.executable).with_name("wandb")), "leet", "inspect", "--json", str(log)], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    records = wandb_records(log)
     history = [r["history"]["item"] for r in records if r.get("type") == "history"]
     assert any("train/loss_step" in item for item in history)
     wandb_dice = [item["val/dice_mean"] for item in history if "val/dice_mean" in item]
     csv_dice = [float(r["val/dice_mean"]) for r in csv_rows(run_dir) if r.get("val/dice_mean")]
     assert len(wandb_dice) == 2 and wandb_dice == pytest.approx(csv_dice)
+
+
+def test_wandb_offline_run_holds_config_group_tags_and_code_version(segresnet_run):
+    """What W&B groups and filters by: the resolved config as dotted keys, the sweep's group, the fold as job type,
+    the varied key=value as tags, the run's name; code version and node in the summary."""
+    config, run_dir, _ = segresnet_run
+    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    records = wandb_records(log)
+    (run,) = [r["run"] for r in records if r.get("type") == "run"]
+    logged = run["config"]["update"]
+    assert logged["optim.lr"] == 0.01 and logged["data.fold"] == 0 and logged["model.name"] == "segresnet"
+    assert logged["data.roi_size"] == [32, 32, 32] and logged["logging.varied"] == ["optim.lr"]
+    assert logged["config_hash"] == config.hash()
+    assert run["run_group"] == "tiny_sweep" and run["job_type"] == "fold0" and run["tags"] == ["optim.lr=0.01"]
+    assert run["display_name"] == "tiny" and run["run_id"] == log.stem.removeprefix("run-")
+    summary = {}
+    for record in records:
+        if record.get("type") == "summary":
+            summary.update(record["summary"]["update"])
+    assert summary["git_commit"] == git_commit() and summary["git_commit"]
+    assert summary["host"] == socket.gethostname() and summary["gpu"] is None and summary["gpu_count"] == 0
+
+
+class StopAtEpoch(Callback):
+    """Stops a run as SLURM's SIGTERM does (a requeue or preemption), when epoch ``epoch`` (0-based) starts."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise SIGTERMException()
+
+
+def test_requeued_run_continues_the_same_wandb_run(workspace, tmp_path):
+    """A run stopped after its first epoch and started again in its directory (what a requeue does) resumes from
+    last.ckpt and logs to the same W&B run: two offline segments with one run id, which `wandb sync` joins."""
+    config = tiny_config(workspace, **{"logging.mode": "offline", "trainer.limit_train_batches": 1,
+                                       "trainer.limit_val_batches": 1})
+    run_dir = tmp_path / "run"
+    with pytest.raises(SIGTERMException):
+        train(config, run_dir, callbacks=[StopAtEpoch(1)])
+    assert read_progress(run_dir)["status"] == "interrupted"
+    summary = train(config, run_dir)
+    assert summary["epochs"] == 2
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2
+    ids = set()
+    for segment in segments:
+        (log,) = segment.glob("run-*.wandb")
+        (run,) = [r["run"] for r in wandb_records(log) if r.get("type") == "run"]
+        ids.add(run["run_id"])
+        assert segment.name.endswith(run["run_id"]) and run["resume"] is True
+    assert ids == {wandb_run_id(config, run_dir.resolve())}
+    epochs = [item["epoch"] for item in (r["history"]["item"] for r in wandb_records(log) if r.get("type") == "history")
+              if "val/dice_mean" in item]
+    assert epochs == [1]  # the second segment continues with the second epoch
 
 
 class RecordTrainWeights(Callback):

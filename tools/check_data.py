@@ -1,5 +1,7 @@
-"""Check every case of a datalist: missing or unreadable files, modalities whose shape or affine disagree,
-labels outside the scheme, empty images. Reports all problems of all cases; exits 1 when any case is bad.
+"""Check every case of a datalist: missing or unreadable files, modalities whose shape or affine disagree, NaN or
+infinite voxels (counted per case and modality), labels outside the scheme, empty images, and fold numbers that
+contradict the datalist (outside its ``n_folds``, or a fold with no case). Reports all problems of all cases;
+exits 1 when any case is bad.
 
     python tools/check_data.py datalist.json [--scheme brats2023] [--workers 2]
 """
@@ -43,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     datalist = Datalist.load(args.datalist, args.data_root)
     reports = check_datalist(datalist, args.scheme or datalist.label_scheme, args.workers)
     bad = [r for r in reports if not r.ok]
-    if bad:
-        print_case_problems(bad, f"{len(bad)} of {len(reports)} cases have problems")
+    folds = datalist.fold_problems()
+    if bad or folds:
+        title = f"{len(bad)} of {len(reports)} cases have problems" + (", and the folds" if folds else "")
+        print_case_problems([*bad, *([CaseReport("folds", folds)] if folds else [])], title)
         return 1
     console.print(f"[green]all {len(reports)} cases OK[/]")
     return 0

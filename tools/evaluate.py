@@ -5,9 +5,8 @@
 
 References: REF/<ID>/<ID>-seg.nii.gz (BraTS case folders), REF/<ID>-seg.nii.gz or REF/<ID>.nii.gz; predictions:
 PRED/<ID>.nii.gz. One CSV row per reference case. A case without a prediction is listed in a warning and scored
-as the worst case (Dice 0, HD95 at the challenge's maximum), not skipped. Metric sets: regions (Dice, HD95 of
-TC/WT/ET), brats2023-{gli,ssa,ped,men,met} and brats2024-{gli,ssa,ped,met} (regions + lesion-wise), brats2025
-(panoptica).
+as the worst case (Dice 0, HD95 at the challenge's maximum), not skipped. Each metric set reproduces one
+challenge's official code (legacy and lesion-wise scores; rules in brats_ugrip/metrics/rules.py):
 """
 from __future__ import annotations
 
@@ -23,7 +22,12 @@ from brats_ugrip.cli import console, run
 from brats_ugrip.labels import SCHEMES
 from brats_ugrip.metrics import METRIC_SETS, evaluate_dirs, summary
 
-__all__ = ["evaluate_dirs", "main", "mean_table"]
+__all__ = ["evaluate_dirs", "main", "mean_table", "metric_sets_help"]
+
+
+def metric_sets_help() -> str:
+    """One line per metric set: its name and the official code and year it reproduces."""
+    return "\n".join(f"  {name:14s} {metric_set.official}" for name, metric_set in METRIC_SETS.items())
 
 
 def mean_table(table: pd.DataFrame, title: str) -> Table:
@@ -46,7 +50,8 @@ def mean_table(table: pd.DataFrame, title: str) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=f"{__doc__}\n{metric_sets_help()}",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred", type=Path, required=True, help="folder of predictions <ID>.nii.gz")
     parser.add_argument("--ref", type=Path, required=True, help="folder of reference segmentations")
     parser.add_argument("--scheme", default="brats2023", choices=sorted(SCHEMES), help="label scheme of both folders")
@@ -66,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[yellow]warning:[/] {len(unmatched)} prediction(s) have no reference and are ignored: "
                       f"{', '.join(unmatched)}", highlight=False)
     console.print(mean_table(table, f"{args.metrics}: mean ± std over {len(table)} cases"))
+    console.print(f"{args.metrics} reproduces: {METRIC_SETS[args.metrics].official}", highlight=False)
     if args.metrics == "brats2025":
         console.print("BraTS 2025 scores computed by panoptica; please cite "
                       "https://github.com/BrainLesion/panoptica#citation")

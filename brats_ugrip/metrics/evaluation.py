@@ -3,8 +3,9 @@
 Metric sets (:data:`METRIC_SETS`):
 
 * ``regions``: Dice and HD95 of TC, WT, ET (:mod:`~brats_ugrip.metrics.regions`).
-* ``brats2023-gli`` … ``brats2024-met``: those plus the lesion-wise scores of that challenge
-  (:mod:`~brats_ugrip.metrics.lesionwise`), as the official code reports both.
+* ``brats2023-gli`` … ``brats2024-met``: the legacy (whole-region) and lesion-wise scores of that challenge and
+  year, as its official code computes them (:mod:`~brats_ugrip.metrics.lesionwise`; the rules and the official
+  script of each set are in :mod:`~brats_ugrip.metrics.rules`).
 * ``brats2025``: panoptica with the BraTS 2025 settings (:mod:`~brats_ugrip.metrics.panoptic`).
 
 Folder layout: references ``REF/<ID>/<ID>-seg.nii.gz`` (BraTS case folders, also ``_seg``), or flat
@@ -21,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from brats_ugrip.cli import progress_bar
 from brats_ugrip.errors import ConfigError, DataError
 from brats_ugrip.io import load_nifti, read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
-from brats_ugrip.metrics.lesionwise import LESIONWISE_PRESETS, lesionwise_scores
-from brats_ugrip.metrics.panoptic import BRATS2025_MAX_HD95, panoptic_scores
+from brats_ugrip.metrics.lesionwise import challenge_scores
 from brats_ugrip.metrics.regions import BRATS_MAX_HD95, Spacing, region_scores_from_labels
+from brats_ugrip.metrics.rules import LESIONWISE_PRESETS, image_diagonal
 
 CaseScorer = Callable[[np.ndarray, np.ndarray, LabelScheme, Spacing], dict[str, float]]
 COUNT_NAMES = frozenset({"tp", "fp", "fn"})
@@ -42,25 +42,40 @@ class MetricSet:
     Args:
         name: registry key, the value of ``--metrics``.
         score: ``(pred_labels, ref_labels, scheme, spacing) → {column: value}``.
-        max_hd95: the HD95 a missing prediction scores (the challenge's convention).
+        max_hd95: the HD95 a missing prediction scores (the challenge's convention); None: the image diagonal in
+            voxels (official 2024 MET).
+        official: the official code and year the set reproduces, for reports.
     """
 
     name: str
     score: CaseScorer
-    max_hd95: float
+    max_hd95: float | None
+    official: str
+
+    def cap(self, shape: tuple[int, ...]) -> float:
+        """The HD95 cap for an image of ``shape``."""
+        return image_diagonal(shape) if self.max_hd95 is None else self.max_hd95
 
 
 def _lesionwise_set(preset: str) -> MetricSet:
     def score(pred: np.ndarray, ref: np.ndarray, scheme: LabelScheme, spacing: Spacing) -> dict[str, float]:
-        return region_scores_from_labels(pred, ref, scheme, spacing) | lesionwise_scores(pred, ref, scheme, preset,
-                                                                                         spacing)
-    return MetricSet(preset, score, BRATS_MAX_HD95)
+        return challenge_scores(pred, ref, scheme, preset, spacing)
+    rules = LESIONWISE_PRESETS[preset]
+    return MetricSet(preset, score, rules.max_hd95, rules.official)
+
+
+def _panoptic_scores(pred: np.ndarray, ref: np.ndarray, scheme: LabelScheme, spacing: Spacing) -> dict[str, float]:
+    from brats_ugrip.metrics.panoptic import panoptic_scores  # panoptica is slow to import: only when used
+
+    return panoptic_scores(pred, ref, scheme, spacing)
 
 
 METRIC_SETS: dict[str, MetricSet] = {
-    "regions": MetricSet("regions", region_scores_from_labels, BRATS_MAX_HD95),
+    "regions": MetricSet("regions", region_scores_from_labels, BRATS_MAX_HD95,
+                         "none: this project's Dice and HD95 (BraTS 2023/2024 definitions) of TC, WT, ET"),
     **{name: _lesionwise_set(name) for name in LESIONWISE_PRESETS},
-    "brats2025": MetricSet("brats2025", panoptic_scores, BRATS2025_MAX_HD95),
+    "brats2025": MetricSet("brats2025", _panoptic_scores, 373.0,  # panoptic.BRATS2025_MAX_HD95
+                           "BrainLesion/panoptica with the brats-evaluation BraTS 2025 settings (2025)"),
 }
 
 
@@ -103,7 +118,7 @@ def worst_case(ref_labels: np.ndarray, scheme: str | LabelScheme, metrics: str,
     Lesion counts are those of an empty prediction (no TP, no FP, every reference lesion a FN).
     """
     row = evaluate_case(np.zeros_like(ref_labels), ref_labels, scheme, metrics, spacing)
-    max_hd95 = get_metric_set(metrics).max_hd95
+    max_hd95 = get_metric_set(metrics).cap(ref_labels.shape)
     for column in row:
         names = set(column.split("_"))
         if "hd95" in names:
@@ -166,11 +181,6 @@ def score_files(case_id: str, pred_path: Path | None, ref_path: Path, scheme: st
     return {"case_id": case_id, "prediction_missing": False} | scores
 
 
-def _single_threaded_worker() -> None:
-    # Parallelism is across cases; threads inside each worker would only fight over the cores.
-    torch.set_num_threads(1)
-
-
 def evaluate_dirs(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str], scheme: str = "brats2023",
                   metrics: str = "regions", workers: int = 1) -> pd.DataFrame:
     """Score every reference case against ``pred_dir/<ID>.nii.gz``, in parallel processes, with a progress bar.
@@ -208,7 +218,7 @@ def evaluate_dirs(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[s
                 rows[job[0]] = score_files(*job)
                 bar.advance(task)
         else:
-            with ProcessPoolExecutor(workers, initializer=_single_threaded_worker) as pool:
+            with ProcessPoolExecutor(workers) as pool:
                 futures = {pool.submit(score_files, *job): job[0] for job in jobs}
                 try:
                     for future in as_completed(futures):

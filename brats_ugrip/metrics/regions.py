@@ -1,29 +1,30 @@
-"""Per-region Dice and HD95 (the "legacy" BraTS scores) on TC, WT, ET, computed with MONAI.
+"""Per-region Dice and HD95 (the "legacy" BraTS scores) on TC, WT, ET.
 
 Definitions
-    * **Dice** ``2|P ∩ R| / (|P| + |R|)`` (``monai.metrics.compute_dice``).
-    * **HD95** is MONAI's: the *maximum of the two directed 95th percentiles* of the distances between the surface
-      voxels of prediction and reference (``monai.metrics.compute_hausdorff_distance(percentile=95)``), in mm
-      using the voxel spacing. (medpy and panoptica pool both directions and take one 95th percentile; the
-      BraTS 2023/2024 code uses DeepMind's ``compute_robust_hausdorff``, also a maximum of directed percentiles.)
+    * **Dice** ``2|P ∩ R| / (|P| + |R|)``, counted in numpy as the official code does.
+    * **HD95** is the BraTS 2023/2024 official one: DeepMind's ``surface-distance`` package (Apache-2.0),
+      ``compute_surface_distances(reference, prediction, spacing)`` then ``compute_robust_hausdorff(…, 95)``. Each
+      surface element is weighted by its area in mm², the 95th percentile is taken in each direction, and the
+      larger of the two is returned. Masks are binary (see :mod:`~brats_ugrip.metrics.lesionwise` for the official
+      2024 code, which passes numbered lesion maps to this call; that is not reproduced).
 
 Empty masks follow the BraTS convention:
 
-==================  =====  ==================================
+==================  =====  ============================================
 prediction / ref    Dice   HD95
-==================  =====  ==================================
+==================  =====  ============================================
 both empty          1      0
-exactly one empty   0      :data:`BRATS_MAX_HD95` (374 mm)
-==================  =====  ==================================
+exactly one empty   0      ``max_hd95``: :data:`BRATS_MAX_HD95` (374 mm)
+==================  =====  ============================================
+
+(The official code gets an infinite distance there and replaces it by its cap; a finite HD95 is never capped.)
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from surface_distance import compute_robust_hausdorff, compute_surface_distances
 
 from brats_ugrip.labels import REGIONS, LabelScheme
 
@@ -65,27 +66,26 @@ def crop_to_union(pred: np.ndarray, ref: np.ndarray, margin: int = 1) -> tuple[n
 
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """Dice of two boolean masks ``(X, Y, Z)``; 1 when both are empty, 0 when only one is."""
-    pred, ref = crop_to_union(np.asarray(pred, bool), np.asarray(ref, bool))
-    as_batch = [torch.as_tensor(np.ascontiguousarray(m), dtype=torch.float32)[None, None] for m in (pred, ref)]
-    # ignore_empty=False gives the BraTS convention: empty reference → 1 if the prediction is empty too, else 0.
-    return float(compute_dice(*as_batch, include_background=True, ignore_empty=False)[0, 0])
+    pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
+    total = np.count_nonzero(pred) + np.count_nonzero(ref)
+    # The BraTS convention (as the official code): both empty → 1, exactly one empty → 0.
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(pred & ref) / total
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0)) -> float:
-    """MONAI HD95 in mm of two boolean masks ``(X, Y, Z)`` with voxel ``spacing``; empty cases as in the table above."""
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),
+         max_hd95: float = BRATS_MAX_HD95) -> float:
+    """Official BraTS HD95 in mm of two boolean masks ``(X, Y, Z)`` with voxel ``spacing``; empty cases as in the
+    table above (``max_hd95`` when exactly one is empty)."""
     pred, ref = np.asarray(pred, bool), np.asarray(ref, bool)
     pred_any, ref_any = bool(pred.any()), bool(ref.any())
     if not pred_any and not ref_any:
         return 0.0
     if pred_any != ref_any:
-        return BRATS_MAX_HD95
-    as_batch = [torch.as_tensor(np.ascontiguousarray(m))[None, None] for m in crop_to_union(pred, ref)]
-    with warnings.catch_warnings():
-        # MONAI 1.6 warns about its own internal use of a deprecated get_mask_edges argument.
-        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-        distance = compute_hausdorff_distance(*as_batch, include_background=True, percentile=95,
-                                              spacing=[float(s) for s in spacing])
-    return min(float(distance[0, 0]), BRATS_MAX_HD95)
+        # Handled here: surface-distance 0.1 would reach np.Inf, which numpy 2 no longer has.
+        return float(max_hd95)
+    pred, ref = (np.ascontiguousarray(m) for m in crop_to_union(pred, ref))
+    distances = compute_surface_distances(ref, pred, [float(s) for s in spacing])
+    return float(compute_robust_hausdorff(distances, 95))
 
 
 def region_scores(pred_regions: np.ndarray, ref_regions: np.ndarray, spacing: Spacing = (1.0, 1.0, 1.0),

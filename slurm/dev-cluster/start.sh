@@ -197,6 +197,16 @@ if [[ -z $(sacctmgr -n -P list cluster "$CLUSTER" format=cluster 2>/dev/null) ]]
 fi
 
 # --- slurmctld, slurmd ----------------------------------------------------------------------------
+# Without its saved state (first start, or state removed) slurmctld numbers jobs from 1 again, while accounting
+# still holds the old jobs under those ids: sacct would answer for both. Start past accounting's highest id.
+if ! running "$RUN/slurmctld.pid" && [[ ! -e $STATE_DIR/ctld/job_state ]]; then
+    highest=$(timeout 30 sacct -a -X -n -P -o JobIDRaw -S 1970-01-01T00:00:00 -E now 2>/dev/null |
+        awk -F'[_.]' '$1 ~ /^[0-9]+$/ && $1 + 0 > max {max = $1 + 0} END {print max + 0}')
+    if ((highest > 0)); then
+        echo "FirstJobId=$((highest + 1))" >>"$ETC/slurm.conf"
+        say "no controller state: job ids start at $((highest + 1)), past accounting's highest ($highest)"
+    fi
+fi
 if ! running "$RUN/slurmctld.pid"; then
     slurmctld || die "slurmctld did not start" "$LOG/slurmctld.log"
     say "slurmctld started"

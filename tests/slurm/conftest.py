@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -45,40 +45,49 @@ def cluster_problem() -> str | None:
 class SlurmDevCluster:
     """The running dev cluster, with the ``sacct`` queries tests assert on.
 
-    sacct is the truth about a job: submitit's ``job.state`` may lag behind it by up to a minute.
+    sacct is the truth about a job: submitit's ``job.state`` may lag behind it by up to a minute. Only records
+    submitted after ``session_start`` (when the fixture was made, before any job of the session) are read: a job
+    id that accounting also holds from an earlier life of the cluster (controller state reset) is not confused
+    with the test's job.
     """
 
     poll_s: float = 1.0
+    session_start: float = field(default_factory=time.time)
 
-    def history(self, job_id: str) -> list[str]:
+    def history(self, job_id: str, since: float | None = None) -> list[str]:
         """States of every attempt of ``job_id`` (``123`` or an array task ``123_4``), oldest first.
 
         A requeued job has one record per attempt: e.g. ``["REQUEUED", "COMPLETED"]``. ``CANCELLED by 0`` is
-        reported as ``CANCELLED``. Empty until slurmdbd has heard of the job.
+        reported as ``CANCELLED``. Empty until slurmdbd has heard of the job. ``since`` (Unix seconds, noted
+        before submitting): records of an older job that had the same id (a reused id) are left out.
         """
-        answer = _run(["sacct", "-j", job_id, "--duplicates", "-X", "-n", "-P", "-o", "JobID,State"])
+        from brats_ugrip.slurm.sacct import parse_sacct, records_since, sacct_command
+
+        answer = _run(sacct_command([job_id]))
         if answer.returncode != 0:
             raise RuntimeError(f"sacct -j {job_id} failed: {answer.stderr.strip()}")
-        rows = (line.split("|") for line in answer.stdout.splitlines() if line.strip())
-        return [state.split()[0] for row_job_id, state in rows if row_job_id == job_id]
+        history = parse_sacct(answer.stdout).get(job_id, [])
+        return [r.state for r in records_since(history, self.session_start if since is None else since)]
 
-    def state(self, job_id: str) -> str | None:
-        """State of the latest attempt of ``job_id``, or None before slurmdbd has heard of it."""
-        states = self.history(job_id)
+    def state(self, job_id: str, since: float | None = None) -> str | None:
+        """State of the latest attempt of ``job_id`` submitted after ``since``, or None before slurmdbd has heard
+        of it."""
+        states = self.history(job_id, since)
         return states[-1] if states else None
 
-    def wait_for_state(self, job_id: str, states: set[str] | frozenset[str], timeout_s: float) -> str:
+    def wait_for_state(self, job_id: str, states: set[str] | frozenset[str], timeout_s: float,
+                       since: float | None = None) -> str:
         """Poll sacct until the latest attempt of ``job_id`` is in one of ``states``; return that state."""
         deadline = time.monotonic() + timeout_s
-        while (state := self.state(job_id)) not in states:
+        while (state := self.state(job_id, since)) not in states:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is {state} after {timeout_s:.0f} s, not one of {sorted(states)}")
             time.sleep(self.poll_s)
         return state
 
-    def wait_until_final(self, job_id: str, timeout_s: float = 120) -> str:
+    def wait_until_final(self, job_id: str, timeout_s: float = 120, since: float | None = None) -> str:
         """Poll sacct until ``job_id`` reached a final state (see FINAL_STATES); return it."""
-        return self.wait_for_state(job_id, FINAL_STATES, timeout_s)
+        return self.wait_for_state(job_id, FINAL_STATES, timeout_s, since)
 
 
 @pytest.fixture(scope="session")

@@ -28,13 +28,13 @@ def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pop
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
 
-def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slurm_job_dir: Path, retry_grid,
+def test_data_error_fails_at_once_while_others_complete(slurm_cluster, slurm_job_dir: Path, retry_grid,
                                                              launch_sweep):
     grid, bad = retry_grid(slurm_job_dir, {"cluster": "slurm", "partition": "debug", "time": 20, "cpus_per_task": 1,
                                            "signal_delay_s": 30})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sweep_dir = launch_sweep(grid, slurm_job_dir, env)
-    bad.unlink()  # the run on this datalist now fails at start, every attempt
+    bad.unlink()  # the run on this datalist now fails at start with a DataError, which a retry cannot fix
     state = SweepState(sweep_db_path(sweep_dir))
     first_jobs = {a.run_id: a.job_id for a in state.attempts()}
     assert len({job_id.split("_")[0] for job_id in first_jobs.values()}) == 1  # one array, one sbatch
@@ -56,9 +56,9 @@ def test_failed_run_retried_then_failed_while_others_complete(slurm_cluster, slu
     runs = {r.run_id: r for r in state.runs()}
     bad_id = next(run_id for run_id in runs if "bad" in run_id)
     failed = runs.pop(bad_id)
-    assert failed.state == RunState.FAILED and "no retries left" in failed.reason
-    attempts = state.attempts(bad_id)
-    assert [a.attempt for a in attempts] == [1, 2] and attempts[0].job_id == first_jobs[bad_id]
+    assert failed.state == RunState.FAILED and failed.reason.startswith("DataError: ") and "not retried" in failed.reason
+    attempts = state.attempts(bad_id)  # failed at once: retries are for node failures, OOM, preemption, timeouts
+    assert [a.attempt for a in attempts] == [1] and attempts[0].job_id == first_jobs[bad_id]
     for attempt in attempts:  # sacct agrees, and the log's error tail names the missing datalist
         assert slurm_cluster.state(attempt.job_id) == "FAILED" == attempt.state
         assert "bad.json" in attempt.error_tail and attempt.node == "localhost"

@@ -1,0 +1,76 @@
+"""One data cache per dataset: where it lives (one rule for training, soups and ensembles), entries keyed by
+content (two runs on two copies of a dataset share them), and runs filling it at once leave one complete set."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from brats_ugrip.data import cases_from_dir
+from brats_ugrip.preprocess import CACHE_ENV, CaseCache, case_cache_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _disk(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_one_rule_for_where_the_cache_lives(tmp_path, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    sweep = tmp_path / "sweep"
+    (sweep / "runs" / "a").mkdir(parents=True)
+    lone = tmp_path / "lone"
+    assert case_cache_dir(None, lone) == lone / "cache"  # a run outside a sweep: its own
+    assert case_cache_dir(None, sweep / "runs" / "a") == sweep / "runs" / "a" / "cache"  # no sweep.db: not a sweep
+    (sweep / "sweep.db").touch()
+    assert case_cache_dir(None, sweep / "runs" / "a") == case_cache_dir(None, sweep / "runs" / "b") == sweep / "cache"
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "project"))
+    assert case_cache_dir(None, sweep / "runs" / "a") == tmp_path / "project" / "cases"
+    assert case_cache_dir(tmp_path / "mine", sweep / "runs" / "a") == tmp_path / "mine"  # data.cache_dir wins
+    assert case_cache_dir(None, None) == tmp_path / "project" / "cases"
+
+    from brats_ugrip.souping.session import default_cache_dir
+
+    (tmp_path / "project" / "cases").mkdir(parents=True)
+    meta = {"config": {"data": {"cache_dir": None}, "run_dir": str(sweep / "runs" / "a")}}
+    assert default_cache_dir(meta) == str(tmp_path / "project" / "cases")  # soups look where training cached
+
+
+FILL = r'''
+import sys
+from pathlib import Path
+from brats_ugrip.data import cases_from_dir
+from brats_ugrip.preprocess import CaseCache, case_cache_dir
+data, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+cache = CaseCache(case_cache_dir(None, run_dir))
+for case in cases_from_dir(data):
+    cache.get(case)
+'''
+
+
+def test_two_runs_on_copies_of_a_dataset_fill_one_cache_at_once(tmp_path, phantom_dir, monkeypatch):
+    """Two runs of one sweep, each on its own copy of the dataset (other paths, same content), fill the sweep's
+    cache at the same time: the cache holds one entry per case, as much disk as one run alone uses."""
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    sweep = tmp_path / "sweep"
+    (sweep / "runs").mkdir(parents=True)
+    (sweep / "sweep.db").touch()
+    copies = [tmp_path / f"copy{i}" for i in range(2)]
+    for copy in copies:
+        shutil.copytree(phantom_dir, copy)
+    env = {**os.environ, "PYTHONPATH": str(REPO), CACHE_ENV: ""}
+    fills = [subprocess.Popen([sys.executable, "-c", FILL, str(copy), str(sweep / "runs" / name)], env=env)
+             for copy, name in zip(copies, ("a", "b"))]
+    assert [p.wait(timeout=300) for p in fills] == [0, 0]
+    alone = CaseCache(tmp_path / "alone")
+    for case in cases_from_dir(phantom_dir):
+        alone.get(case)
+    n_cases = len(cases_from_dir(phantom_dir))
+    shared = sweep / "cache"
+    assert len(list(shared.glob("*.json"))) == n_cases
+    assert not list(shared.glob(".*.tmp"))  # every write was published whole
+    assert _disk(shared) == _disk(tmp_path / "alone")  # 1x, not one cache per run
+    assert not (sweep / "runs" / "a" / "cache").exists()
