@@ -8,6 +8,9 @@ followed with :func:`brats_ugrip.sweeps.recovery.follow`, the monitor's own code
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 
 pytestmark = pytest.mark.slow
 WAIT_S = 600
+START_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster" / "start.sh"
 CACHE_FILES_PER_CASE = 4  # <case>-<key>.image.npy, .regions.npy, .tumour.npy, .json (preprocess.CaseCache)
 
 
@@ -183,3 +187,100 @@ def test_relaunch_with_a_changed_base_refuses_then_new_runs(slurm_cluster, make_
             old = runs[run_id]
             assert old.config["trainer"]["max_epochs"] == 1 and old.metrics["epochs"] == 1 and old.attempts == 1
         assert len({a.job_id.split("_")[0] for a in state.attempts()}) == 2  # two arrays: one per launch
+
+
+def _slurm_config(key: str) -> str:
+    """One value of ``scontrol show config`` (``Key = value`` lines)."""
+    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == key:
+            return value.strip()
+    raise KeyError(key)
+
+
+def _queue_empty_for(timeout_s: float) -> bool:
+    """Wait until ``squeue`` shows no job at all (anyone's) twice in a row, 2 s apart; False after ``timeout_s``."""
+    deadline, empty_before = time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        answer = subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30)
+        empty = answer.returncode == 0 and not answer.stdout.strip()
+        if empty and empty_before:
+            return True
+        empty_before = empty
+        time.sleep(2)
+    return False
+
+
+def _accounting_ids() -> list[int]:
+    """Every job id (array tasks: their own raw ids) that accounting holds."""
+    out = subprocess.run(["sacct", "-a", "-X", "-n", "-o", "JobIDRaw", "--starttime", "2020-01-01"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return [int(word) for word in out.split() if word.isdigit()]
+
+
+def _stop_controller(pid_file: Path) -> None:
+    """SIGTERM the controller named by its pid file, and wait until it has exited (it saves its state then)."""
+    pid = int(pid_file.read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return  # a zombie (its parent never reaps): exited
+        except FileNotFoundError:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"slurmctld ({pid}) still runs 60 s after SIGTERM")
+
+
+IDLE_WAIT_S = 240
+
+
+def test_controller_state_reset_gives_ids_past_accounting(slurm_cluster, make_grid, slurm_job_dir):
+    """The controller loses its state while accounting keeps the old jobs (issue 18's reused ids): restarted
+    through start.sh, it numbers new jobs past accounting's highest id, and the monitor tracks each run of a
+    new sweep on its own (its own job, its own result, no old record).
+
+    Stops and restarts the shared dev cluster's slurmctld, so only while ``squeue`` shows no job of anyone;
+    skipped when the queue does not empty within a few minutes, or when the cluster is not start.sh's.
+    """
+    state_dir = Path(_slurm_config("StateSaveLocation"))
+    pid_file = Path(_slurm_config("SlurmctldPidFile"))
+    conf = Path("/etc/slurm/slurm.conf")
+    if not (conf.is_symlink() and conf.resolve() == (state_dir.parent / "etc" / "slurm.conf").resolve()):
+        pytest.skip(f"not the dev cluster of {START_SCRIPT} ({conf} is not its symlink): never restart it")
+    if not _queue_empty_for(IDLE_WAIT_S):
+        pytest.skip(f"the queue never emptied within {IDLE_WAIT_S} s (other jobs use the cluster): the controller "
+                    "is restarted only while no job is queued or running")
+    highest = max(_accounting_ids(), default=0)
+    assert highest > 0, "accounting holds no job yet: no id could be reused"
+    if subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        pytest.skip("a job was submitted just now: the controller is not restarted under it")
+    _stop_controller(pid_file)
+    for entry in state_dir.iterdir():  # the controller's state only; accounting (slurmdbd, MariaDB) is kept
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    started = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"job ids start at {highest + 1}" in started.stdout, started.stdout
+
+    grid = make_grid("reset", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": 1})
+    sweep = slurm_job_dir / "sweep"
+    jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
+    array_id = int(next(iter(jobs.values())).job_id.split("_")[0])
+    assert array_id > highest, (array_id, highest)
+    final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
+    assert final == {"lr=0.001": RunState.COMPLETED, "lr=0.01": RunState.COMPLETED}
+    with SweepState(sweep_db_path(sweep)) as state:
+        attempts = {a.run_id: a for a in state.attempts()}
+        assert len(attempts) == 2 and len({a.job_id for a in attempts.values()}) == 2
+        for run in state.runs():
+            attempt = attempts[run.run_id]
+            assert run.attempts == 1 and run.reason is None and run.metrics["epochs"] == 1
+            assert attempt.job_id == jobs[run.run_id].job_id and attempt.state == "COMPLETED"
+            assert attempt.ended_at >= attempt.started_at >= int(attempt.submitted_at)
+            # accounting holds this job id once: no record of an older job with the same id
+            assert slurm_cluster.history(attempt.job_id, since=0) == ["COMPLETED"]
+    new_ids = sorted(set(_accounting_ids()) - set(range(highest + 1)))
+    assert new_ids and min(new_ids) > highest
+    print(f"\naccounting's highest id before: {highest}; the new array: {array_id}; new raw ids: {new_ids}")
