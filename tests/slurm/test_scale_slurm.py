@@ -284,3 +284,21 @@ def test_controller_state_reset_gives_ids_past_accounting(slurm_cluster, make_gr
     new_ids = sorted(set(_accounting_ids()) - set(range(highest + 1)))
     assert new_ids and min(new_ids) > highest
     print(f"\naccounting's highest id before: {highest}; the new array: {array_id}; new raw ids: {new_ids}")
+
+
+def test_records_of_an_older_job_under_the_same_id_are_not_ours(slurm_cluster, slurm_job_dir):
+    """The monitor's job-state source against live sacct: a job id that accounting holds from a job submitted
+    before ours (a reused id) reads as unknown (not yet heard of), never as that old job's final state; asked for
+    a submission made before it, the same record is read."""
+    from brats_ugrip.sweeps.job_states import SlurmJobStates
+
+    before = time.time()
+    old = subprocess.run(["sbatch", "--parsable", "--time=1", f"--output={slurm_job_dir / 'old.out'}", "--wrap",
+                          "true"], capture_output=True, text=True, check=True).stdout.strip()
+    assert slurm_cluster.wait_until_final(old, timeout_s=120) == "COMPLETED"
+    source = SlurmJobStates()
+    # a new job given the same id a minute later (well beyond sacct.SUBMIT_CLOCK_SLACK_S, 5 s)
+    reused = source.statuses({old: slurm_job_dir}, submitted={old: time.time() + 60})
+    assert reused == {}, reused
+    ours = source.statuses({old: slurm_job_dir}, submitted={old: before})
+    assert ours[old].state == "COMPLETED"
