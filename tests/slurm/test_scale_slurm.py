@@ -101,25 +101,43 @@ def _wait_for_success_file(path: Path, job_id: str, slurm_cluster, timeout_s: fl
         time.sleep(0.01)
 
 
+SIGNAL_TRIES = 3
+
+
 def test_completion_inside_the_signal_window_is_completed_not_retried(slurm_cluster, make_grid, slurm_job_dir,
                                                                       sbatch_log):
-    """The job writes its success, then the time limit's USR2 lands while it shuts down (sent by hand, several
-    times over a second, as soon as the result file appears). The run is COMPLETED in one attempt, never
+    """The job writes its success, then the time limit's USR2 lands while it shuts down (sent with scancel as soon
+    as the result file appears, then every 50 ms for a second). The run is COMPLETED in one attempt, never
     resubmitted, whatever sacct recorded (``FAILED 12:0`` when the signal killed the exiting interpreter), and
-    the job's log holds no traceback."""
-    grid = make_grid("limit", {"optim.lr": [0.003]}, trainer={"max_epochs": 1}, max_retries=2)
-    sweep = slurm_job_dir / "sweep"
+    the job's log holds no traceback.
+
+    The job lives ~0.1–0.3 s after writing its result: a run whose first signal came too late (the job had
+    ended) is checked all the same and the scenario is tried again, up to SIGNAL_TRIES runs.
+    """
+    delivered = 0
+    for attempt in range(1, SIGNAL_TRIES + 1):
+        delivered, outcome = _finish_under_usr2(slurm_cluster, make_grid, slurm_job_dir / f"try{attempt}")
+        assert len(_submissions(sbatch_log)) == attempt  # one sbatch per try: never resubmitted
+        print(f"\ntry {attempt}: USR2 delivered {delivered}x; {outcome}")
+        if delivered:
+            break
+    assert delivered >= 1, f"the job had always ended before the first USR2 ({SIGNAL_TRIES} tries)"
+
+
+def _finish_under_usr2(slurm_cluster, make_grid, sweep: Path) -> tuple[int, str]:
+    """One 1-run sweep signalled with USR2 from the moment its job wrote success; checks the run's outcome and
+    returns (how many signals scancel delivered, a line on what sacct and the monitor said)."""
+    grid = make_grid(f"limit_{sweep.name}", {"optim.lr": [0.003]}, trainer={"max_epochs": 1}, max_retries=2)
     jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
     ((run_id, job),) = jobs.items()
     run_dir = Path(launch.plan_launch(grid, sweep).runs[0].run_dir)
 
     _wait_for_success_file(job_result_path(run_dir, job.job_id), job.job_id, slurm_cluster)
     delivered = 0
-    for _ in range(10):  # ~1 s: the interpreter's exit, submitit's result pickle, the step's end
+    for _ in range(20):  # ~1 s: the interpreter's exit, submitit's result pickle, the step's end
         answer = subprocess.run(["scancel", "--signal=USR2", job.job_id], capture_output=True, text=True)
         delivered += answer.returncode == 0
-        time.sleep(0.1)
-    assert delivered >= 1, "the job had ended before the first USR2: the signal window was missed"
+        time.sleep(0.05)
 
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
     assert final == {run_id: RunState.COMPLETED}
@@ -128,7 +146,6 @@ def test_completion_inside_the_signal_window_is_completed_not_retried(slurm_clus
         run = state.get_run(run_id)
         attempts = state.attempts()
     assert run.attempts == 1 and len(attempts) == 1 and attempts[0].job_id == job.job_id
-    assert len(_submissions(sbatch_log)) == 1  # not resubmitted
     assert run.metrics["epochs"] == 1 and Path(run.last_checkpoint).is_file()
     if scheduler_state == "COMPLETED":
         assert run.reason is None and attempts[0].state == "COMPLETED"
@@ -136,7 +153,7 @@ def test_completion_inside_the_signal_window_is_completed_not_retried(slurm_clus
         assert run.reason.startswith("completed: the job reported success") and scheduler_state in run.reason
     log = (run_dir / "logs" / f"{job.job_id}.err").read_text()
     assert "Traceback" not in log, log[-3000:]
-    print(f"\nsacct: {scheduler_state}; USR2 delivered {delivered}x; reason: {run.reason}")
+    return delivered, f"sacct {scheduler_state}; reason: {run.reason}"
 
 
 def _with_base_file(grid: Path) -> Path:
