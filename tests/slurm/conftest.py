@@ -1,4 +1,6 @@
-"""Fixtures for tests that run jobs on the single-node SLURM dev cluster (``slurm/dev-cluster/start.sh``).
+"""Fixtures for tests that run jobs on the single-node SLURM dev cluster (``slurm/dev-cluster/start.sh``): the
+cluster (``slurm_cluster``), a job directory, a grid of tiny CPU runs (``make_grid``), a log of sbatch calls
+(``sbatch_log``).
 
 A test that takes ``slurm_cluster`` is marked ``slurm`` automatically. The cluster is used when it answers
 ``sinfo`` and ``sacct``; when it does not, it is started if ``BRATS_UGRIP_START_SLURM=1`` (a start that fails
@@ -7,12 +9,14 @@ then fails the tests, since someone asked for the cluster), and the tests are sk
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 START_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster" / "start.sh"
 START_ENV = "BRATS_UGRIP_START_SLURM"
@@ -119,3 +123,49 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slurm)
+
+
+@pytest.fixture
+def sbatch_log(tmp_path, monkeypatch):
+    """Put an ``sbatch`` in front of the real one that logs each call (one line of arguments per call)."""
+    real = shutil.which("sbatch")
+    shim_dir = tmp_path / "shim"
+    shim_dir.mkdir()
+    log = tmp_path / "sbatch_calls.log"
+    log.touch()
+    (shim_dir / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec {real} "$@"\n')
+    (shim_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
+    return log
+
+
+@pytest.fixture
+def make_grid(slurm_job_dir, phantom_dir):
+    """Write a grid of tiny CPU runs on the phantoms; keyword arguments override its sections."""
+    from brats_ugrip.data import make_datalist, save_datalist
+
+    datalist = slurm_job_dir / "datalist.json"
+    save_datalist(make_datalist(phantom_dir, 3, 0), datalist)
+
+    def write(name: str, grid: dict, executor: dict | None = None, trainer: dict | None = None, **extra) -> Path:
+        content = {
+            "name": name,
+            "base": {
+                "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 1,
+                         "cache_dir": str(slurm_job_dir / "cache")},
+                "model": {"name": "segresnet", "init_filters": 8},
+                "trainer": {"max_epochs": 2, "accelerator": "cpu", "limit_train_batches": 2, "limit_val_batches": 1,
+                            "cudnn_benchmark": False, **(trainer or {})},
+                "inference": {"sw_batch_size": 1, "overlap": 0.0},
+                "logging": {"mode": "disabled"},
+            },
+            "grid": grid,
+            "executor": {"cluster": "slurm", "partition": "debug", "cpus_per_task": 1, "time": 10,
+                         **(executor or {})},
+            **extra,
+        }
+        path = slurm_job_dir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(content, sort_keys=False))
+        return path
+
+    return write

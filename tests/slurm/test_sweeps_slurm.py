@@ -6,8 +6,6 @@ Each run trains a tiny SegResNet on 48³ phantoms for a few epochs (CPU), so eve
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 import yaml
 
 from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
-from brats_ugrip.data import Datalist, make_datalist, save_datalist
+from brats_ugrip.data import Datalist
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
 from brats_ugrip.sweeps.jobs import SubmissionError, read_job_info
 from brats_ugrip.sweeps.recovery import follow
@@ -26,50 +24,6 @@ from brats_ugrip.sweeps import launch
 
 pytestmark = pytest.mark.slow
 WAIT_S = 900  # generous: CI machines have 2 cores shared by every job of the array
-
-
-@pytest.fixture
-def sbatch_log(tmp_path, monkeypatch):
-    """Put an ``sbatch`` in front of the real one that logs each call (one line of arguments per call)."""
-    real = shutil.which("sbatch")
-    shim_dir = tmp_path / "shim"
-    shim_dir.mkdir()
-    log = tmp_path / "sbatch_calls.log"
-    log.touch()
-    (shim_dir / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec {real} "$@"\n')
-    (shim_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
-    return log
-
-
-@pytest.fixture
-def make_grid(slurm_job_dir, phantom_dir):
-    """Write a grid of tiny CPU runs on the phantoms; keyword arguments override its sections."""
-    datalist = slurm_job_dir / "datalist.json"
-    save_datalist(make_datalist(phantom_dir, 3, 0), datalist)
-
-    def write(name: str, grid: dict, executor: dict | None = None, trainer: dict | None = None, **extra) -> Path:
-        content = {
-            "name": name,
-            "base": {
-                "data": {"datalist": str(datalist), "roi_size": [32, 32, 32], "batch_size": 1,
-                         "cache_dir": str(slurm_job_dir / "cache")},
-                "model": {"name": "segresnet", "init_filters": 8},
-                "trainer": {"max_epochs": 2, "accelerator": "cpu", "limit_train_batches": 2, "limit_val_batches": 1,
-                            "cudnn_benchmark": False, **(trainer or {})},
-                "inference": {"sw_batch_size": 1, "overlap": 0.0},
-                "logging": {"mode": "disabled"},
-            },
-            "grid": grid,
-            "executor": {"cluster": "slurm", "partition": "debug", "cpus_per_task": 1, "time": 10,
-                         **(executor or {})},
-            **extra,
-        }
-        path = slurm_job_dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(content, sort_keys=False))
-        return path
-
-    return write
 
 
 def _launch(grid: Path, sweep_dir: Path):
