@@ -4,6 +4,7 @@ and every command answering ``--help`` with torch, MONAI and Lightning unimporta
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -52,9 +53,13 @@ def test_validation_and_dry_run_need_no_torch(argv, tmp_path):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)], check=True,
-                   capture_output=True, timeout=600)
+    """The wheel, built from a copy of the checkout: a build leaves build/ and *.egg-info where it runs, and an
+    egg-info on a pip's sys.path reads as "brats-ugrip already installed"."""
+    out, source = tmp_path_factory.mktemp("wheel"), tmp_path_factory.mktemp("source") / "brats-ugrip"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "demo",
+                                                                "outputs", ".cache", "__pycache__", ".*_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)], check=True,
+                   capture_output=True, timeout=600, cwd=out)
     (path,) = out.glob("brats_ugrip-*.whl")
     return path
 
@@ -82,10 +87,12 @@ def test_fresh_venv_with_medperf_mlcube_survives_install_and_uninstall(wheel, tm
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     pip = [str(python), "-m", "pip", "-q", "--disable-pip-version-check"]
-    got_mlcube = subprocess.run([*pip, "install", "mlcube==0.0.9"], capture_output=True, text=True, timeout=600)
+    got_mlcube = subprocess.run([*pip, "install", "mlcube==0.0.9"], capture_output=True, text=True, timeout=600,
+                                cwd=tmp_path)
     if got_mlcube.returncode != 0:
         pytest.skip(f"PyPI's mlcube cannot be installed here: {got_mlcube.stderr[-300:]}")
-    subprocess.run([*pip, "install", "--no-deps", str(wheel)], check=True, capture_output=True, timeout=600)
+    subprocess.run([*pip, "install", "--no-deps", str(wheel)], check=True, capture_output=True, timeout=600,
+                   cwd=tmp_path)
     help_text = subprocess.run([str(env_dir / "bin" / "brats-ugrip"), "--help"], capture_output=True, text=True,
                                timeout=60)
     assert help_text.returncode == 0 and "greedy-soup" in help_text.stdout
@@ -93,7 +100,7 @@ def test_fresh_venv_with_medperf_mlcube_survives_install_and_uninstall(wheel, tm
     theirs, ours = subprocess.run([str(python), "-c", where], capture_output=True, text=True, check=True,
                                   cwd=tmp_path).stdout.split()
     assert "/site-packages/mlcube/" in theirs and "/site-packages/brats_ugrip/mlcube/" in ours
-    subprocess.run([*pip, "uninstall", "-y", "brats-ugrip"], check=True, capture_output=True, timeout=300)
+    subprocess.run([*pip, "uninstall", "-y", "brats-ugrip"], check=True, capture_output=True, timeout=300, cwd=tmp_path)
     after = subprocess.run([str(python), "-c", "import mlcube, mlcube.cli; print(mlcube.__file__)"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert after.returncode == 0 and Path(after.stdout.strip()).is_file(), after.stderr
