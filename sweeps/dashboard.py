@@ -176,17 +176,19 @@ def header(snapshot: SweepSnapshot, shown: int, total: int) -> Text:
 
 @dataclass(frozen=True)
 class Column:
-    """A column of :func:`grid_text`: its heading, alignment, widest width, and whether it gives up width first
-    when the terminal is too narrow."""
+    """A column of :func:`grid_text`: its heading, alignment, widest width, whether it gives up width first when
+    the terminal is too narrow (down to ``min_width``), and ``drop``: when even that does not fit, columns with the
+    highest ``drop`` are left out first (0: always shown)."""
 
     heading: str
     justify: str = "left"
     max_width: int | None = None
     flexible: bool = False
+    drop: int = 0
+    min_width: int = 8
 
 
 Cell = str | Text
-MIN_FLEXIBLE_WIDTH = 8
 
 
 def _width(text: str) -> int:
@@ -202,12 +204,24 @@ def _parts(cell: Cell) -> tuple[str, list[Span]]:
     return cell.plain, spans
 
 
+def _columns_that_fit(columns: list[Column], widths: list[int], width: int, gap: int) -> list[int]:
+    """Indices of the columns to show in ``width``: all of them when they fit with flexible columns at their
+    minimum, else without the most droppable ones (highest ``drop`` first) until they do."""
+    keep = list(range(len(columns)))
+    narrowest = {i: min(w, c.min_width) if c.flexible else w for i, (w, c) in enumerate(zip(widths, columns))}
+    droppable = sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop)
+    while sum(narrowest[i] for i in keep) + gap * (len(keep) - 1) > width and droppable:
+        keep.remove(droppable.pop(0))
+    return keep
+
+
 def grid_text(columns: list[Column], rows: list[list[Cell]], width: int | None = None, gap: int = 2) -> Text:
     """Rows of cells as one fixed-width :class:`~rich.text.Text` (heading, rule, one line per row).
 
     Two orders of magnitude faster than ``rich.table.Table`` for hundreds of rows: one string with style spans,
     no per-cell measuring or wrapping. Widths come from the cells' lengths, capped by ``max_width``; when the lines
-    exceed ``width``, flexible columns shrink (down to a few characters); cells that do not fit end with "…".
+    exceed ``width``, the least needed columns are left out (``drop``) and flexible columns shrink (down to their
+    ``min_width``); cells that do not fit end with "…".
     """
     heading = [Text(c.heading, style="bold") for c in columns]
     cells = [[_parts(cell) for cell in row] for row in [heading, *rows]]
@@ -217,11 +231,14 @@ def grid_text(columns: list[Column], rows: list[list[Cell]], width: int | None =
             widths[i] = max(widths[i], _width(plain))
     widths = [min(w, c.max_width) if c.max_width else w for w, c in zip(widths, columns)]
     if width is not None:
+        keep = _columns_that_fit(columns, widths, width, gap)
+        columns, widths = [columns[i] for i in keep], [widths[i] for i in keep]
+        cells = [[row[i] if i < len(row) else ("", []) for i in keep] for row in cells]
         excess = sum(widths) + gap * (len(columns) - 1) - width
         for i in reversed([i for i, c in enumerate(columns) if c.flexible]):
             if excess <= 0:
                 break
-            cut = min(excess, max(0, widths[i] - MIN_FLEXIBLE_WIDTH))
+            cut = min(excess, max(0, widths[i] - columns[i].min_width))
             widths[i] -= cut
             excess -= cut
     total = sum(widths) + gap * (len(columns) - 1)
@@ -253,15 +270,27 @@ def grid_text(columns: list[Column], rows: list[list[Cell]], width: int | None =
     return Text("".join(pieces).rstrip("\n"), spans=spans, no_wrap=True, overflow="crop")
 
 
+def note_text(run: RunView) -> str:
+    """The run's reason without the scheduler word and attempt it starts with ("FAILED (attempt 3): ..."): the
+    state and try columns show them, and a narrow terminal keeps the cause in view."""
+    reason = run.reason or ""
+    head, _, rest = reason.partition(": ")
+    return rest if rest and " (attempt " in head and head.split(" ")[0].isupper() else reason
+
+
 def runs_table(snapshot: SweepSnapshot, runs: list[RunView], max_rows: int | None = None,
                width: int | None = None) -> Text:
     """One row per run (at most ``max_rows``; a last line says how many were left out)."""
     names = short_keys(snapshot.varied_keys)
-    columns = [Column("run", max_width=48, flexible=True),
+    # On a narrow terminal the varied parameters, the state, the best Dice and the note (why a run failed or is
+    # retried) stay; node, run id (the parameters name the run), job, update time, try, elapsed, ETA and the epoch
+    # bar are left out in that order.
+    columns = [Column("run", max_width=48, flexible=True, drop=7 if snapshot.varied_keys else 0),
                *(Column(names[key], max_width=16) for key in snapshot.varied_keys),
-               Column("state"), Column("try", "right"), Column("job"), Column("node/GPU", max_width=28, flexible=True),
-               Column("epoch"), Column("best Dice", "right"), Column("elapsed", "right"), Column("ETA", "right"),
-               Column("updated", "right"), Column("note", max_width=80, flexible=True)]
+               Column("state"), Column("try", "right", drop=4), Column("job", drop=6),
+               Column("node/GPU", max_width=28, flexible=True, drop=8), Column("epoch", drop=1),
+               Column("best Dice", "right"), Column("elapsed", "right", drop=3), Column("ETA", "right", drop=2),
+               Column("updated", "right", drop=5), Column("note", max_width=80, flexible=True, min_width=40)]
     shown = runs if max_rows is None or len(runs) <= max_rows else runs[:max(0, max_rows - 1)]
     now = snapshot.taken_at
     rows: list[list[Cell]] = []
@@ -272,7 +301,7 @@ def runs_table(snapshot: SweepSnapshot, runs: list[RunView], max_rows: int | Non
             run.run_id, *(value_text(run.params[k]) if k in run.params else "–" for k in snapshot.varied_keys),
             state_text(run), f"{run.attempt}/{run.max_attempts}", run.job_id or "–", node, progress_text(run),
             dice_text(run.best_dice, run.best_epoch), duration(run.elapsed_s), duration(run.eta_s), updated,
-            Text(run.reason or "", style="red" if run.state == "FAILED" else "dim"),
+            Text(note_text(run), style="red" if run.state == "FAILED" else "dim"),
         ])
     table = grid_text(columns, rows, width)
     if len(shown) < len(runs):

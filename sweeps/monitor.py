@@ -64,15 +64,21 @@ def watch(monitor: SweepMonitor, options: ViewOptions, interval_s: float, out: C
     """Poll every ``interval_s`` and redraw every second until no run is queued or running."""
     report = monitor.poll()
     snapshot = _snapshot(monitor, report)
-    if not out.is_terminal:  # a log: one line per poll that changed something, the table at the end
-        out.print(_status_line(snapshot), highlight=False)
+    if not out.is_terminal:  # piped or logged: a plain table whenever a poll changed something (--compact: a line)
+        def log() -> None:
+            out.print(_status_line(snapshot), highlight=False)
+            if not options.compact:
+                out.print(render(snapshot, options))
+
+        log()
         while snapshot.active:
             time.sleep(interval_s)
             report = monitor.poll()
             snapshot = _snapshot(monitor, report)
             if report.changed or report.notes:
-                out.print(_status_line(snapshot), highlight=False)
-        out.print(render(snapshot, options))
+                log()
+        if options.compact:
+            out.print(render(snapshot, options))
         return _exit_code(snapshot)
     next_poll = time.monotonic() + interval_s
     refresh_s, last_refresh = 1.0, time.monotonic()
