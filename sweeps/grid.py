@@ -14,6 +14,7 @@ A grid YAML::
       - {optim.lr: 0.0027, data.fold: 4}
     seeds: [0, 1]                      # or `repeat: 3` (seeds 0, 1, 2): varies trainer.seed
     max_retries: 2                     # failed attempts the monitor resubmits
+    max_running: 8                     # at most 8 runs of the sweep queued or running at once (sweeps/throttle.py)
     executor: {cluster: slurm, ...}    # see sweeps/executor.py; `executor.<key>` grid keys vary resources
     schedule: {kind: asha, metric: val/dice_mean, min_epochs: 5, eta: 3, max_epochs: 135}
                                        # successive halving (sweeps/halving.py; README "Successive halving"); sets max_epochs
@@ -39,10 +40,11 @@ from brats_ugrip.sweeps.executor import ExecutorSection
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.init_from import resolve_in_config
 from brats_ugrip.sweeps.run_ids import UNSAFE_CHARACTERS, run_ids
+from brats_ugrip.sweeps.throttle import check_cap
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
-_TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries",
+_TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries", "max_running",
               "executor", "schedule"}
 
 
@@ -98,6 +100,10 @@ class ParameterManager:
             raise self._error(unknown[0], f"unknown key; a grid file has {', '.join(sorted(_TOP_LEVEL))}")
         self.name = self._name()
         self.max_retries = self._max_retries()
+        try:
+            self.max_running = check_cap(self.grid.get("max_running"))
+        except ConfigError as error:
+            raise self._error("max_running", str(error).split(": ", 1)[1]) from None
         self.schedule = self._schedule()  # before the base: it sets trainer.max_epochs
         self.base = self._base()
         self.executor_raw = self.grid.get("executor") or {}

@@ -36,6 +36,7 @@ from brats_ugrip.sweeps.jobs import (SubmitSpec, jobs_folder, sbatch_test_only,
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.promotion import set_schedule
 from brats_ugrip.sweeps.run_ids import param_tags
+from brats_ugrip.sweeps.throttle import free_slots, set_cap
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 
 if TYPE_CHECKING:
@@ -66,16 +67,18 @@ class LaunchPlan:
     changed: dict[str, list[str]] = field(default_factory=dict)
     """Runs already in the sweep whose resolved config the grid now changes: run id → changed key paths."""
     schedule: HalvingSchedule | None = None
+    max_running: int | None = None
+    """The sweep-wide cap on runs in flight (sweeps/throttle.py); None: no cap."""
 
     @property
     def to_submit(self) -> list[RunRecord]:
         """New runs and runs recorded but never accepted by a scheduler (PENDING)."""
         return [r for r in self.runs if self.existing.get(r.run_id, RunState.PENDING) == RunState.PENDING]
 
-    def groups(self) -> list[SubmitGroup]:
-        """The runs to submit, grouped by resource request (in grid order)."""
+    def groups(self, limit: int | None = None) -> list[SubmitGroup]:
+        """The runs to submit (the first ``limit`` of them), grouped by resource request (in grid order)."""
         groups: dict[str, SubmitGroup] = {}
-        for record in self.to_submit:
+        for record in self.to_submit[:limit]:
             spec = SubmitSpec.from_dict(record.submit)
             groups.setdefault(spec.key, SubmitGroup(spec)).runs.append(record)
         return list(groups.values())
@@ -115,7 +118,8 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
         warnings.append(f"executor.array_parallelism caps each job array; this grid makes {len(arrays)} arrays "
                         "(its executor.* values differ), so up to that many times the cap run at once")
     return LaunchPlan(manager.name, Path(grid_path), sweep_dir, records, manager.varied_keys, existing,
-                      warnings, changed, manager.schedule)
+                      warnings, changed, manager.schedule,
+                      manager.max_running)
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -187,9 +191,9 @@ def print_plan(plan: LaunchPlan, out: Console) -> None:
     group_of = {r.run_id: i + 1 for i, g in enumerate(groups) for r in g.runs}
     table = Table(title=f"sweep {plan.name}: {len(plan.runs)} runs → {plan.sweep_dir}")
     table.add_column("#", justify="right")
-    table.add_column("run id")
+    table.add_column("run id", overflow="fold")  # a narrow terminal folds an id onto two lines, never cuts it
     for key in plan.varied_keys:
-        table.add_column(names[key])
+        table.add_column(names[key], no_wrap=True)
     table.add_column("state")
     table.add_column("array", justify="right")
     for i, record in enumerate(plan.runs, 1):
@@ -203,6 +207,11 @@ def print_plan(plan: LaunchPlan, out: Console) -> None:
     if not groups:
         out.print("nothing to submit: every run is already in the sweep")
         return
+    if plan.max_running is not None:
+        active = sum(state.is_active for state in plan.existing.values())
+        now = min(len(plan.to_submit), max(0, plan.max_running - active))
+        out.print(f"max_running {plan.max_running}: {now} runs submitted now, {len(plan.to_submit) - now} released by "
+                  "the monitor as runs end")
     folder = jobs_folder(plan.sweep_dir)
     for i, group in enumerate(groups, 1):
         spec = group.spec
@@ -249,9 +258,10 @@ def _submit_locked(plan: LaunchPlan, take_over: bool) -> dict[str, submitit.Job]
             state.set_meta("name", plan.name)
             state.set_meta("grid", str(plan.grid_path.resolve()))
             set_schedule(state, plan.schedule)
+            set_cap(state, plan.max_running)
         atomic_write_text(plan.sweep_dir / "grid.yaml", plan.grid_path.read_text())
         plan.existing = {r.run_id: r.state for r in state.runs()}
-        groups = plan.groups()
+        groups = plan.groups(limit=free_slots(state, plan.max_running))  # the rest wait for the monitor
         folder = jobs_folder(plan.sweep_dir)
         slurm_groups = [g for g in groups if g.spec.cluster == "slurm"]
         if len(slurm_groups) > 1:  # check every array first, so that a refused one leaves none half-submitted

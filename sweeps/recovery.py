@@ -53,6 +53,7 @@ from brats_ugrip.slurm.sacct import SacctError
 from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
 from brats_ugrip.sweeps.jobs import jobs_folder
 from brats_ugrip.sweeps.promotion import ended_paused, promote
+from brats_ugrip.sweeps.throttle import runs_to_release
 
 LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"
@@ -187,6 +188,7 @@ class SweepMonitor:
                         resubmissions.append(resubmission)
             resubmissions += [_Resubmission(run, why) for run, why in promote(self.state, report.notes)]
             self._resubmit(resubmissions, report)
+            self._release(report)
             self._collect(report)
             results = self.sweep_dir / "results.csv"
             if report.changed or report.collected or not results.is_file():
@@ -363,6 +365,21 @@ class SweepMonitor:
             for item in items:
                 report.resubmitted[item.run.run_id] = jobs[item.run.run_id].job_id
                 report.changed.append(item.run.run_id)
+
+    def _release(self, report: PollReport) -> None:
+        """Submit PENDING runs as the sweep's ``max_running`` cap frees places (sweeps/throttle.py), in grid order."""
+        groups: dict[str, list[RunRecord]] = {}
+        for run in runs_to_release(self.state):
+            groups.setdefault(SubmitSpec.from_dict(run.submit).key, []).append(run)
+        for runs in groups.values():
+            try:
+                jobs = self._submit_announced(runs, SubmitSpec.from_dict(runs[0].submit), resubmission=False)
+            except SubmissionError as error:  # the scheduler refused: they stay PENDING, the next poll tries again
+                report.notes.append(f"runs waiting for max_running not submitted: {error}")
+                continue
+            for run in runs:
+                report.resubmitted[run.run_id] = jobs[run.run_id].job_id
+                report.changed.append(run.run_id)
 
     def _submit_announced(self, runs: list[RunRecord], spec: SubmitSpec, resubmission: bool) -> dict[str, Any]:
         """Submit with the intent written first (see :meth:`_finish_interrupted_submission`)."""
