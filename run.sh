@@ -86,6 +86,8 @@ tests() {
     if [[ ${BRATS_UGRIP_NO_SLURM:-0} != 1 ]]; then
         bash slurm/dev-cluster/start.sh || echo "run.sh: the SLURM dev cluster did not start; @slurm tests will skip"
     fi
+    # Lint and import order first (ruff, configured in pyproject.toml): seconds, and a failure says where.
+    $PYTHON -m ruff check . || { echo "run.sh: ruff found problems (fix them, or ruff check --fix for import order)"; return 1; }
     set +e
     $PYTHON -m pytest -q --durations=15 "$@"
     local code=$?

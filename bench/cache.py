@@ -5,7 +5,8 @@
 
 An "epoch" draws one training patch per case through ``TrainDataset`` in the main process. Two figures per
 path: *load* (read, preprocess unless cached, cut the tumour-biased patch: what the cache replaces) and *item*
-(load plus flips and the intensity-jitter draw, identical in both paths; the jitter is applied on the device). Prints a JSON line and a Markdown
+(load plus flips and the intensity-jitter draw,
+ identical in both paths; the jitter is applied on the device). Prints a JSON line and a Markdown
 table.
 """
 from __future__ import annotations
@@ -14,10 +15,10 @@ import argparse
 import json
 import tempfile
 import time
-
-import torch
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from brats_ugrip.cli import run
 from brats_ugrip.data import cases_from_dir

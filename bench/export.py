@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = [{"runtime": name, "seconds": round(wall, 4), "cpu_seconds": round(cpu, 3)}
                 for name, (wall, cpu, _) in timed.items()]
         predictions = {name: found for name, (_, _, found) in timed.items()}
-        result = summarise(args, settings.threshold, meta, rows, predictions, onnx_path, export_seconds, cases[0].image.shape[1:])
+        result = summarise(args, settings.threshold, meta, rows, predictions, onnx_path, export_seconds,
+                           cases[0].image.shape[1:])
     print(json.dumps(result))
     print_table(result)
     return 0

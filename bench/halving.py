@@ -31,7 +31,6 @@ import csv
 import heapq
 import json
 import platform
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = measure(curves_of_seed, args.seeds, args.etas, args.min_epochs, args.max_epochs, args.workers)
     print(json.dumps({"bench": "halving", "configs": args.configs, "folds": args.folds, "seeds": args.seeds,
                       "workers": args.workers, "min_epochs": args.min_epochs,
-                      "crossing": None if args.curves else args.crossing, "curves": str(args.curves or "parametric"), "results": rows,
+                      "crossing": None if args.curves else args.crossing, "curves": str(args.curves or "parametric"),
+                      "results": rows,
                       "python": platform.python_version()}))
     print("\n| eta | rungs | GPU-hours vs full grid | grid's best kept | Dice gap mean | gap p95 |")
     print("|---|---|---|---|---|---|")

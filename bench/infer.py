@@ -17,7 +17,8 @@ paste-back, label map; preprocessing excluded), seconds per case (per case the m
   vs **8 separate passes** (one sliding window per flip): what batching saves.
 
 Each row's mean Dice per region over the test cases against the phantoms' references, and the largest |ΔDice| to
-the full fp32 path (goal ≤ 0.001). Agreement needs a trained network: a network's group/instance norms see each window's share of
+the full fp32 path (goal ≤ 0.001). Agreement needs a trained network: a network's group/instance norms see each
+window's share of
 background, and only a network that learnt the task predicts the same whatever that share.
 Goal on an H100: ≤ 0.22 s per case for MedNeXt-B (``--ckpt`` of a MedNeXt-B run, ``--size full``; for timings
 alone, ``--model mednext_b --init-filters 32 --train-epochs 0`` uses an untrained network, Dice meaningless).
@@ -41,16 +42,22 @@ from brats_ugrip.checkpoints import load_model
 from brats_ugrip.cli import console, run
 from brats_ugrip.config import InferenceConfig
 from brats_ugrip.data import cases_from_dir, make_datalist, save_datalist
-from brats_ugrip.inference import (ALL_FLIPS, CasePrediction, crop_prediction, predict_preprocessed, prepare_model,
-                                   sliding_window_probabilities)
+from brats_ugrip.inference import (
+    ALL_FLIPS,
+    CasePrediction,
+    crop_prediction,
+    predict_preprocessed,
+    prepare_model,
+    sliding_window_probabilities,
+)
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.metrics.regions import dice
 from brats_ugrip.models import create_model
 from brats_ugrip.preprocess import PreprocessedCase, preprocess_case
-from brats_ugrip.training import train
 from brats_ugrip.synthetic.anatomy import BRATS_SHAPE
 from brats_ugrip.synthetic.phantom import write_phantoms
+from brats_ugrip.training import train
 
 FULL_VOLUME_MARGIN = 10_000  # a brain-box margin larger than any volume: the "box" is the whole grid
 

@@ -26,9 +26,9 @@ import torch
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.cli import run
 from brats_ugrip.config import config_from_dict
-from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.mlcube.build import build_package
 from brats_ugrip.mlcube.runtime import load_package, run_infer
+from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.synthetic.anatomy import BRATS_SHAPE
 from brats_ugrip.synthetic.phantom import write_phantoms
 

@@ -13,7 +13,8 @@ Timed, each from the checkpoints on disk to the soup's weights:
   stacked for each mean; every evaluation reading and preprocessing the held-out NIfTI files again (a data loader
   over the datalist, as the seed's).
 * **seed, cases in memory** — the same procedure with a :class:`~brats_ugrip.heldout.HeldOutSet`: the algorithm alone.
-* **ours** — ``brats_ugrip.souping.soups.greedy_soup`` on a ``HeldOutSet`` with the ingredients' stored scores: N−1 evaluations.
+* **ours** — ``brats_ugrip.souping.soups.greedy_soup`` on a ``HeldOutSet`` with the ingredients' stored scores:
+  N−1 evaluations.
 * **ours, scores recomputed** — the same when the checkpoints hold no usable scores: 2N−1 evaluations.
 
 Evaluation cache: N evaluations with the cases held in memory vs re-read and preprocessed for each evaluation, and
@@ -46,7 +47,6 @@ from brats_ugrip.heldout import HeldOutSet, checkpoint_settings, stored_score
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.souping.soups import StateDict, greedy_soup, rank, uniform_soup
 from brats_ugrip.synthetic.phantom import write_phantoms
-
 
 # --- the seed's procedure -----------------------------------------------------------------------------------
 

@@ -59,9 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.runs % 5:
         raise BratsUgripError(f"--runs must be a multiple of 5 (5 folds), got {args.runs}")
+    from brats_ugrip.data import make_datalist, save_datalist
     from brats_ugrip.sweeps import launch
     from brats_ugrip.synthetic.phantom import write_phantoms
-    from brats_ugrip.data import make_datalist, save_datalist
 
     with tempfile.TemporaryDirectory(prefix="bench-sweep-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)

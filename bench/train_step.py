@@ -92,7 +92,8 @@ def run_config(args: argparse.Namespace, precision: str, compile_model: bool) ->
         "data": {"datalist": "unused.json", "roi_size": list(args.roi), "batch_size": args.batch_size},
         "model": {"name": args.model, **model_overrides(args)},
         "optim": {"name": "adamw_sf", "lr": 1e-3, "warmup_steps": 10},
-        "trainer": {"precision": precision, "compile": compile_model, "accelerator": "gpu" if args.device == "cuda" else "cpu"},
+        "trainer": {"precision": precision, "compile": compile_model,
+                    "accelerator": "gpu" if args.device == "cuda" else "cpu"},
         "logging": {"mode": "disabled"},
     })
 
@@ -209,12 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "batch_size": args.batch_size, "steps": args.steps, "rows": rows,
         "max_ratio_to_bare": max(r["ratio_to_bare"] for r in rows if r["path"] == "project"),
         "fastest_project": {k: fastest[k] for k in ("precision", "compile", "ms_per_step")},
-        "fastest_project_over_bare_fp32_eager": round(fastest["ms_per_step"] / bare_fp32["ms_per_step"], 3) if bare_fp32 else None,
+        "fastest_project_over_bare_fp32_eager": round(fastest["ms_per_step"] / bare_fp32["ms_per_step"],
+                                                      3) if bare_fp32 else None,
     }
     print(json.dumps(result))
-    print("\n| path | precision | compile | ms / step | first step s | peak GiB | project / bare |\n|---|---|---|---|---|---|---|")
+    print("\n| path | precision | compile | ms / step | first step s | peak GiB | project / bare |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['path']} | {r['precision']} | {r['compile']} | {r['ms_per_step']:.1f} | {r['first_step_seconds']:.1f} | "
+        print(f"| {r['path']} | {r['precision']} | {r['compile']} | {r['ms_per_step']:.1f} | "
+              f"{r['first_step_seconds']:.1f} | "
               f"{r['peak_gib'] if r['peak_gib'] is not None else '–'} | {r.get('ratio_to_bare', '')} |")
     print(f"\nproject step ≤ {result['max_ratio_to_bare']:.2f}× the bare loop (goal ≤ 1.10); fastest project setting "
           f"({fastest['precision']}{', compiled' if fastest['compile'] else ''}) "

@@ -112,7 +112,8 @@ def load_model(path: str | os.PathLike[str], map_location: str | torch.device = 
     try:
         model.load_state_dict(model_state_dict(checkpoint))
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit {meta['model']['name']} {meta['model']['kwargs']} ({error})") from error
+        raise CheckpointError(f"{path}: weights do not fit {meta['model']['name']} {meta['model']['kwargs']} "
+                              f"({error})") from error
     return model.to(map_location).eval(), meta
 
 

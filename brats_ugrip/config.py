@@ -10,7 +10,8 @@ Everything a training run needs is in one :class:`RunConfig`::
     trainer:   max_epochs, precision 32 | bf16-mixed | 16-mixed, compile, val_every, seed, limit batches, ...
     inference: roi_size, overlap, sw_batch_size, mode gaussian | constant, tta, precision, compile
     logging:   W&B project, run_name, mode offline | online | disabled, group (the sweep), job_type (default
-               fold<data.fold>), tags (the varied key=value), varied (the varied key paths); see the README's "Experiment tracking"
+               fold<data.fold>), tags (the varied key=value), varied (the varied key paths); see the README's
+               "Experiment tracking"
     finetune:  init_from, upkern, freeze.all_but_last, reset_last
     run_dir
 

@@ -118,7 +118,8 @@ def discover_cases(data_dir: str | os.PathLike[str]) -> tuple[Naming, list[str],
             continue
         found.setdefault(naming.name, []).append(case_dir.name)
     if not found:
-        hint = f" ({len(incomplete)} folders have NIfTI files but not the four modalities, e.g. {incomplete[0]})" if incomplete else ""
+        hint = (f" ({len(incomplete)} folders have NIfTI files but not the four modalities, e.g. {incomplete[0]})"
+                if incomplete else "")
         raise DataError(
             f"{data_dir}: no BraTS cases found{hint}; expected CASE/CASE-t1c.nii.gz, -t1n, -t2f, -t2w (BraTS 2023+) "
             "or CASE/CASE_t1ce.nii.gz, _t1, _flair, _t2 (BraTS 2021)"
@@ -240,7 +241,8 @@ class Datalist:
     def load(cls, path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> Datalist:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"{path}: datalist not found; build one with `python tools/make_datalist.py DATA_DIR --out {path}`")
+            raise DataError(f"{path}: datalist not found; build one with "
+                            f"`python tools/make_datalist.py DATA_DIR --out {path}`")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:

@@ -152,8 +152,8 @@ def make_loaders(datalist: Datalist, fold: int, scheme: LabelScheme | str, roi_s
     cache = CaseCache(cache_dir)
     workers = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
                "pin_memory": torch.cuda.is_available()}
-    train_loader = DataLoader(TrainDataset(train_cases if train_cases is not None else train, scheme, roi_size, cache,
-                                           samples_per_case, intensity=intensity), batch_size=batch_size, shuffle=True, drop_last=False,
-                              **workers)
+    train_set = TrainDataset(train_cases if train_cases is not None else train, scheme, roi_size, cache, samples_per_case,
+                             intensity=intensity)
+    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=False, **workers)
     val_loader = DataLoader(ValDataset(val, scheme, cache), batch_size=1, shuffle=False, **workers)
     return train_loader, val_loader

@@ -167,7 +167,8 @@ def _sidecar(meta: dict[str, Any], inference: dict[str, Any], opset: int, diviso
     settings = dataclasses.asdict(inference_settings(config))
     settings.update(roi_size=list(settings["roi_size"]), compile=False)  # compile is PyTorch's; fp32 in ONNX
     return {
-        "format": SIDECAR_FORMAT, "opset": opset, "exporter": f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
+        "format": SIDECAR_FORMAT, "opset": opset,
+        "exporter": f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
         "onnx": onnx.__version__,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": [DYNAMIC_AXES[0], len(MODALITIES), *DYNAMIC_AXES[1:]],
                   "channels": list(MODALITIES)},

@@ -14,8 +14,9 @@ empty-mask convention (:mod:`brats_ugrip.metrics.regions`), averaged over cases,
 crop prediction and reference are both background, so crop scores equal full-volume scores.
 
 A *fingerprint* (sorted case ids, label scheme, crop margin, the inference settings that change predictions and
-what is scored: :data:`SCORED`) names what a score was measured on. :func:`stored_score` returns a checkpoint's ``val_metrics`` only when its
-fingerprint equals the set's, so a soup reuses the scores training already measured instead of recomputing them.
+what is scored: :data:`SCORED`) names what a score was measured on. :func:`stored_score` returns a checkpoint's
+``val_metrics`` only when its fingerprint equals the set's, so a soup reuses the scores training already measured
+instead of recomputing them.
 ``sw_batch_size`` is left out of the fingerprint: it changes speed, not predictions.
 """
 from __future__ import annotations

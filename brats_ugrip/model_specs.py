@@ -87,7 +87,8 @@ def check_model_config(config: RunConfig) -> None:
     if kwargs.get("init_filters", 1) < 1:
         raise ConfigError("model.init_filters", f"must be > 0, got {kwargs['init_filters']}")
     if spec.name == "segresnet" and kwargs["init_filters"] % 8:
-        raise ConfigError("model.init_filters", f"SegResNet uses group norm with 8 groups; use a multiple of 8, got {kwargs['init_filters']}")
+        raise ConfigError("model.init_filters",
+                          f"SegResNet uses group norm with 8 groups; use a multiple of 8, got {kwargs['init_filters']}")
     for key, roi in (("data.roi_size", config.data.roi_size), ("inference.roi_size", config.inference.roi_size)):
         if roi is not None and any(size % spec.divisor for size in roi):
             raise ConfigError(key, f"{spec.name} downsamples by {spec.divisor}: every size must be a multiple of "

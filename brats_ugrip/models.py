@@ -18,8 +18,16 @@ from monai.networks.nets import BasicUNet, MedNeXt, SegResNet
 from torch import nn
 
 from brats_ugrip.errors import CheckpointError, ConfigError
-from brats_ugrip.model_specs import (IN_CHANNELS, OUT_CHANNELS, ModelSpec, check_model_config,  # noqa: F401 (re-exported)
-                                     config_model_kwargs, get_spec, list_models, resolve_kwargs)
+from brats_ugrip.model_specs import (  # noqa: F401 (re-exported)
+    IN_CHANNELS,
+    OUT_CHANNELS,
+    ModelSpec,
+    check_model_config,
+    config_model_kwargs,
+    get_spec,
+    list_models,
+    resolve_kwargs,
+)
 
 BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 """The builder of each network of ``brats_ugrip.model_specs.MODEL_SPECS``, taking exactly its ``defaults``' keys."""
@@ -78,7 +86,8 @@ def _segresnet(init_filters: int = 16, dropout: float = 0.0) -> nn.Module:
 @register_model("unet")
 def _unet(init_filters: int = 32) -> nn.Module:
     f = init_filters
-    return BasicUNet(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, features=(f, f, 2 * f, 4 * f, 8 * f, f))
+    return BasicUNet(spatial_dims=3, in_channels=IN_CHANNELS, out_channels=OUT_CHANNELS, features=(f, f, 2 * f, 4 * f,
+                                                                                                   8 * f, f))
 
 
 # --- fine-tuning surgery ------------------------------------------------------------------------------------

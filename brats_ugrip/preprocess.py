@@ -161,7 +161,8 @@ def preprocess_case(image_paths: Sequence[str | os.PathLike[str]], label_path: s
     if label_path is not None:
         label, _ = read_volume(label_path, dtype=np.int16, what=f"{case_id} seg: ")
         if label.shape != volumes[0].shape:
-            raise DataError(f"{case_id}: label shape {label.shape} differs from image shape {volumes[0].shape} ({label_path})")
+            raise DataError(f"{case_id}: label shape {label.shape} differs from image shape {volumes[0].shape} "
+                            f"({label_path})")
         regions = get_scheme(scheme).to_regions(_to_ras(label, ornt)[box], source=str(label_path)).astype(np.uint8)
     geometry = CaseGeometry(tuple(volumes[0].shape), tuple(map(tuple, affine.tolist())),
                             tuple(map(tuple, ornt.tolist())), start, stop)

@@ -50,8 +50,17 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_ugrip.atomic import atomic_write, atomic_write_json
-from brats_ugrip.checkpoints import (FORMAT_VERSION, META_KEY, checkpoint_meta, first_nonfinite, git_commit,
-                                     load_checkpoint, model_state_dict, now_iso, weights_hash)
+from brats_ugrip.checkpoints import (
+    FORMAT_VERSION,
+    META_KEY,
+    checkpoint_meta,
+    first_nonfinite,
+    git_commit,
+    load_checkpoint,
+    model_state_dict,
+    now_iso,
+    weights_hash,
+)
 from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, flat_config, load_config, save_config
 from brats_ugrip.data import Datalist
 from brats_ugrip.datasets import make_loaders, training_batch
@@ -60,8 +69,15 @@ from brats_ugrip.heldout import fingerprint, label_map_scores
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.losses import SegmentationLoss
-from brats_ugrip.models import (config_model_kwargs, create_model, freeze_all_but_last, get_spec, reset_last_convolutions,
-                                resolve_kwargs, upkern_state_dict)
+from brats_ugrip.models import (
+    config_model_kwargs,
+    create_model,
+    freeze_all_but_last,
+    get_spec,
+    reset_last_convolutions,
+    resolve_kwargs,
+    upkern_state_dict,
+)
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
 from brats_ugrip.preprocess import BRAIN_MARGIN
 from brats_ugrip.seen_cases import case_record, seen_cases
@@ -147,7 +163,8 @@ class SegmentationModule(pl.LightningModule):
                 network.load_state_dict(state)
             except RuntimeError as error:
                 raise CheckpointError(f"{finetune.init_from}: weights do not fit {self.model_name} {self.model_kwargs}; "
-                                      f"for a larger kernel than the checkpoint's set finetune.upkern: true ({error})") from error
+                                      "for a larger kernel than the checkpoint's set finetune.upkern: true "
+                                      f"({error})") from error
             init_id = checkpoint.get(META_KEY, {}).get("init_id") or weights_hash(state)
             self.init_cases = seen_cases(checkpoint.get(META_KEY, {})) or set()
         if finetune.reset_last:
@@ -626,6 +643,7 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
         "best_checkpoint": str(best_path) if best_path else None, "last_checkpoint": str(last) if last.is_file() else None,
         "best_val_dice": progress.state["best_val_dice"], "best_epoch": progress.state["best_epoch"],
         "val_metrics": best_meta.get("val_metrics", {}), "epochs": trainer.current_epoch,
-        **({"latest_val_metrics": progress.state["val_metrics"]} if status == "paused" else {}), "steps": trainer.global_step,
+        **({"latest_val_metrics": progress.state["val_metrics"]} if status == "paused" else {}),
+        "steps": trainer.global_step,
         "config_hash": config.hash(), "init_id": module.init_id,
     }

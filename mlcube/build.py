@@ -42,8 +42,15 @@ from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.metrics.lesionwise import LESIONWISE_PRESETS
-from brats_ugrip.mlcube.schema import CONTAINER_MOUNTS, INFER_INPUTS, INFER_OUTPUTS, INFER_TASK, PARAMETERS_FILE, PackageLayout, \
-    validate_package
+from brats_ugrip.mlcube.schema import (
+    CONTAINER_MOUNTS,
+    INFER_INPUTS,
+    INFER_OUTPUTS,
+    INFER_TASK,
+    PARAMETERS_FILE,
+    PackageLayout,
+    validate_package,
+)
 
 CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
 """Challenges a package can be built for; each is also the metric set ``mlcube/check.py`` scores with."""

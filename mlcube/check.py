@@ -40,7 +40,15 @@ from brats_ugrip.data import brats_case_number
 from brats_ugrip.errors import BratsUgripError, DataError
 from brats_ugrip.io import load_nifti
 from brats_ugrip.labels import get_scheme
-from brats_ugrip.mlcube.schema import INFER_INPUTS, INFER_OUTPUTS, PackageLayout, container_volumes, infer_command, load_yaml, validate_package
+from brats_ugrip.mlcube.schema import (
+    INFER_INPUTS,
+    INFER_OUTPUTS,
+    PackageLayout,
+    container_volumes,
+    infer_command,
+    load_yaml,
+    validate_package,
+)
 
 MEDPERF_PREDICTION = re.compile(r".*(\d{5}-\d{3})\.nii\.gz$")
 """How MedPerf's BraTS evaluator reads a predictions folder (examples/BraTS2023/segmentation_metrics): any other

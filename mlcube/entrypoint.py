@@ -10,7 +10,6 @@ MLCube passes the task's parameters of ``mlcube.yaml`` this way; the container f
 ``run_args.command`` of ``container_config.yaml``.
 """
 import typer
-
 from runtime import infer as run_infer_task  # the sibling runtime.py, both here and in project/
 
 app = typer.Typer(add_completion=False, help="brats-ugrip BraTS segmentation model (MedPerf model container)")

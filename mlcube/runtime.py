@@ -236,7 +236,8 @@ def run_infer(data_path: str | os.PathLike[str], parameters_file: str | os.PathL
 
 
 def infer(data_path: str, parameters_file: str, output_path: str, additional_files: str) -> int:
-    """:func:`run_infer` as a command: exit code 0 when every case was written, 1 when some were not, 2 when the package or a folder is unusable (message printed)."""
+    """:func:`run_infer` as a command: exit code 0 when every case was written, 1 when some were not, 2 when the
+    package or a folder is unusable (message printed)."""
     try:
         return run_infer(data_path, parameters_file, output_path, additional_files).exit_code
     except BratsUgripError as error:

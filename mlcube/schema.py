@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.files import read_yaml
 

@@ -210,7 +210,7 @@ def load_ingredients(directory: str | os.PathLike[str]) -> Ingredients:
 def shared_base_note(ingredients: Ingredients) -> str:
     """One line saying which initialisation (and fine-tuning base) the ingredients share, for the soup report."""
     ids = Counter(str(item.meta.get("init_id") or "unrecorded") for item in ingredients)
-    bases = sorted({str(((item.config.get("finetune") or {}).get("init_from"))) for item in ingredients
+    bases = sorted({str((item.config.get("finetune") or {}).get("init_from")) for item in ingredients
                     if (item.config.get("finetune") or {}).get("init_from")})
     fine_tuned = f", fine-tuned from {', '.join(Path(b).name if len(bases) > 1 else b for b in bases)}" if bases else ""
     if len(ids) == 1:

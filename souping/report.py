@@ -98,7 +98,8 @@ def plot_greedy(path: str | os.PathLike[str], steps: Sequence[GreedyStep], names
     figure, axes = plt.subplots(figsize=(max(6.0, 0.45 * len(steps) + 3), 4.2))
     axes.step(tried, best, where="post", color="tab:blue", label="greedy soup")
     axes.scatter(tried, [s.ingredient_score for s in steps], marker=".", color="grey", label="ingredient alone")
-    for kept, marker, color, label in ((True, "o", "tab:green", "candidate kept"), (False, "x", "tab:red", "candidate rejected")):
+    for kept, marker, color, label in ((True, "o", "tab:green", "candidate kept"), (False, "x", "tab:red",
+                                                                                    "candidate rejected")):
         chosen = [(i, s.soup_score) for i, s in zip(tried, steps) if s.kept == kept and i > 1]
         if chosen:
             axes.scatter(*zip(*chosen), marker=marker, color=color, label=label, zorder=3)

@@ -22,9 +22,9 @@ from rich.console import Group, RenderableType
 from rich.text import Span, Text
 
 from brats_ugrip.errors import BratsUgripError
+from brats_ugrip.sweeps.run_ids import format_value, short_keys
 from brats_ugrip.sweeps.state import RunState
 from brats_ugrip.sweeps.view import STALLED, RunView, SweepSnapshot
-from brats_ugrip.sweeps.run_ids import format_value, short_keys
 
 STATE_STYLES = {
     "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "green", "REQUEUED": "yellow", "TIMEOUT": "yellow",

@@ -44,7 +44,8 @@ from brats_ugrip.sweeps.throttle import check_cap
 
 SEED_KEY = "trainer.seed"
 EXECUTOR_PREFIX = "executor."
-_TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries", "max_running",
+_TOP_LEVEL = {"name", "description", "base", "set", "grid", "zip", "exclude", "seeds", "repeat", "max_retries",
+              "max_running",
               "executor", "schedule"}
 
 

@@ -22,8 +22,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
 from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct, records_since
+from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
+
 
 class JobPhase(Enum):
     """What a scheduler state means for the run it carries: the one mapping from the scheduler's words to what the

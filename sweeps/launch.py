@@ -31,13 +31,12 @@ from rich.table import Table
 from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError
-from brats_ugrip.sweeps.jobs import (SubmitSpec, jobs_folder, sbatch_test_only,
-                              scheduler_available, submit_runs)
 from brats_ugrip.sweeps.halving import HalvingSchedule
+from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder, sbatch_test_only, scheduler_available, submit_runs
 from brats_ugrip.sweeps.promotion import set_schedule
 from brats_ugrip.sweeps.run_ids import param_tags
-from brats_ugrip.sweeps.throttle import free_slots, set_cap
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.throttle import free_slots, set_cap
 
 if TYPE_CHECKING:
     from brats_ugrip.sweeps.grid import Run

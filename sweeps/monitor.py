@@ -39,12 +39,12 @@ from rich.live import Live
 from rich.table import Table
 
 from brats_ugrip.cli import run
-from brats_ugrip.sweeps.state import RunState
 from brats_ugrip.sweeps.collect import SweepSummary, sweep_summary, write_results
 from brats_ugrip.sweeps.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
-from brats_ugrip.sweeps.recovery import PollReport, SweepMonitor
-from brats_ugrip.sweeps.view import SweepSnapshot
 from brats_ugrip.sweeps.promotion import HalvingReport
+from brats_ugrip.sweeps.recovery import PollReport, SweepMonitor
+from brats_ugrip.sweeps.state import RunState
+from brats_ugrip.sweeps.view import SweepSnapshot
 
 PLAIN_WIDTH = 250  # --once to a file or pipe: wide enough that no column is cut
 

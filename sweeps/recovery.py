@@ -43,17 +43,30 @@ from submitit.core.utils import JobPaths
 
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.errors import BratsUgripError, CheckpointError
-from brats_ugrip.sweeps.jobs import (SubmissionError, SubmitSpec, error_tail, final_checkpoint_complete,
-                                     read_job_result, submit_runs)
-from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
-from brats_ugrip.sweeps.collect import collect_run, is_collected, write_results
-from brats_ugrip.sweeps.job_states import (UNCOMPLETED_MARK, JobPhase, JobStateSource, JobStatus, LocalJobStates,
-                                           SlurmJobStates, last_line)
 from brats_ugrip.slurm.sacct import SacctError
-from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
-from brats_ugrip.sweeps.jobs import jobs_folder
+from brats_ugrip.sweeps.collect import collect_run, is_collected, write_results
+from brats_ugrip.sweeps.job_states import (
+    UNCOMPLETED_MARK,
+    JobPhase,
+    JobStateSource,
+    JobStatus,
+    LocalJobStates,
+    SlurmJobStates,
+    last_line,
+)
+from brats_ugrip.sweeps.jobs import (
+    SubmissionError,
+    SubmitSpec,
+    error_tail,
+    final_checkpoint_complete,
+    jobs_folder,
+    read_job_result,
+    submit_runs,
+)
 from brats_ugrip.sweeps.promotion import ended_paused, promote
+from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
 from brats_ugrip.sweeps.throttle import runs_to_release
+from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
 
 LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"

@@ -1,8 +1,14 @@
 import pytest
 import torch
 
-from brats_ugrip.checkpoints import (checkpoint_meta, load_checkpoint, load_model, model_state_dict,
-                                     save_model_checkpoint, weights_hash)
+from brats_ugrip.checkpoints import (
+    checkpoint_meta,
+    load_checkpoint,
+    load_model,
+    model_state_dict,
+    save_model_checkpoint,
+    weights_hash,
+)
 from brats_ugrip.config import load_config
 from brats_ugrip.errors import CheckpointError
 from brats_ugrip.models import create_model

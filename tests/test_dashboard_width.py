@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from test_monitor import ScriptedScheduler
 
 from brats_ugrip.sweeps.dashboard import ViewOptions, render
 from brats_ugrip.sweeps.recovery import SweepMonitor
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
-from test_monitor import ScriptedScheduler
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = "FAILED (attempt 3): DataError: BraTS-SSA-00012-000 t2f: file missing; no retries left (2)"

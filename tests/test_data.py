@@ -68,7 +68,8 @@ def test_brats2021_naming_detected(data_copy, tmp_path):
         case_dir.rename(case_dir.parent / new_id)
     raw = make_datalist(data_copy, 2, 0)
     assert raw["naming"] == "brats2021" and raw["label_scheme"] == "brats2021"
-    assert raw["training"][0]["image"][0].endswith("_t1ce.nii.gz") and raw["training"][0]["image"][2].endswith("_flair.nii.gz")
+    images = raw["training"][0]["image"]
+    assert images[0].endswith("_t1ce.nii.gz") and images[2].endswith("_flair.nii.gz")
 
 
 def test_unlabelled_cases_go_to_testing(data_copy):

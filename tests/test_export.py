@@ -122,9 +122,11 @@ def parse_model_config(text: str):
             if type_name:
                 field.type_name = type_name
 
-    message("ModelInput", [("name", 1, F.TYPE_STRING, False, None), ("data_type", 2, F.TYPE_ENUM, False, ".inference.DataType"),
+    message("ModelInput", [("name", 1, F.TYPE_STRING, False, None), ("data_type", 2, F.TYPE_ENUM, False,
+                                                                     ".inference.DataType"),
                            ("dims", 4, F.TYPE_INT64, True, None)])
-    message("ModelOutput", [("name", 1, F.TYPE_STRING, False, None), ("data_type", 2, F.TYPE_ENUM, False, ".inference.DataType"),
+    message("ModelOutput", [("name", 1, F.TYPE_STRING, False, None), ("data_type", 2, F.TYPE_ENUM, False,
+                                                                      ".inference.DataType"),
                             ("dims", 3, F.TYPE_INT64, True, None), ("label_filename", 4, F.TYPE_STRING, False, None)])
     message("ModelConfig", [("name", 1, F.TYPE_STRING, False, None), ("platform", 2, F.TYPE_STRING, False, None),
                             ("max_batch_size", 4, F.TYPE_INT32, False, None),
@@ -150,7 +152,8 @@ def test_triton_repository_layout_and_config(exported, tmp_path):
     # With max_batch_size > 0, Triton's dims leave out the batch axis; -1 marks a variable size.
     [inp], [out] = config.input, config.output
     assert (inp.name, list(inp.dims), out.name, list(out.dims)) == ("image", [4, -1, -1, -1], "logits", [3, -1, -1, -1])
-    fp32 = config.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"].enum_type.values_by_name["TYPE_FP32"]
+    data_type = config.DESCRIPTOR.fields_by_name["input"].message_type.fields_by_name["data_type"]
+    fp32 = data_type.enum_type.values_by_name["TYPE_FP32"]
     assert inp.data_type == out.data_type == fp32.number == 11
     # The config agrees with the graph Triton will load: names, ranks, fixed channel counts.
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"))
@@ -240,8 +243,8 @@ def test_train_soup_export_and_predict_with_onnx(phantom_dir, tmp_path):
     from brats_ugrip.data import Datalist, make_datalist, save_datalist
     from brats_ugrip.heldout import checkpoint_settings
     from brats_ugrip.infer import main as infer_main
-    from brats_ugrip.training import train
     from brats_ugrip.souping import uniform as uniform_cli
+    from brats_ugrip.training import train
 
     datalist_path = save_datalist(make_datalist(phantom_dir, n_folds=3, seed=0, relative_to=tmp_path),
                                   tmp_path / "datalist.json")

@@ -18,10 +18,10 @@ from brats_ugrip.config import config_from_dict
 from brats_ugrip.ensemble import Ensemble, EnsembleSpec
 from brats_ugrip.errors import CheckpointError, ConfigError
 from brats_ugrip.labels import get_scheme
-from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.mlcube import build, check, runtime
 from brats_ugrip.mlcube.build import build_package
 from brats_ugrip.mlcube.schema import PackageLayout, container_config_problems, mlcube_yaml_problems, validate_package
+from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.synthetic.phantom import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,8 +312,8 @@ def test_package_of_a_soup_of_a_trained_run_passes_the_check(phantom_dir, cases,
     the package, and the check with scores."""
     from brats_ugrip.config import load_config
     from brats_ugrip.data import make_datalist, save_datalist
-    from brats_ugrip.training import train
     from brats_ugrip.souping import uniform
+    from brats_ugrip.training import train
 
     data, references = cases
     datalist = save_datalist(make_datalist(phantom_dir, 3, 0), tmp_path / "datalist.json")

@@ -3,8 +3,15 @@ import torch
 from monai.networks.nets.mednext import create_mednext
 
 from brats_ugrip.errors import CheckpointError, ConfigError
-from brats_ugrip.models import (create_model, freeze_all_but_last, list_models, parameters_in_forward_order,
-                                reset_last_convolutions, resolve_kwargs, upkern_state_dict)
+from brats_ugrip.models import (
+    create_model,
+    freeze_all_but_last,
+    list_models,
+    parameters_in_forward_order,
+    reset_last_convolutions,
+    resolve_kwargs,
+    upkern_state_dict,
+)
 
 TINY = {"init_filters": 8}
 

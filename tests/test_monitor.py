@@ -25,18 +25,25 @@ from rich.text import Text
 from submitit.core.utils import DelayedSubmission, JobPaths
 
 from brats_ugrip.checkpoints import save_model_checkpoint
-from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.slurm.sacct import expand_task_ids, parse_sacct, sacct_command
 from brats_ugrip.sweeps import monitor as monitor_cli
-from brats_ugrip.sweeps.collect import (copy_verified, is_collected, model_paths, read_collected, sha256_file,
-                           sweep_summary, verify_collected)
-from brats_ugrip.sweeps.report import read_curve
+from brats_ugrip.sweeps.collect import (
+    copy_verified,
+    is_collected,
+    model_paths,
+    read_collected,
+    sha256_file,
+    sweep_summary,
+    verify_collected,
+)
 from brats_ugrip.sweeps.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
 from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
-from brats_ugrip.sweeps.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
-from brats_ugrip.slurm.sacct import expand_task_ids, parse_sacct, sacct_command
-from brats_ugrip.sweeps.view import ProgressReader
+from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
 from brats_ugrip.sweeps.launch import jobs_folder
+from brats_ugrip.sweeps.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
+from brats_ugrip.sweeps.report import read_curve
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.view import ProgressReader
 
 REPO = Path(__file__).resolve().parents[1]
 

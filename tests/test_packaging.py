@@ -17,7 +17,7 @@ from brats_ugrip.commands import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "monai", "pytorch_lightning", "lightning")
-BLOCK_HEAVY = "import sys\nfor name in {heavy!r}:\n    sys.modules[name] = None\n".format(heavy=HEAVY)
+BLOCK_HEAVY = f"import sys\nfor name in {HEAVY!r}:\n    sys.modules[name] = None\n"
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

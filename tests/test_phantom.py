@@ -10,8 +10,17 @@ from scipy import ndimage
 
 from brats_ugrip.data import MODALITIES, NAMINGS
 from brats_ugrip.io import read_volume
-from brats_ugrip.synthetic.anatomy import (BRATS_AFFINE, BRATS_SHAPE, CSF, FIELD_OF_VIEW_MM, GM, WM, atlas_path, grid_affine,
-                               load_anatomy)
+from brats_ugrip.synthetic.anatomy import (
+    BRATS_AFFINE,
+    BRATS_SHAPE,
+    CSF,
+    FIELD_OF_VIEW_MM,
+    GM,
+    WM,
+    atlas_path,
+    grid_affine,
+    load_anatomy,
+)
 from brats_ugrip.synthetic.phantom import ET, NETC, SNFH, case_seed, make_phantom, write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]

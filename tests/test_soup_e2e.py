@@ -13,10 +13,10 @@ from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.heldout import checkpoint_settings
 from brats_ugrip.inference import predict_case
 from brats_ugrip.io import load_nifti
-from brats_ugrip.training import train
 from brats_ugrip.souping import greedy as greedy_cli
 from brats_ugrip.souping import uniform as uniform_cli
 from brats_ugrip.souping.ingredients import SoupWarning
+from brats_ugrip.training import train
 
 FINETUNE_LRS = (1e-3, 3e-3, 1e-2)
 

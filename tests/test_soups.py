@@ -307,7 +307,8 @@ def test_heldout_reads_each_case_once_and_crop_scores_equal_full_volume(datalist
     datalist = Datalist.load(datalist_path)
     reads = []
     original = CaseCache.get
-    monkeypatch.setattr(CaseCache, "get", lambda self, case, *a, **k: reads.append(case.case_id) or original(self, case, *a, **k))
+    monkeypatch.setattr(CaseCache, "get", lambda self, case, *a, **k: reads.append(case.case_id) or original(self, case, *a,
+                                                                                                             **k))
     heldout = HeldOutSet.from_fold(datalist, 0, progress=False)
     settings = checkpoint_settings({"config": _config(str(datalist_path))})
     model = _network(3).eval()

@@ -8,7 +8,13 @@ import pytest
 
 from brats_ugrip.data import MODALITIES, Datalist, cases_from_dir, check_case, make_datalist, save_datalist
 from brats_ugrip.io import read_volume
-from brats_ugrip.synthetic.synthesize import GENERATOR, SynthesisParams, synthesize_case, synthesize_datalist, synthesize_from_case
+from brats_ugrip.synthetic.synthesize import (
+    GENERATOR,
+    SynthesisParams,
+    synthesize_case,
+    synthesize_datalist,
+    synthesize_from_case,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STILL = SynthesisParams(max_rotation_deg=0, max_scaling=0, displacement_std_mm=0)

@@ -6,13 +6,13 @@ import time
 
 import pytest
 import yaml
+from test_monitor import ScriptedScheduler, _records, _write_checkpoint, _write_result
 
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.recovery import SweepMonitor
 from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 from brats_ugrip.sweeps.throttle import check_cap, get_cap, set_cap
-from test_monitor import ScriptedScheduler, _records, _write_checkpoint, _write_result
 
 
 def test_cap_must_be_a_positive_integer():
@@ -74,7 +74,8 @@ def test_launch_submits_up_to_the_cap_and_records_it(tmp_path, monkeypatch, phan
         return {run.run_id: None for run in runs}
 
     monkeypatch.setattr(launch, "submit_runs", fake_submit_runs)
-    grid = {"name": "capped", "base": tiny_run_base(datalist), "grid": {"optim.lr": [0.001, 0.003, 0.01, 0.03]}, "max_running": 3,
+    grid = {"name": "capped", "base": tiny_run_base(datalist), "grid": {"optim.lr": [0.001, 0.003, 0.01, 0.03]},
+            "max_running": 3,
             "executor": {"cluster": "local"}}
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))

@@ -105,11 +105,11 @@ def loader_report(cases_dir: Path, size: dict[str, Any], workers: int, cache_dir
 def inference_report(cases_dir: Path, model_name: str, size: dict[str, Any], device: str) -> dict[str, Any]:
     import torch
 
+    from brats_ugrip.bench.infer import FULL_VOLUME_MARGIN
     from brats_ugrip.config import InferenceConfig
     from brats_ugrip.data import cases_from_dir
     from brats_ugrip.inference import predict_preprocessed
     from brats_ugrip.models import create_model
-    from brats_ugrip.bench.infer import FULL_VOLUME_MARGIN
     from brats_ugrip.preprocess import preprocess_case
 
     kwargs = {"init_filters": size["init_filters"]} if size["init_filters"] else {}

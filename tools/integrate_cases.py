@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from brats_ugrip.cli import console, run, track
-from brats_ugrip.data import (NAMINGS, Case, CaseReport, Datalist, cases_from_dir, check_case, detect_naming,
-                              save_datalist)
+from brats_ugrip.data import NAMINGS, Case, CaseReport, Datalist, cases_from_dir, check_case, detect_naming, save_datalist
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume, write_volume
 from brats_ugrip.labels import get_scheme

@@ -27,11 +27,17 @@ import contextlib
 import io
 import math
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
-from panoptica import ConnectedComponentsInstanceApproximator, InputType, MaxBipartiteMatching, Metric
-from panoptica import Panoptica_Evaluator, disable_citation_reminder
+from panoptica import (
+    ConnectedComponentsInstanceApproximator,
+    InputType,
+    MaxBipartiteMatching,
+    Metric,
+    Panoptica_Evaluator,
+    disable_citation_reminder,
+)
 from panoptica.utils.edge_case_handling import EdgeCaseHandler, EdgeCaseResult, MetricZeroTPEdgeCaseHandling
 from panoptica.utils.label_group import LabelGroup, LabelMergeGroup
 from panoptica.utils.segmentation_class import SegmentationClassGroups
@@ -65,7 +71,7 @@ def brats2025_evaluator(scheme: LabelScheme) -> Panoptica_Evaluator:
     return _evaluator(scheme.core, scheme.edema, scheme.enhancing)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _evaluator(core: int, edema: int, enhancing: int) -> Panoptica_Evaluator:
     metrics = [Metric.DSC, Metric.NSD, Metric.HD95]
     groups = {

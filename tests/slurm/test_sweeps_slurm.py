@@ -16,11 +16,11 @@ import yaml
 from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
 from brats_ugrip.data import Datalist
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
+from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.jobs import SubmissionError, read_job_info
 from brats_ugrip.sweeps.recovery import follow
 from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 from brats_ugrip.training import read_progress
-from brats_ugrip.sweeps import launch
 
 pytestmark = pytest.mark.slow
 WAIT_S = 900  # generous: CI machines have 2 cores shared by every job of the array
@@ -183,8 +183,8 @@ def _assert_resumed_within_one_attempt(sweep: Path, run_dir: Path, job_id: str, 
 
 def _epoch_seconds(grid: Path, run_dir: Path) -> float:
     """Seconds per training epoch of the grid's run on this machine (its second epoch: the first fills caches)."""
-    from brats_ugrip.training import train
     from brats_ugrip.sweeps.grid import ParameterManager
+    from brats_ugrip.training import train
 
     train(ParameterManager.from_file(grid).runs()[0].config, run_dir)
     return max(0.1, read_progress(run_dir)["epoch_seconds"])
