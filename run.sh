@@ -52,7 +52,7 @@ setup() {
 
 demo() {
     # The whole product on CPU in minutes, as the workflow it is meant for: phantoms → datalist with a held-out test
-    # split → a base run → 6 ingredients fine-tuned from it (a second sweep naming the first) → greedy and uniform
+    # split → a base run → 5 ingredients fine-tuned from it (a second sweep naming the first) → greedy and uniform
     # soups selected on fold 0 and the per-channel ensemble fitted on fold 0 → one table of test-split scores →
     # MLCube package checked on BraTS-named cases. No model trains or validates on the test split.
     local out=${DEMO_DIR:-demo}
