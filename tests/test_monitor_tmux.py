@@ -19,7 +19,7 @@ from brats_ugrip.data import make_datalist, save_datalist
 from brats_ugrip.sweeps.collect import verify_collected
 
 REPO = Path(__file__).resolve().parents[1]
-WIDTH, HEIGHT = 220, 40
+WIDTH, HEIGHT = 100, 40  # a laptop's split tmux pane: the narrow case (issue 18)
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,7 @@ def test_dashboard_in_tmux_while_a_local_sweep_trains(tmp_path, phantom_dir, tin
     assert all("RUNNING" in states for states in seen_states.values()), seen_states
     assert {"1/2", "2/2"} <= seen_progress, seen_progress
     live = next(s for s in screens if "RUNNING" in s)
+    assert all(len(line) <= WIDTH for screen in screens for line in screen.splitlines())
     assert "sweep tmux_demo" in live and "RUNNING" in live.splitlines()[1]
     assert all(column in live for column in ("run", "lr", "state", "epoch", "best Dice", "ETA"))
     # The last screen: every run completed, the bar full, the header's counts and the best run.
