@@ -88,7 +88,7 @@ def load_source(model: Path) -> Ensemble:
 
 PATH_KEYS = (("run_dir",), ("data", "datalist"), ("data", "data_root"), ("data", "cache_dir"),
              ("finetune", "init_from"))
-"""Config values that are paths on the training machine (``/home/<user>/...`` on a cluster)."""
+"""Config values that are paths on the training machine (a user's home or project folder on a cluster)."""
 
 
 def portable_config(config: dict[str, Any]) -> dict[str, Any]:

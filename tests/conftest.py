@@ -86,3 +86,15 @@ def retry_grid(phantom_dir, tiny_run_base):
                 "max_retries": 1, "executor": executor}, bad
 
     return grid
+
+
+@pytest.fixture
+def fold_datalist(tmp_path):
+    """A datalist path with six cases in folds 0–2 and no images (grids check folds; nothing reads images)."""
+    import json
+
+    entries = [{"case_id": f"c{i}", "fold": i % 3, "image": [f"c{i}/{m}.nii.gz" for m in "abcd"],
+                "label": f"c{i}/seg.nii.gz"} for i in range(6)]
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": entries}))
+    return str(path)

@@ -17,20 +17,10 @@ from brats_ugrip.sweeps.run_ids import format_value, run_ids
 from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 
 
-@pytest.fixture
-def datalist(tmp_path):
-    """A datalist with folds 0–2 (the grid checks folds; no images are read)."""
-    entries = [{"case_id": f"c{i}", "fold": i % 3, "image": [f"c{i}/{m}.nii.gz" for m in "abcd"],
-                "label": f"c{i}/seg.nii.gz"} for i in range(6)]
-    path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"training": entries}))
-    return str(path)
-
-
-def _grid(datalist, **extra):
+def _grid(fold_datalist, **extra):
     grid = {
         "name": "test",
-        "base": {"data": {"datalist": datalist, "roi_size": [32, 32, 32]},
+        "base": {"data": {"datalist": fold_datalist, "roi_size": [32, 32, 32]},
                  "model": {"name": "segresnet", "init_filters": 8}, "trainer": {"max_epochs": 1}},
         "grid": {"optim.lr": [0.001, 0.0027], "data.fold": [0, 1]},
     }
@@ -47,18 +37,18 @@ def _write(tmp_path, grid, name="grid.yaml"):
 # --- expansion and ids ------------------------------------------------------------------------------------
 
 
-def test_grid_expands_all_combinations_with_readable_ids(datalist):
-    runs = ParameterManager(_grid(datalist)).runs()
+def test_grid_expands_all_combinations_with_readable_ids(fold_datalist):
+    runs = ParameterManager(_grid(fold_datalist)).runs()
     assert [r.run_id for r in runs] == ["fold=0-lr=0.001", "fold=1-lr=0.001", "fold=0-lr=0.0027", "fold=1-lr=0.0027"]
     run = runs[2]
     assert run.params == {"optim.lr": 0.0027, "data.fold": 0}
     assert run.config.optim.lr == 0.0027 and run.config.data.fold == 0 and run.config.model.name == "segresnet"
-    assert run.config_dict["data"]["datalist"] == os.path.abspath(datalist)
+    assert run.config_dict["data"]["datalist"] == os.path.abspath(fold_datalist)
 
 
-def test_ids_are_stable_whatever_the_key_order(datalist):
-    a = ParameterManager(_grid(datalist)).runs()
-    b = ParameterManager(_grid(datalist, grid={"data.fold": [1, 0], "optim.lr": [0.0027, 0.001]})).runs()
+def test_ids_are_stable_whatever_the_key_order(fold_datalist):
+    a = ParameterManager(_grid(fold_datalist)).runs()
+    b = ParameterManager(_grid(fold_datalist, grid={"data.fold": [1, 0], "optim.lr": [0.0027, 0.001]})).runs()
     assert sorted(r.run_id for r in a) == sorted(r.run_id for r in b)
     assert {r.run_id: r.params for r in a} == {r.run_id: r.params for r in b}
 
@@ -75,8 +65,8 @@ def test_id_formatting_and_ambiguous_keys():
     assert len(run_ids([{"model.name": "x" * 400}])[0]) <= 150
 
 
-def test_zip_groups_vary_together(datalist):
-    grid = _grid(datalist, grid={"data.fold": [0, 1]},
+def test_zip_groups_vary_together(fold_datalist):
+    grid = _grid(fold_datalist, grid={"data.fold": [0, 1]},
                  zip=[{"model.name": ["segresnet", "mednext_s"], "data.batch_size": [4, 2]}])
     runs = ParameterManager(grid).runs()
     assert len(runs) == 4
@@ -84,35 +74,35 @@ def test_zip_groups_vary_together(datalist):
     assert "batch_size=2-fold=0-name=mednext_s" in [r.run_id for r in runs]
 
 
-def test_exclude_rules_remove_combinations(datalist):
-    runs = ParameterManager(_grid(datalist, exclude=[{"optim.lr": 0.0027, "data.fold": 1}])).runs()
+def test_exclude_rules_remove_combinations(fold_datalist):
+    runs = ParameterManager(_grid(fold_datalist, exclude=[{"optim.lr": 0.0027, "data.fold": 1}])).runs()
     assert [r.run_id for r in runs] == ["fold=0-lr=0.001", "fold=1-lr=0.001", "fold=0-lr=0.0027"]
 
 
-def test_exclude_rule_matching_nothing_warns(datalist):
-    manager = ParameterManager(_grid(datalist, exclude=[{"optim.lr": 0.5}]))
+def test_exclude_rule_matching_nothing_warns(fold_datalist):
+    manager = ParameterManager(_grid(fold_datalist, exclude=[{"optim.lr": 0.5}]))
     with pytest.warns(ExcludeWarning, match=r"exclude\[0\].*matches no combination"):
         runs = manager.runs()
     assert len(runs) == 4 and "exclude[0]" in manager.warnings[0]
 
 
-def test_seeds_and_repeat(datalist):
-    runs = ParameterManager(_grid(datalist, grid={"data.fold": [0]}, seeds=[3, 4])).runs()
+def test_seeds_and_repeat(fold_datalist):
+    runs = ParameterManager(_grid(fold_datalist, grid={"data.fold": [0]}, seeds=[3, 4])).runs()
     assert [(r.run_id, r.config.trainer.seed) for r in runs] == [("fold=0-seed=3", 3), ("fold=0-seed=4", 4)]
-    assert len(ParameterManager(_grid(datalist, repeat=3)).runs()) == 12
+    assert len(ParameterManager(_grid(fold_datalist, repeat=3)).runs()) == 12
 
 
-def test_exponent_without_dot_is_a_number(tmp_path, datalist):
+def test_exponent_without_dot_is_a_number(tmp_path, fold_datalist):
     path = tmp_path / "grid.yaml"
-    path.write_text(f"base: {{data: {{datalist: {datalist}, roi_size: [32, 32, 32]}}, model: {{name: segresnet}}}}\n"
+    path.write_text(f"base: {{data: {{datalist: {fold_datalist}, roi_size: [32, 32, 32]}}, model: {{name: segresnet}}}}\n"
                     "grid: {optim.lr: [1e-3, 3E-4]}\n")
     runs = ParameterManager.from_file(path).runs()
     assert [r.config.optim.lr for r in runs] == [1e-3, 3e-4]
     assert [r.run_id for r in runs] == ["lr=0.001", "lr=0.0003"]
 
 
-def test_executor_keys_in_the_grid_make_separate_arrays(tmp_path, datalist):
-    grid = _grid(datalist, executor={"cluster": "slurm", "partition": "debug", "time": "00:30:00"})
+def test_executor_keys_in_the_grid_make_separate_arrays(tmp_path, fold_datalist):
+    grid = _grid(fold_datalist, executor={"cluster": "slurm", "partition": "debug", "time": "00:30:00"})
     grid["grid"]["executor.cpus_per_task"] = [1, 2]
     plan = launch.plan_launch(_write(tmp_path, grid), tmp_path / "sweep")
     groups = plan.groups()
@@ -179,67 +169,67 @@ def _error(grid) -> ConfigError:
     return error.value
 
 
-def test_unknown_config_key_names_run_and_key(datalist):
-    error = _error(_grid(datalist, grid={"optim.lrr": [0.1]}))
+def test_unknown_config_key_names_run_and_key(fold_datalist):
+    error = _error(_grid(fold_datalist, grid={"optim.lrr": [0.1]}))
     assert error.key_path == "optim.lrr" and "unknown key" in str(error) and "(in run lrr=0.1)" in str(error)
     assert str(error).startswith("grid.yaml: optim.lrr:")
 
 
-def test_unknown_top_level_key(datalist):
-    assert _error(_grid(datalist, gird={})).key_path == "gird"
+def test_unknown_top_level_key(fold_datalist):
+    assert _error(_grid(fold_datalist, gird={})).key_path == "gird"
 
 
-def test_empty_list(datalist):
-    error = _error(_grid(datalist, grid={"optim.lr": []}))
+def test_empty_list(fold_datalist):
+    error = _error(_grid(fold_datalist, grid={"optim.lr": []}))
     assert error.key_path == "grid.optim.lr" and "empty list" in str(error)
 
 
-def test_non_list_grid_value(datalist):
-    error = _error(_grid(datalist, grid={"optim.lr": 0.1}))
+def test_non_list_grid_value(fold_datalist):
+    error = _error(_grid(fold_datalist, grid={"optim.lr": 0.1}))
     assert error.key_path == "grid.optim.lr" and "expected a list" in str(error)
 
 
-def test_zip_groups_of_unequal_length(datalist):
-    error = _error(_grid(datalist, zip=[{"model.name": ["segresnet", "unet"], "data.batch_size": [1, 2, 3]}]))
+def test_zip_groups_of_unequal_length(fold_datalist):
+    error = _error(_grid(fold_datalist, zip=[{"model.name": ["segresnet", "unet"], "data.batch_size": [1, 2, 3]}]))
     assert error.key_path == "zip[0]" and "model.name: 2, data.batch_size: 3" in str(error)
 
 
-def test_key_varied_twice(datalist):
-    error = _error(_grid(datalist, zip=[{"optim.lr": [0.1]}]))
+def test_key_varied_twice(fold_datalist):
+    error = _error(_grid(fold_datalist, zip=[{"optim.lr": [0.1]}]))
     assert "varied twice" in str(error)
 
 
-def test_duplicate_run_ids(datalist):
-    error = _error(_grid(datalist, grid={"optim.lr": [0.001, 0.001]}))
+def test_duplicate_run_ids(fold_datalist):
+    error = _error(_grid(fold_datalist, grid={"optim.lr": [0.001, 0.001]}))
     assert "same run id 'lr=0.001'" in str(error)
 
 
-def test_one_bad_value_in_one_combination_fails_everything(datalist):
-    error = _error(_grid(datalist, grid={"optim.lr": [0.001, -1.0], "data.fold": [0, 1]}))
+def test_one_bad_value_in_one_combination_fails_everything(fold_datalist):
+    error = _error(_grid(fold_datalist, grid={"optim.lr": [0.001, -1.0], "data.fold": [0, 1]}))
     assert error.key_path == "optim.lr" and "(in run fold=0-lr=-1.0)" in str(error)
 
 
-def test_missing_datalist(datalist, tmp_path):
-    grid = _grid(datalist)
+def test_missing_datalist(fold_datalist, tmp_path):
+    grid = _grid(fold_datalist)
     grid["base"]["data"]["datalist"] = str(tmp_path / "nope.json")
     error = _error(grid)
     assert error.key_path == "data.datalist" and "datalist not found" in str(error)
 
 
-def test_fold_that_does_not_exist(datalist):
-    error = _error(_grid(datalist, grid={"data.fold": [0, 7]}))
+def test_fold_that_does_not_exist(fold_datalist):
+    error = _error(_grid(fold_datalist, grid={"data.fold": [0, 7]}))
     assert error.key_path == "data.fold" and "fold 7 is not in" in str(error) and "(in run fold=7)" in str(error)
     assert "[0, 1, 2]" in str(error)
 
 
-def test_exclude_on_a_key_not_varied(datalist):
+def test_exclude_on_a_key_not_varied(fold_datalist):
     with pytest.raises(ConfigError, match=r"exclude\[0\]\.model\.name: not a varied key"):
-        ParameterManager(_grid(datalist, exclude=[{"model.name": "unet"}]))
+        ParameterManager(_grid(fold_datalist, exclude=[{"model.name": "unet"}]))
 
 
-def test_exclude_removing_everything(datalist):
+def test_exclude_removing_everything(fold_datalist):
     with pytest.raises(ConfigError, match="remove every combination"):
-        ParameterManager(_grid(datalist, grid={"optim.lr": [0.1]}, exclude=[{"optim.lr": 0.1}])).runs()
+        ParameterManager(_grid(fold_datalist, grid={"optim.lr": [0.1]}, exclude=[{"optim.lr": 0.1}])).runs()
 
 
 def test_missing_grid_file(tmp_path):
@@ -247,26 +237,26 @@ def test_missing_grid_file(tmp_path):
         ParameterManager.from_file(tmp_path / "none.yaml")
 
 
-def test_unwritable_sweep_directory(tmp_path, datalist):
+def test_unwritable_sweep_directory(tmp_path, fold_datalist):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    plan = launch.plan_launch(_write(tmp_path, _grid(datalist)), blocker / "sweep")
+    plan = launch.plan_launch(_write(tmp_path, _grid(fold_datalist)), blocker / "sweep")
     with pytest.raises(BratsUgripError, match="cannot write the sweep directory.*--sweep-dir"):
         launch.submit_plan(plan)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through permission bits")
-def test_read_only_sweep_directory(tmp_path, datalist):
+def test_read_only_sweep_directory(tmp_path, fold_datalist):
     read_only = tmp_path / "ro"
     read_only.mkdir()
     read_only.chmod(0o500)
-    plan = launch.plan_launch(_write(tmp_path, _grid(datalist)), read_only)
+    plan = launch.plan_launch(_write(tmp_path, _grid(fold_datalist)), read_only)
     with pytest.raises(BratsUgripError, match="cannot write the sweep directory"):
         launch.submit_plan(plan)
 
 
-def test_cli_exits_2_with_the_message(tmp_path, datalist, capsys):
-    path = _write(tmp_path, _grid(datalist, grid={"data.fold": [9]}))
+def test_cli_exits_2_with_the_message(tmp_path, fold_datalist, capsys):
+    path = _write(tmp_path, _grid(fold_datalist, grid={"data.fold": [9]}))
     with pytest.raises(SystemExit) as exit_:
         from brats_ugrip.cli import run
         run(launch.main, [str(path), "--sweep-dir", str(tmp_path / "s")])
@@ -278,8 +268,8 @@ def test_cli_exits_2_with_the_message(tmp_path, datalist, capsys):
 # --- dry run ----------------------------------------------------------------------------------------------
 
 
-def test_dry_run_prints_runs_and_sbatch_parameters_and_writes_nothing(tmp_path, datalist, capsys):
-    grid = _grid(datalist, executor={"cluster": "slurm", "partition": "gpu", "gpus_per_node": 1,
+def test_dry_run_prints_runs_and_sbatch_parameters_and_writes_nothing(tmp_path, fold_datalist, capsys):
+    grid = _grid(fold_datalist, executor={"cluster": "slurm", "partition": "gpu", "gpus_per_node": 1,
                                       "array_parallelism": 2, "time": 120})
     path = _write(tmp_path, grid)
     sweep = tmp_path / "sweep"
@@ -292,8 +282,8 @@ def test_dry_run_prints_runs_and_sbatch_parameters_and_writes_nothing(tmp_path, 
     assert not sweep.exists()
 
 
-def test_dry_run_shows_what_is_already_in_the_sweep(tmp_path, datalist, capsys):
-    path = _write(tmp_path, _grid(datalist))
+def test_dry_run_shows_what_is_already_in_the_sweep(tmp_path, fold_datalist, capsys):
+    path = _write(tmp_path, _grid(fold_datalist))
     sweep = tmp_path / "sweep"
     plan = launch.plan_launch(path, sweep)
     with SweepState(sweep_db_path(sweep)) as state:
@@ -307,11 +297,11 @@ def test_dry_run_shows_what_is_already_in_the_sweep(tmp_path, datalist, capsys):
     assert "COMPLETED" in out and "PENDING" in out and "3 runs, local executor" in out
 
 
-def test_unknown_executor_key_in_grid_file_fails_before_expansion(datalist):
+def test_unknown_executor_key_in_grid_file_fails_before_expansion(fold_datalist):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ConfigError, match="executor.partion: unknown key"):
-            ParameterManager(_grid(datalist, executor={"cluster": "slurm", "partion": "gpu"}))
+            ParameterManager(_grid(fold_datalist, executor={"cluster": "slurm", "partion": "gpu"}))
 
 
 # --- the grids shipped in experiments/ ----------------------------------------------------------------------
@@ -322,7 +312,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("name, runs, arrays", [("grid_demo_cpu", 3, 1), ("grid_ssa_lr_folds", 25, 1),
                                                 ("grid_finetune", 20, 1)])
 def test_shipped_grids_expand_and_validate(name, runs, arrays, tmp_path, monkeypatch):
-    """Each grid in experiments/ validates (its data swapped for a 5-fold datalist) and fills one array."""
+    """Each grid in experiments/ validates (its data swapped for a 5-fold fold_datalist) and fills one array."""
     entries = [{"case_id": f"c{i}", "fold": i % 5, "image": [f"c{i}/{m}.nii.gz" for m in "abcd"],
                 "label": f"c{i}/seg.nii.gz"} for i in range(10)]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
@@ -338,7 +328,7 @@ def test_shipped_grids_expand_and_validate(name, runs, arrays, tmp_path, monkeyp
     assert len({r.executor.submit_spec(name).key for r in plan_runs}) == arrays
 
 
-def test_missing_finetune_checkpoint(datalist, tmp_path):
-    grid = _grid(datalist, grid={"finetune.init_from": [str(tmp_path / "gone.ckpt")]})
+def test_missing_finetune_checkpoint(fold_datalist, tmp_path):
+    grid = _grid(fold_datalist, grid={"finetune.init_from": [str(tmp_path / "gone.ckpt")]})
     error = _error(grid)
     assert error.key_path == "finetune.init_from" and "not found" in str(error)

@@ -13,15 +13,6 @@ from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, sweep_db_p
 
 
 @pytest.fixture
-def datalist(tmp_path):
-    entries = [{"case_id": f"c{i}", "fold": i % 3, "image": [f"c{i}/{m}.nii.gz" for m in "abcd"],
-                "label": f"c{i}/seg.nii.gz"} for i in range(6)]
-    path = tmp_path / "datalist.json"
-    path.write_text(json.dumps({"training": entries}))
-    return str(path)
-
-
-@pytest.fixture
 def base_sweep(tmp_path):
     """A base sweep with one completed, collected run ``lr=0.003`` and one still running ``lr=0.01``."""
     sweep = tmp_path / "base"
@@ -37,8 +28,8 @@ def base_sweep(tmp_path):
     return sweep
 
 
-def _finetune_grid(datalist, init_from):
-    return {"name": "ft", "base": {"data": {"datalist": datalist, "roi_size": [32, 32, 32]},
+def _finetune_grid(fold_datalist, init_from):
+    return {"name": "ft", "base": {"data": {"datalist": fold_datalist, "roi_size": [32, 32, 32]},
                                    "model": {"name": "segresnet", "init_filters": 8}},
             "set": {"finetune.init_from": init_from},
             "grid": {"optim.lr": [0.001, 0.0003], "finetune.reset_last": [0, 1],
@@ -46,15 +37,15 @@ def _finetune_grid(datalist, init_from):
             "zip": [{"finetune.freeze.all_but_last": [None, 4]}], "seeds": [0, 1]}
 
 
-def test_finetuning_grid_resolves_init_from_a_run_of_the_base_sweep(datalist, base_sweep):
-    runs = ParameterManager(_finetune_grid(datalist, {"sweep": str(base_sweep), "run": "lr=0.003"})).runs()
+def test_finetuning_grid_resolves_init_from_a_run_of_the_base_sweep(fold_datalist, base_sweep):
+    runs = ParameterManager(_finetune_grid(fold_datalist, {"sweep": str(base_sweep), "run": "lr=0.003"})).runs()
     assert len(runs) == 2 * 2 * 2 * 2 * 2
     expected = str((base_sweep / "models" / "lr=0.003.ckpt").resolve())
     assert {r.config.finetune.init_from for r in runs} == {expected}
     assert {r.config.data.augment_intensity for r in runs} == {0.05, 0.2}
     assert {r.config.finetune.freeze.all_but_last for r in runs} == {None, 4}
     # The collected checkpoint's path works the same way.
-    by_path = ParameterManager(_finetune_grid(datalist, str(base_sweep / "models" / "lr=0.003.ckpt"))).runs()
+    by_path = ParameterManager(_finetune_grid(fold_datalist, str(base_sweep / "models" / "lr=0.003.ckpt"))).runs()
     assert by_path[0].config.finetune.init_from == expected
 
 
@@ -65,15 +56,15 @@ def test_finetuning_grid_resolves_init_from_a_run_of_the_base_sweep(datalist, ba
     ({"sweep": "BASE", "run": "lr=0.003", "epoch": 3}, "expected a checkpoint path or"),
     ("missing.ckpt", "not found"),
 ])
-def test_bad_references_fail_before_submission_naming_the_key(datalist, base_sweep, reference, message):
+def test_bad_references_fail_before_submission_naming_the_key(fold_datalist, base_sweep, reference, message):
     if isinstance(reference, dict) and reference["sweep"] == "BASE":
         reference = {**reference, "sweep": str(base_sweep)}
     with pytest.raises(ConfigError, match=message) as error:
-        ParameterManager(_finetune_grid(datalist, reference)).runs()
+        ParameterManager(_finetune_grid(fold_datalist, reference)).runs()
     assert error.value.key_path == "finetune.init_from"
 
 
-def test_a_changed_collected_checkpoint_is_refused(datalist, base_sweep):
+def test_a_changed_collected_checkpoint_is_refused(fold_datalist, base_sweep):
     (base_sweep / "models" / "lr=0.003.ckpt").write_bytes(b"something else")
     with pytest.raises(ConfigError, match="does not match the SHA-256"):
-        ParameterManager(_finetune_grid(datalist, {"sweep": str(base_sweep), "run": "lr=0.003"})).runs()
+        ParameterManager(_finetune_grid(fold_datalist, {"sweep": str(base_sweep), "run": "lr=0.003"})).runs()

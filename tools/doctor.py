@@ -3,7 +3,7 @@ GPU at full size), or anywhere at tiny sizes (``--size tiny``: CI runs it on a C
 
     python tools/doctor.py --out doctor.json                       # full size on a GPU node (the default there)
     python tools/doctor.py --size tiny --out doctor.json           # seconds on a CPU
-    python tools/doctor.py --models mednext_b segresnet --cache-dir /scratch/$USER/brats-cache
+    python tools/doctor.py --models mednext_b segresnet --cache-dir $SCRATCH/brats-cache
 
 Writes one JSON file (and prints a summary) with:
 
