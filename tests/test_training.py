@@ -2,6 +2,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -163,7 +164,10 @@ def test_requeued_run_continues_the_same_wandb_run(workspace, tmp_path):
         (log,) = segment.glob("run-*.wandb")
         (run,) = [r["run"] for r in wandb_records(log) if r.get("type") == "run"]
         ids.add(run["run_id"])
-        assert segment.name.endswith(run["run_id"]) and run["resume"] is True
+        # W&B names a folder offline-run-<time>-<id>, with "-1" appended when an attempt starts within the second
+        # of the previous one (as a quick restart here can).
+        assert re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run['run_id']}(-\d+)?", segment.name), segment.name
+        assert run["resume"] is True
     assert ids == {wandb_run_id(config, run_dir.resolve())}
     epochs = [item["epoch"] for item in (r["history"]["item"] for r in wandb_records(log) if r.get("type") == "history")
               if "val/dice_mean" in item]
