@@ -55,7 +55,7 @@ demo() {
     # split → a base run → 5 ingredients fine-tuned from it (a second sweep naming the first) → greedy and uniform
     # soups selected on fold 0 and the per-channel ensemble fitted on fold 0 → one table of test-split scores →
     # MLCube package checked on BraTS-named cases. No model trains or validates on the test split.
-    local out=${DEMO_DIR:-demo}
+    local out=demo  # the demo's grids (experiments/grid_demo_*.yaml) name demo/datalist.json and demo/base
     mkdir -p "$out"
     $PYTHON synthetic/phantom.py --out "$out/data" --cases 12 --size 64 --seed 0
     $PYTHON tools/make_datalist.py "$out/data" --folds 3 --test-cases 3 --seed 0 --out "$out/datalist.json"
