@@ -555,6 +555,25 @@ def _cache_dir(config: RunConfig, run_dir: Path) -> Path | None:
     return case_cache_dir(config.data.cache_dir, run_dir)
 
 
+def _trainer(config: RunConfig, run_dir: Path, max_epochs: int, callbacks: list[Callback]) -> pl.Trainer:
+    """Lightning's trainer for a run: the config's settings, the task layout's devices, atomic checkpoint writes."""
+    # Under SLURM, requeueing is submitit's job (brats_ugrip.sweeps.jobs), not Lightning's; elsewhere a plain environment
+    # (which also spares the "srun is available but not used" warning on SLURM login nodes).
+    environment = SLURMEnvironment(auto_requeue=False) if "SLURM_JOB_ID" in os.environ else LightningEnvironment()
+    devices, num_nodes = _process_layout()
+    trainer_config = config.trainer
+    warnings.filterwarnings("ignore", message="The `srun` command is available")  # login nodes have srun
+    return pl.Trainer(
+        default_root_dir=str(run_dir), max_epochs=max_epochs, accelerator=trainer_config.accelerator,
+        devices=devices, num_nodes=num_nodes, precision=trainer_config.precision, benchmark=trainer_config.cudnn_benchmark,
+        check_val_every_n_epoch=trainer_config.val_every, num_sanity_val_steps=0,
+        limit_train_batches=trainer_config.limit_train_batches, limit_val_batches=trainer_config.limit_val_batches,
+        gradient_clip_val=trainer_config.gradient_clip, log_every_n_steps=trainer_config.log_every_n_steps,
+        logger=_loggers(config, run_dir), callbacks=callbacks, plugins=[AtomicCheckpointIO(), environment],
+        enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
+    )
+
+
 def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,
           callbacks: Sequence[Callback] = (), stop_at_epoch: int | None = None) -> dict[str, Any]:
     """Train one run in ``run_dir`` (default ``config.run_dir``), resuming from its ``last.ckpt`` if there is one.
@@ -605,24 +624,9 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
                            auto_insert_metric_name=False, enable_version_counter=False)
     last_callback = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                                     every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    # Under SLURM, requeueing is submitit's job (brats_ugrip.sweeps.jobs), not Lightning's; elsewhere a plain environment
-    # (which also spares the "srun is available but not used" warning on SLURM login nodes).
-    environment = SLURMEnvironment(auto_requeue=False) if "SLURM_JOB_ID" in os.environ else LightningEnvironment()
-    plugins: list[Any] = [AtomicCheckpointIO(), environment]
-    devices, num_nodes = _process_layout()
     trainer_config = config.trainer
-    warnings.filterwarnings("ignore", message="The `srun` command is available")  # login nodes have srun
-    trainer = pl.Trainer(
-        default_root_dir=str(run_dir), max_epochs=min(trainer_config.max_epochs, stop_at_epoch or trainer_config.max_epochs),
-        accelerator=trainer_config.accelerator,
-        devices=devices, num_nodes=num_nodes, precision=trainer_config.precision, benchmark=trainer_config.cudnn_benchmark,
-        check_val_every_n_epoch=trainer_config.val_every, num_sanity_val_steps=0,
-        limit_train_batches=trainer_config.limit_train_batches, limit_val_batches=trainer_config.limit_val_batches,
-        gradient_clip_val=trainer_config.gradient_clip, log_every_n_steps=trainer_config.log_every_n_steps,
-        logger=_loggers(config, run_dir), callbacks=[DivergenceGuard(), progress, best, last_callback, *callbacks],
-        plugins=plugins,
-        enable_progress_bar=sys.stderr.isatty(), enable_model_summary=False,
-    )
+    trainer = _trainer(config, run_dir, min(trainer_config.max_epochs, stop_at_epoch or trainer_config.max_epochs),
+                       [DivergenceGuard(), progress, best, last_callback, *callbacks])
     if trainer_config.compile:
         rank_zero_info("torch.compile is on: the first training step includes compilation (seconds to minutes; "
                        "see first_step_seconds in progress.json)")

@@ -163,7 +163,7 @@ def print_halving(report: HalvingReport, out: Console) -> None:
                   + ", ".join(report.paused), highlight=False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="the sweep directory (holds sweep.db)")
     parser.add_argument("--once", action="store_true", help="poll once, print one plain table and exit")
@@ -188,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--collect-last", action="store_true", help="also copy last.ckpt to models/last/")
     parser.add_argument("--take-over", action="store_true",
                         help="follow a sweep owned by another host (stop that host's monitor first)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.interval <= 0 or args.stall_minutes <= 0:
         parser.error("--interval and --stall-minutes must be positive")
