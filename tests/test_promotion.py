@@ -8,7 +8,7 @@ import json
 import time
 
 import pytest
-from test_grid import _error, _grid, datalist  # noqa: F401 (a fixture)
+from test_grid import _error, _grid
 from test_monitor import ScriptedScheduler, _write_checkpoint, _write_result
 
 from brats_ugrip.sweeps.grid import ParameterManager
@@ -25,20 +25,20 @@ LRS = (0.1, 0.2, 0.3)
 # --- the grid's schedule ------------------------------------------------------------------------------------
 
 
-def test_schedule_sets_max_epochs_and_is_validated(datalist):  # noqa: F811
-    manager = ParameterManager(_grid(datalist, schedule={"kind": "asha", "min_epochs": 2, "eta": 3, "max_epochs": 18}))
+def test_schedule_sets_max_epochs_and_is_validated(fold_datalist):
+    manager = ParameterManager(_grid(fold_datalist, schedule={"kind": "asha", "min_epochs": 2, "eta": 3, "max_epochs": 18}))
     assert manager.schedule.rungs == [2, 6, 18]
     assert {run.config.trainer.max_epochs for run in manager.runs()} == {18}
-    assert _error(_grid(datalist, schedule={"kind": "hyperband"})).key_path == "schedule.kind"
-    assert _error(_grid(datalist, schedule={"kind": "asha", "etaa": 3})).key_path == "schedule.etaa"
-    assert _error(_grid(datalist, schedule={"kind": "asha", "eta": 1})).key_path == "schedule.eta"
-    assert _error(_grid(datalist, schedule={"kind": "asha", "metric": "loss"})).key_path == "schedule.metric"
+    assert _error(_grid(fold_datalist, schedule={"kind": "hyperband"})).key_path == "schedule.kind"
+    assert _error(_grid(fold_datalist, schedule={"kind": "asha", "etaa": 3})).key_path == "schedule.etaa"
+    assert _error(_grid(fold_datalist, schedule={"kind": "asha", "eta": 1})).key_path == "schedule.eta"
+    assert _error(_grid(fold_datalist, schedule={"kind": "asha", "metric": "loss"})).key_path == "schedule.metric"
     # val_every 2: rung 3 (1 × 3) would have no validation score
-    bad = _grid(datalist, schedule={"kind": "asha", "min_epochs": 1, "eta": 3, "max_epochs": 9})
+    bad = _grid(fold_datalist, schedule={"kind": "asha", "min_epochs": 1, "eta": 3, "max_epochs": 9})
     bad["base"]["trainer"]["val_every"] = 2
     error = _error(bad)
     assert error.key_path == "schedule.min_epochs" and "val_every" in str(error)
-    varied = _grid(datalist, schedule={"kind": "asha"})
+    varied = _grid(fold_datalist, schedule={"kind": "asha"})
     varied["grid"]["trainer.max_epochs"] = [5, 10]
     assert _error(varied).key_path == "schedule.max_epochs"
 
