@@ -141,15 +141,17 @@ class ValDataset(Dataset):
 
 def make_loaders(datalist: Datalist, fold: int, scheme: LabelScheme | str, roi_size: Sequence[int], batch_size: int,
                  cache_dir: str | os.PathLike[str] | None, num_workers: int = 0, samples_per_case: int = 1,
-                 train_cases: Sequence[Case] | None = None, intensity: float = 0.1) -> tuple[DataLoader, DataLoader]:
+                 train_cases: Sequence[Case] | None = None, intensity: float = 0.1,
+                 stage_dir: str | os.PathLike[str] | None = None) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders for ``fold`` (validation: that fold; training: the rest and fold −1).
 
     Args:
         train_cases: overrides the training split (e.g. to mix in extra sources).
         intensity: augmentation strength of the training patches (:func:`augment_patch`).
+        stage_dir: node-local folder the cached cases are read from (:func:`~brats_ugrip.preprocess.case_stage_dir`).
     """
     train, val = datalist.split(fold)
-    cache = CaseCache(cache_dir)
+    cache = CaseCache(cache_dir, stage_dir=stage_dir)
     workers = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
                "pin_memory": torch.cuda.is_available()}
     train_set = TrainDataset(train_cases if train_cases is not None else train, scheme, roi_size, cache, samples_per_case,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from brats_ugrip.labels import LabelScheme, get_scheme
 
 CACHE_VERSION = 3
 CACHE_ENV = "BRATS_UGRIP_CACHE"
+STAGE_ENV = "BRATS_UGRIP_STAGE_DIR"
 """A shared cache root (e.g. a project folder on the cluster): its ``cases/`` folder serves every run."""
 _FINGERPRINT_BYTES = 1 << 20
 BRAIN_MARGIN = 2
@@ -213,18 +215,34 @@ def case_cache_dir(configured: str | os.PathLike[str] | None, run_dir: str | os.
     return run_dir / "cache"
 
 
+def case_stage_dir() -> Path | None:
+    """A node-local copy of the cache for this process's job (``$BRATS_UGRIP_STAGE_DIR``), or None.
+
+    On a cluster the shared cache sits on a network file system that every loader worker of every job reads; with
+    ``executor.setup: ['export BRATS_UGRIP_STAGE_DIR=$SLURM_TMPDIR/brats-cache']`` each job copies the entries it
+    reads once to the node's scratch disk and reads them there (the scheduler names that folder; this library
+    knows no scheduler, only the variable).
+    """
+    stage = os.environ.get(STAGE_ENV)
+    return Path(stage) if stage else None
+
+
 class CaseCache:
     """Preprocessed cases on disk: ``<case_id>-<key>.image.npy`` (fp16), ``.regions.npy`` (uint8),
     ``.tumour.npy`` (int32 whole-tumour voxel indices), ``.json``.
 
-    The key hashes the input files (path, size, mtime), the scheme, the margin and the cache version, so an
+    The key hashes the input files (content fingerprints), the scheme, the margin and the cache version, so an
     edited case or a different setting is recomputed rather than served stale. Writes are atomic, so parallel
-    loader workers may fill the cache concurrently.
+    loader workers (and jobs) may fill the cache concurrently. With a ``stage_dir`` (node-local scratch), an entry
+    is read from there: copied from the shared cache the first time (computed and published there first when
+    missing), the JSON last, so a half-copied entry is never read.
     """
 
-    def __init__(self, cache_dir: str | os.PathLike[str] | None, margin: int = BRAIN_MARGIN):
+    def __init__(self, cache_dir: str | os.PathLike[str] | None, margin: int = BRAIN_MARGIN,
+                 stage_dir: str | os.PathLike[str] | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.margin = margin
+        self.stage_dir = Path(stage_dir) if stage_dir is not None and cache_dir is not None else None
 
     def key(self, case: Case, scheme: str) -> str:
         """Hash of the preprocessing settings and of each input file's content fingerprint (not its path, so copies
@@ -234,11 +252,28 @@ class CaseCache:
             parts.append("-" if path is None else file_fingerprint(path))
         return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
-    def _paths(self, case: Case, scheme: str) -> tuple[Path, Path, Path, Path]:
-        assert self.cache_dir is not None
-        stem = self.cache_dir / f"{case.case_id}-{self.key(case, scheme)}"
+    def _paths(self, case: Case, scheme: str, folder: Path | None = None) -> tuple[Path, Path, Path, Path]:
+        folder = folder or self.cache_dir
+        assert folder is not None
+        stem = folder / f"{case.case_id}-{self.key(case, scheme)}"
         return (stem.with_suffix(".image.npy"), stem.with_suffix(".regions.npy"), stem.with_suffix(".tumour.npy"),
                 stem.with_suffix(".json"))
+
+    def _stage(self, case: Case, scheme: str, label: Path | None) -> tuple[Path, Path, Path, Path]:
+        """The entry's paths in the stage folder, copied there from the shared cache (filled first if needed)."""
+        assert self.stage_dir is not None
+        staged = self._paths(case, scheme, self.stage_dir)
+        if staged[3].is_file():
+            return staged
+        shared = self._paths(case, scheme)
+        if not shared[3].is_file() or (label is not None and not json.loads(shared[3].read_text())["has_regions"]):
+            CaseCache(self.cache_dir, self.margin).get(case, scheme, with_label=label is not None)
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        for source, target in zip(shared, staged):  # the JSON last: its presence means the arrays are complete
+            if source.is_file():
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(source, tmp)
+        return staged
 
     def get(self, case: Case, scheme: LabelScheme | str = "brats2023", with_label: bool = True,
             mmap: bool = False) -> PreprocessedCase:
@@ -251,7 +286,10 @@ class CaseCache:
         label = case.label if with_label else None
         if self.cache_dir is None:
             return preprocess_case(case.images, label, scheme_name, self.margin, case.case_id)
-        image_path, regions_path, tumour_path, meta_path = self._paths(case, scheme_name)
+        if self.stage_dir is not None:
+            image_path, regions_path, tumour_path, meta_path = self._stage(case, scheme_name, label)
+        else:
+            image_path, regions_path, tumour_path, meta_path = self._paths(case, scheme_name)
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
             mode = "r" if mmap else None

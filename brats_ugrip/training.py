@@ -79,7 +79,7 @@ from brats_ugrip.models import (
     upkern_state_dict,
 )
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
-from brats_ugrip.preprocess import BRAIN_MARGIN
+from brats_ugrip.preprocess import BRAIN_MARGIN, case_stage_dir
 from brats_ugrip.seen_cases import case_record, seen_cases
 from brats_ugrip.sources import check_run_data
 
@@ -619,7 +619,7 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
     train_loader, val_loader = make_loaders(
         datalist, config.data.fold, config.data.scheme, config.data.roi_size, config.data.batch_size,
         _cache_dir(config, run_dir), config.data.num_workers, config.data.samples_per_case, train_cases=train_cases,
-        intensity=config.data.augment_intensity)
+        intensity=config.data.augment_intensity, stage_dir=case_stage_dir())
     best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)
     last_callback = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,

@@ -74,3 +74,31 @@ def test_two_runs_on_copies_of_a_dataset_fill_one_cache_at_once(tmp_path, phanto
     assert not list(shared.glob(".*.tmp"))  # every write was published whole
     assert _disk(shared) == _disk(tmp_path / "alone")  # 1x, not one cache per run
     assert not (sweep / "runs" / "a" / "cache").exists()
+
+
+def test_a_job_reads_the_cache_from_its_node_local_stage(tmp_path, phantom_dir, monkeypatch):
+    """``$BRATS_UGRIP_STAGE_DIR``: entries are published to the shared cache, copied once to the stage and read
+    there; a second job on another node copies without preprocessing again."""
+    from brats_ugrip import preprocess
+    from brats_ugrip.data import cases_from_dir
+    from brats_ugrip.preprocess import CaseCache, case_stage_dir
+
+    case = cases_from_dir(phantom_dir)[0]
+    shared, node1, node2 = tmp_path / "shared", tmp_path / "node1", tmp_path / "node2"
+    monkeypatch.setenv("BRATS_UGRIP_STAGE_DIR", str(node1))
+    assert case_stage_dir() == node1
+    first = CaseCache(shared, stage_dir=case_stage_dir()).get(case, mmap=True)
+    names = sorted(p.name for p in shared.iterdir())
+    assert len(names) == 4 and sorted(p.name for p in node1.iterdir()) == names  # published, then staged
+    assert str(node1) in str(first.image.filename)  # memory-mapped from the stage, not the shared file system
+
+    def no_preprocessing(*args, **kwargs):
+        raise AssertionError("the entry was preprocessed again")
+
+    monkeypatch.setattr(preprocess, "preprocess_case", no_preprocessing)
+    second = CaseCache(shared, stage_dir=node2).get(case, mmap=True)
+    assert sorted(p.name for p in node2.iterdir()) == names
+    assert str(node2) in str(second.image.filename) and (second.image == first.image).all()
+    assert (second.regions == first.regions).all()
+    monkeypatch.delenv("BRATS_UGRIP_STAGE_DIR")
+    assert case_stage_dir() is None
