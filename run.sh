@@ -67,7 +67,7 @@ demo() {
         --out "$out/soup.ckpt"
     $PYTHON souping/uniform.py --ckpts "$out/finetune/models" --datalist "$out/datalist.json" --fold 0 \
         --out "$out/uniform.ckpt"
-    $PYTHON ensembling/ensemble.py --models "$out"/finetune/models/*.ckpt --fit --datalist "$out/datalist.json" \
+    $PYTHON ensembling/cli.py --models "$out"/finetune/models/*.ckpt --fit --datalist "$out/datalist.json" \
         --fold 0 --out "$out/ensemble"
     $PYTHON tools/compare_soups.py --greedy "$out/soup.ckpt" --uniform "$out/uniform.ckpt" \
         --ensemble "$out/ensemble/ensemble.fit.json" --out "$out/test_table.md"

@@ -53,7 +53,8 @@ def _rss(field: str) -> int:
 def measure(workdir: Path, n_models: int, device: str) -> dict[str, float]:
     """Child process: load N models, predict the case once, report the memory the prediction took."""
     from brats_ugrip.data import cases_from_dir
-    from brats_ugrip.ensemble import Ensemble, EnsembleSpec
+    from brats_ugrip.ensembling.predict import Ensemble
+    from brats_ugrip.ensembling.spec import EnsembleSpec
     from brats_ugrip.preprocess import preprocess_case
 
     torch.set_num_threads(2)

@@ -5,7 +5,7 @@
 
 Setup (not timed): ``--cases`` phantoms at ``--size`` (a cube edge, or ``full`` for the 240×240×155 grid),
 preprocessed once; the network of ``--ckpt``, or an untrained ``--model`` saved as a checkpoint with a run config
-(timings only); its export with ``brats_ugrip.export.export_onnx`` (export seconds and file size reported).
+(timings only); its export with ``brats_ugrip.mlcube.export.export_onnx`` (export seconds and file size reported).
 Timed, per case the minimum of ``--repeat`` calls of ``predict_preprocessed`` (sliding window, flip TTA when asked,
 blending, labels, paste-back; preprocessing excluded: it is the same for both), each row at ``--threads`` intra-op
 threads (``torch.set_num_threads`` for PyTorch, ``intra_op_num_threads`` for onnxruntime):
@@ -37,8 +37,8 @@ from brats_ugrip.checkpoints import load_model, save_model_checkpoint
 from brats_ugrip.cli import console, run
 from brats_ugrip.config import InferenceConfig, load_config
 from brats_ugrip.data import cases_from_dir
-from brats_ugrip.export import export_onnx
 from brats_ugrip.inference import CasePrediction, predict_preprocessed
+from brats_ugrip.mlcube.export import export_onnx
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.onnx_model import OnnxNetwork
 from brats_ugrip.preprocess import preprocess_case

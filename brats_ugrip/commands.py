@@ -29,11 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("brats_ugrip.sweeps.monitor", "live dashboard; retries, resumes and collects a sweep"),
     "greedy-soup": ("brats_ugrip.souping.greedy", "greedy weight soup selected on a held-out fold"),
     "uniform-soup": ("brats_ugrip.souping.uniform", "uniform weight soup"),
-    "ensemble": ("brats_ugrip.ensembling.ensemble", "per-channel weighted ensembles: fit, predict"),
+    "ensemble": ("brats_ugrip.ensembling.cli", "per-channel weighted ensembles: fit, predict"),
     "compare-soups": ("brats_ugrip.tools.compare_soups", "one test table: best ingredient, soups, ensemble"),
     "mlcube-build": ("brats_ugrip.mlcube.build", "build a MedPerf MLCube package"),
     "mlcube-check": ("brats_ugrip.mlcube.check", "run a package's infer task on cases and check every output"),
-    "export": ("brats_ugrip.export", "ONNX / Triton export of a checkpoint or an ensemble spec"),
+    "export": ("brats_ugrip.mlcube.export", "ONNX / Triton export of a checkpoint or an ensemble spec"),
 }
 
 

@@ -7,7 +7,7 @@ infinite voxels, a checkpoint with non-finite weights, or a full disk stops the 
 file (exit 2); every map written is complete (atomic writes). Window size, overlap,
 TTA ... come from the checkpoint's config (``inference`` section) unless given here.
 
-``--onnx model.onnx`` instead of ``--ckpt`` runs a model exported by ``brats_ugrip.export`` with onnxruntime (CPU)
+``--onnx model.onnx`` instead of ``--ckpt`` runs a model exported by ``brats_ugrip.mlcube.export`` with onnxruntime (CPU)
 through the same preprocessing, sliding window, labelling and paste-back; its settings and label scheme come from
 the sidecar ``model.json`` written next to it.
 """
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from brats_ugrip.cli import console, run, track
+from brats_ugrip.cli import console, progress_bar, run
 from brats_ugrip.config import InferenceConfig
 from brats_ugrip.data import Case, Datalist, cases_from_dir
 from brats_ugrip.errors import CheckpointError, DataError
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="checkpoint (best.ckpt, last.ckpt, a soup)")
-    source.add_argument("--onnx", help="ONNX model written by brats_ugrip.export (runs on the CPU with onnxruntime)")
+    source.add_argument("--onnx", help="ONNX model written by brats_ugrip.mlcube.export (runs on the CPU with onnxruntime)")
     parser.add_argument("--input", required=True, help="case folder, folder of case folders, or datalist JSON")
     parser.add_argument("--out", required=True, help="output folder for <ID>.nii.gz label maps")
     parser.add_argument("--section", choices=("testing", "training", "all"), default="testing",
@@ -89,8 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    from brats_ugrip.inference import predict_case, prepare_model
-    from brats_ugrip.io import write_label_map
+    from brats_ugrip.inference import ModelPredictor, predict_cases, prepare_model
 
     model, settings, scheme = load_network(args)
     changes = {"tta": args.tta, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size,
@@ -100,11 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print("--compile ignored: onnxruntime runs the ONNX model")
         settings = dataclasses.replace(settings, compile=False)
     cases = input_cases(args.input, args.section)
-    model = prepare_model(model, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    for case in track(cases, f"predicting {len(cases)} cases"):
-        prediction = predict_case(model, case.images, settings, scheme, case_id=case.case_id)
-        write_label_map(out / f"{case.case_id}.nii.gz", prediction.labels, case.images[0])
+    predictor = ModelPredictor(prepare_model(model, settings), settings, scheme)
+    with progress_bar() as bar:
+        task = bar.add_task(f"predicting {len(cases)} cases", total=len(cases))
+        predict_cases(predictor, cases, out, on_case=lambda *_: bar.advance(task))
     console.print(f"wrote {len(cases)} label maps to {out}")
     return 0
 

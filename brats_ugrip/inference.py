@@ -16,9 +16,13 @@ import contextlib
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +30,9 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from brats_ugrip.config import InferenceConfig, RunConfig
+from brats_ugrip.data import Case
+from brats_ugrip.errors import BratsUgripError
+from brats_ugrip.io import write_label_map
 from brats_ugrip.labels import LabelScheme, get_scheme
 from brats_ugrip.preprocess import BRAIN_MARGIN, PreprocessedCase, preprocess_case
 
@@ -154,3 +161,86 @@ def predict_case(model: nn.Module, image_paths: Sequence[str | os.PathLike[str]]
     """
     preprocessed = preprocess_case(image_paths, None, scheme, margin=margin, case_id=case_id)
     return predict_preprocessed(model, preprocessed, settings, scheme)
+
+
+# --- a folder of cases: the one loop (infer, the ensemble command and the MLCube runtime) ---------------------------
+
+
+class CasePredictor(Protocol):
+    """What :func:`predict_cases` runs: one model (:class:`ModelPredictor`) or an ensemble
+    (``brats_ugrip.ensembling.predict.Ensemble``)."""
+
+    scheme: str
+
+    def predict_case(self, image_paths: Sequence[str | os.PathLike[str]], case_id: str | None = None,
+                     **options: Any) -> Any: ...
+
+
+@dataclass
+class ModelPredictor:
+    """One network with its inference settings and output label scheme, as a :class:`CasePredictor`."""
+
+    model: nn.Module
+    settings: InferenceConfig
+    scheme: str
+
+    def predict_case(self, image_paths: Sequence[str | os.PathLike[str]], case_id: str | None = None,
+                     **options: Any) -> CasePrediction:
+        return predict_case(self.model, image_paths, self.settings, self.scheme, case_id=case_id, **options)
+
+
+def write_labels(out_dir: Path, prediction: Any, reference: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``OUT/<ID>.nii.gz``, the prediction's label map in the geometry of ``reference``."""
+    return {"labels": write_label_map(out_dir / f"{prediction.case_id}.nii.gz", prediction.labels, reference)}
+
+
+@dataclass
+class CaseResult:
+    """How one case went: the label map ``written`` (None when skipped or failed), ``seconds`` of prediction, the
+    ``problems`` that made it skipped or failed, and the traceback of an unexpected failure."""
+
+    case_id: str
+    written: Path | None
+    seconds: float = 0.0
+    problems: list[str] = dataclasses.field(default_factory=list)
+    traceback: str | None = None
+
+
+def predict_cases(predictor: CasePredictor, cases: Sequence[Case], out: str | os.PathLike[str], *,
+                  write: Callable[[Path, Any, str | os.PathLike[str]], dict[str, Path]] = write_labels,
+                  check: Callable[[Case], list[str]] | None = None, keep_going: bool = False,
+                  on_case: Callable[[Case, CaseResult, Any], None] | None = None, **options: Any) -> list[CaseResult]:
+    """Predict every case of ``cases`` and write it into ``out`` (created), in order.
+
+    Args:
+        write: writes a prediction (default: its label map, ``OUT/<ID>.nii.gz``); returns the paths by kind.
+        check: the problems that make a case skipped (empty: predict it).
+        keep_going: a case that fails is recorded in its result and the next goes on (MedPerf's contract: one
+            broken case must not cost the others their predictions); otherwise the error propagates.
+        on_case: called after each case with the case, its result and its prediction (None when skipped or failed): progress,
+            overlays, log lines.
+        options: passed to ``predictor.predict_case`` (e.g. an ensemble's ``probabilities``, ``uncertainty``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[CaseResult] = []
+    for case in cases:
+        result = CaseResult(case.case_id, None, problems=list(check(case)) if check is not None else [])
+        prediction = None
+        if not result.problems:
+            start = time.perf_counter()
+            try:
+                prediction = predictor.predict_case(case.images, case_id=case.case_id, **options)
+                result.written = write(out, prediction, case.images[0])["labels"]
+            except Exception as error:
+                if not keep_going:
+                    raise
+                prediction = None
+                result.problems = [f"{error.__class__.__name__}: {error}"]
+                if not isinstance(error, BratsUgripError):
+                    result.traceback = traceback.format_exc()
+            result.seconds = time.perf_counter() - start
+        results.append(result)
+        if on_case is not None:
+            on_case(case, result, prediction)
+    return results

@@ -17,7 +17,7 @@ from torch import nn
 
 from brats_ugrip.config import InferenceConfig
 from brats_ugrip.errors import CheckpointError
-from brats_ugrip.export import INPUT_NAME, OUTPUT_NAME, read_sidecar
+from brats_ugrip.onnx_sidecar import INPUT_NAME, OUTPUT_NAME, read_sidecar
 
 
 class OnnxNetwork(nn.Module):
@@ -55,7 +55,7 @@ class OnnxNetwork(nn.Module):
 
 
 def load_onnx_model(path: str | os.PathLike[str], threads: int | None = None) -> tuple[OnnxNetwork, dict[str, Any]]:
-    """The network of an exported ONNX file and its sidecar (:func:`brats_ugrip.export.read_sidecar`)."""
+    """The network of an exported ONNX file and its sidecar (:func:`brats_ugrip.onnx_sidecar.read_sidecar`)."""
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: ONNX model not found")
     sidecar = read_sidecar(path)

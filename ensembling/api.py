@@ -9,7 +9,7 @@ The weights, thresholds and post-processing are chosen on the validation cases o
 when it has one (or on ``test_fold``). A test case that a member trained or validated on is refused, by the case
 ids its checkpoint records (:func:`brats_ugrip.seen_cases.check_test_cases`), unless ``allow_seen_test_cases``;
 then the spec's fit record, the console table and the fit report carry the same label saying so.
-``ensembling/ensemble.py --fit`` parses its arguments and calls this.
+``brats-ugrip ensemble --fit`` (``ensembling/cli.py``) parses its arguments and calls this.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from brats_ugrip.data import Case, Datalist
-from brats_ugrip.ensemble import Ensemble, EnsembleSpec, spec_from_checkpoints
 from brats_ugrip.ensembling.fit import FitResult, fit_ensemble, training_overlap
+from brats_ugrip.ensembling.predict import Ensemble
+from brats_ugrip.ensembling.spec import EnsembleSpec, spec_from_checkpoints
 from brats_ugrip.errors import DataError
 from brats_ugrip.heldout import HeldOutSet
 from brats_ugrip.seen_cases import check_test_cases

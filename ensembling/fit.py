@@ -39,10 +39,12 @@ import numpy as np
 import torch
 
 from brats_ugrip.cli import track
-from brats_ugrip.ensemble import Ensemble, EnsembleSpec, LoadedMember, PostProcessing, labels_from_probabilities
+from brats_ugrip.ensembling.predict import Ensemble, LoadedMember
+from brats_ugrip.ensembling.spec import EnsembleSpec
 from brats_ugrip.heldout import HeldOutScore, HeldOutSet, label_map_scores
 from brats_ugrip.labels import REGIONS, LabelScheme, get_scheme
 from brats_ugrip.metrics.regions import bounding_box
+from brats_ugrip.postprocess import PostProcessing, labels_from_probabilities
 
 METHODS: tuple[str, ...] = ("fitted", "dice", "equal")
 THRESHOLDS: tuple[float, ...] = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))
@@ -159,7 +161,7 @@ def _normalised(weights: np.ndarray) -> np.ndarray:
 def score(cache: PredictionCache, weights: np.ndarray, thresholds: Sequence[float], scheme: LabelScheme | str,
           postprocessing: PostProcessing = PostProcessing(), with_hd95: bool = False) -> HeldOutScore:
     """Scores of the ensemble ``(weights (N, 3), thresholds, postprocessing)`` on the cached cases, through the
-    pipeline of ``brats_ugrip.ensemble`` (thresholds → labels → post-processing), regions read back from the labels."""
+    pipeline of ``brats_ugrip.postprocess`` (thresholds → labels → post-processing), regions read back from the labels."""
     scheme = get_scheme(scheme)
     if min(thresholds) < cache.floor:
         raise ValueError(f"threshold {min(thresholds)} is below the cache's floor {cache.floor}")

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from brats_ugrip.atomic import atomic_path
 from brats_ugrip.cli import console, run
 from brats_ugrip.data import MODALITIES, cases_from_dir
-from brats_ugrip.ensemble import EnsemblePrediction
+from brats_ugrip.ensembling.predict import EnsemblePrediction
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import SCHEMES, LabelScheme, get_scheme
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", required=True, type=Path, help="case folder (CASE/CASE-t1c.nii.gz, ...)")
     parser.add_argument("--pred", required=True, type=Path, help="predicted label map")
-    parser.add_argument("--uncertainty", type=Path, help="uncertainty map (ensembling/ensemble.py --uncertainty)")
+    parser.add_argument("--uncertainty", type=Path, help="uncertainty map (brats-ugrip ensemble --uncertainty)")
     parser.add_argument("--out", required=True, type=Path, help="PNG to write")
     parser.add_argument("--modality", choices=MODALITIES, default="t2f", help="image shown under the overlay")
     parser.add_argument("--slice", type=int, help="slice along the third axis (default: the most tumour)")

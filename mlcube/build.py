@@ -27,6 +27,7 @@ import argparse
 import ast
 import dataclasses
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import sys
@@ -37,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-import brats_ugrip
 from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError, ConfigError
@@ -57,7 +57,8 @@ CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
 OUTPUT_SCHEME = "brats2023"
 """Labels of BraTS 2023+ predictions: 1 NETC, 2 SNFH, 3 ET (models predict regions, so any training scheme fits)."""
 if TYPE_CHECKING:  # torch is imported when a package is built, not for --help
-    from brats_ugrip.ensemble import Ensemble, EnsembleSpec
+    from brats_ugrip.ensembling.predict import Ensemble
+    from brats_ugrip.ensembling.spec import EnsembleSpec
 
 HERE = Path(__file__).resolve().parent
 PROJECT_SOURCES = {"mlcube.py": HERE / "entrypoint.py", "runtime.py": HERE / "runtime.py"}
@@ -74,7 +75,8 @@ MLCUBE_DEFAULTS = {"data_path": "data", "parameters_file": PARAMETERS_FILE, "add
 
 
 def load_source(model: Path) -> Ensemble:
-    from brats_ugrip.ensemble import Ensemble, EnsembleMember, EnsembleSpec
+    from brats_ugrip.ensembling.predict import Ensemble
+    from brats_ugrip.ensembling.spec import EnsembleMember, EnsembleSpec
 
     """The ensemble to package, loaded on the CPU and checked: an ensemble spec (``.yaml``) or one checkpoint (an
     ensemble of one with the checkpoint's threshold). Output labels are :data:`OUTPUT_SCHEME`."""
@@ -121,7 +123,7 @@ def package_meta(meta: dict[str, Any]) -> dict[str, Any]:
 def write_models(ensemble: Ensemble, additional_files: Path) -> EnsembleSpec:
     """Write each model's weights and metadata; returns the spec of the packaged models, with every inference
     setting written out (what ``parameters.yaml`` holds)."""
-    from brats_ugrip.ensemble import INFERENCE_KEYS, EnsembleMember
+    from brats_ugrip.ensembling.spec import INFERENCE_KEYS, EnsembleMember
     from brats_ugrip.mlcube.runtime import save_packaged_model
 
     members = []
@@ -136,7 +138,7 @@ def write_models(ensemble: Ensemble, additional_files: Path) -> EnsembleSpec:
 def parameters_text(spec: EnsembleSpec, challenge: str, additional_files: Path) -> str:
     values = {"challenge": challenge, **spec.to_dict(additional_files)}
     return ("# brats-ugrip model package parameters (read by project/runtime.py; see mlcube/README.md).\n"
-            "# An ensemble spec (brats_ugrip/ensemble.py): models are the files in additional_files, each with its\n"
+            "# An ensemble spec (ensembling/spec.py): models are the files in additional_files, each with its\n"
             "# weights per region (TC, WT, ET) and sliding-window settings; thresholds per region; post-processing.\n"
             "# A single model or a soup is an ensemble of one. Change values here without rebuilding the image.\n"
             + yaml.safe_dump(values, sort_keys=False))
@@ -157,10 +159,26 @@ def imported_names(path: Path) -> set[str]:
     return names
 
 
-def library_files(entries: Iterable[Path], package_dir: Path) -> dict[Path, Path]:
-    """The files of the package in ``package_dir`` that ``entries`` import, directly or through each other, with
-    their packages' ``__init__.py``: ``{path relative to the package's parent: source}``."""
-    package = package_dir.name
+def module_file(name: str) -> tuple[Path, Path] | None:
+    """``(path inside the package, source file)`` of the module or package ``name`` as Python imports it (a package
+    gives its ``__init__.py``); None when ``name`` is not a module (``from a import b`` with ``b`` an attribute).
+
+    Found by import (:func:`importlib.util.find_spec`), not by folder: ``brats_ugrip.ensembling.spec`` lives in the
+    checkout's ``ensembling/`` folder, and in an installed wheel under ``brats_ugrip/``."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return None
+    inside = Path(*name.split("."))
+    inside = inside / "__init__.py" if spec.submodule_search_locations is not None else inside.with_suffix(".py")
+    return inside, Path(spec.origin)
+
+
+def library_files(entries: Iterable[Path], package: str = "brats_ugrip") -> dict[Path, Path]:
+    """The modules of ``package`` that ``entries`` import, directly or through each other, with their packages'
+    ``__init__.py``: ``{path inside the built project: source}``."""
     found: dict[Path, Path] = {}
     todo = list(entries)
     while todo:
@@ -169,11 +187,10 @@ def library_files(entries: Iterable[Path], package_dir: Path) -> dict[Path, Path
             if parts[0] != package:
                 continue
             for depth in range(1, len(parts) + 1):  # the package, its subpackages, then the module itself
-                base = package_dir.joinpath(*parts[1:depth])
-                source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
-                if source.is_file() and source not in found.values():
-                    found[source.relative_to(package_dir.parent)] = source
-                    todo.append(source)
+                located = module_file(".".join(parts[:depth]))
+                if located is not None and located[0] not in found:
+                    found[located[0]] = located[1]
+                    todo.append(located[1])
     return found
 
 
@@ -233,7 +250,7 @@ def write_project(project: Path, base_image: str, challenge: str) -> list[str]:
     project.mkdir(parents=True)
     for name, source in PROJECT_SOURCES.items():
         shutil.copy2(source, project / name)
-    library = library_files(PROJECT_SOURCES.values(), Path(brats_ugrip.__file__).parent)
+    library = library_files(PROJECT_SOURCES.values())
     for relative, source in library.items():
         (project / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, project / relative)

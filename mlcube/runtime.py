@@ -9,7 +9,7 @@ Packaged weights (``additional_files/``), no pickles: per model ``model-<i>.safe
     {"format": 1, "sha256": <of the .safetensors>, "source": <checkpoint file name>, "meta": <checkpoint metadata:
      model name and settings, run config, fold, scores, init id, soup summary ...>}
 
-``parameters.yaml`` is an ensemble spec (``brats_ugrip.ensemble``) whose model paths are those files, relative to
+``parameters.yaml`` is an ensemble spec (``brats_ugrip.ensembling.spec``) whose model paths are those files, relative to
 ``additional_files``, with every inference setting written out (window, overlap, TTA, precision), plus
 ``challenge``. A single model or a soup is an ensemble of one. Editing it changes the inference without rebuilding
 the image.
@@ -23,11 +23,11 @@ but the predictions.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
-import time
-import traceback
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,14 +38,13 @@ from torch import nn
 
 from brats_ugrip.atomic import atomic_path, atomic_write_json
 from brats_ugrip.checkpoints import build_model
-from brats_ugrip.cli import console, progress_bar
 from brats_ugrip.config import apply_overrides, config_from_dict
 from brats_ugrip.data import NAMINGS, Case, brats_case_number, check_case
-from brats_ugrip.ensemble import Ensemble, EnsembleSpec, LoadedMember
+from brats_ugrip.ensembling.predict import Ensemble, LoadedMember, write_prediction
+from brats_ugrip.ensembling.spec import EnsembleSpec
 from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
 from brats_ugrip.files import read_yaml, sha256_file
-from brats_ugrip.inference import inference_settings, prepare_model
-from brats_ugrip.io import write_label_map
+from brats_ugrip.inference import CaseResult, inference_settings, predict_cases, prepare_model
 
 PACKAGE_FORMAT = 1
 RUNTIME_KEYS = ("challenge",)
@@ -54,6 +53,8 @@ INPUT_NAMING = NAMINGS["brats2023"]
 """BraTS 2023+ file names, which MedPerf's BraTS data preparation writes."""
 EXIT_CASES_FAILED = 1
 EXIT_BAD_PACKAGE = 2
+
+log = logging.getLogger(__name__)
 
 
 # --- packaged weights ----------------------------------------------------------------------------------------------
@@ -155,16 +156,6 @@ def case_problems(case: Case, scheme: str, numbers_seen: set[str]) -> list[str]:
 
 
 @dataclass
-class CaseResult:
-    """How one case went: ``seconds`` of prediction, or the ``problems`` that made it skipped or failed."""
-
-    case_id: str
-    written: Path | None
-    seconds: float = 0.0
-    problems: list[str] = dataclasses.field(default_factory=list)
-
-
-@dataclass
 class InferReport:
     device: str
     results: list[CaseResult]
@@ -178,37 +169,27 @@ class InferReport:
         return EXIT_CASES_FAILED if self.failed else 0
 
 
-def predict_cases(ensemble: Ensemble, cases: list[Case], output_path: Path) -> list[CaseResult]:
-    """Predict and write each case, with a progress bar and one log line per case; a case that fails is reported and
-    the next one goes on."""
-    results: list[CaseResult] = []
+def case_check(scheme: str) -> Callable[[Case], list[str]]:
+    """:func:`case_problems` for one pass over a folder: it remembers the case numbers already taken."""
     numbers_seen: set[str] = set()
-    with progress_bar() as bar:
-        task = bar.add_task("predicting", total=len(cases))
-        for case in cases:
-            problems = case_problems(case, ensemble.scheme, numbers_seen)
-            result = CaseResult(case.case_id, None, problems=problems)
-            if not problems:
-                numbers_seen.add(brats_case_number(case.case_id) or "")
-                start = time.perf_counter()
-                try:
-                    prediction = ensemble.predict_case(case.images, case_id=case.case_id)
-                    result.written = write_label_map(output_path / f"{case.case_id}.nii.gz", prediction.labels,
-                                                     case.images[0])
-                except Exception as error:  # one broken case must not cost the others their predictions
-                    result.problems = [f"{error.__class__.__name__}: {error}"]
-                    if not isinstance(error, BratsUgripError):
-                        console.print(traceback.format_exc(), highlight=False, markup=False)
-                result.seconds = time.perf_counter() - start
-            if result.written is not None:
-                console.print(f"[green]ok[/] {case.case_id} {result.seconds:.1f} s → {result.written.name}",
-                              highlight=False, soft_wrap=True)
-            else:
-                console.print(f"[red]skipped[/] {case.case_id}: {'; '.join(result.problems)}", highlight=False,
-                              soft_wrap=True)
-            results.append(result)
-            bar.advance(task)
-    return results
+
+    def check(case: Case) -> list[str]:
+        problems = case_problems(case, scheme, numbers_seen)
+        if not problems:
+            numbers_seen.add(brats_case_number(case.case_id) or "")
+        return problems
+
+    return check
+
+
+def case_line(case: Case, result: CaseResult, prediction: object) -> None:
+    """One log line per case (MedPerf shows the container's output): written in how long, or skipped and why."""
+    if result.traceback:
+        log.error("%s", result.traceback.rstrip())
+    if result.written is not None:
+        log.info("ok %s %.1f s → %s", case.case_id, result.seconds, result.written.name)
+    else:
+        log.warning("skipped %s: %s", case.case_id, "; ".join(result.problems))
 
 
 def run_infer(data_path: str | os.PathLike[str], parameters_file: str | os.PathLike[str],
@@ -224,22 +205,27 @@ def run_infer(data_path: str | os.PathLike[str], parameters_file: str | os.PathL
     if not cases:
         raise DataError(f"{data_path}: no case folders; expected <ID>/<ID>-t1c.nii.gz, -t1n, -t2f, -t2w")
     ensemble, parameters = load_package(parameters_file, additional_files, device)
-    console.print(f"brats-ugrip model package: challenge {parameters.challenge or 'not set'}, "
-                  f"{len(ensemble.members)} model(s), labels {ensemble.scheme}, device {device}, "
-                  f"{len(cases)} case folder(s) in {data_path}", highlight=False, soft_wrap=True)
-    report = InferReport(device, predict_cases(ensemble, cases, output_path))
-    written = len(report.results) - len(report.failed)
-    console.print(f"wrote {written} of {len(cases)} predictions to {output_path}" +
-                  (f"; skipped {', '.join(r.case_id for r in report.failed)}" if report.failed else ""),
-                  highlight=False, soft_wrap=True)
+    log.info("brats-ugrip model package: challenge %s, %d model(s), labels %s, device %s, %d case folder(s) in %s",
+             parameters.challenge or "not set", len(ensemble.members), ensemble.scheme, device, len(cases), data_path)
+    results = predict_cases(ensemble, cases, output_path, write=write_prediction, check=case_check(ensemble.scheme),
+                            keep_going=True, on_case=case_line)
+    report = InferReport(device, results)
+    log.info("wrote %d of %d predictions to %s%s", len(results) - len(report.failed), len(cases), output_path,
+             f"; skipped {', '.join(r.case_id for r in report.failed)}" if report.failed else "")
     return report
 
 
 def infer(data_path: str, parameters_file: str, output_path: str, additional_files: str) -> int:
-    """:func:`run_infer` as a command: exit code 0 when every case was written, 1 when some were not, 2 when the
-    package or a folder is unusable (message printed)."""
+    """:func:`run_infer` as a command: its log lines on stderr, exit code 0 when every case was written, 1 when some
+    were not, 2 when the package or a folder is unusable (the reason on stderr, one line)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         return run_infer(data_path, parameters_file, output_path, additional_files).exit_code
     except BratsUgripError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_PACKAGE
+    finally:
+        log.removeHandler(handler)

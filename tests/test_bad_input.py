@@ -441,7 +441,7 @@ def test_grid_base_with_bad_yaml_or_a_python_tag_is_a_config_error(tmp_path, con
 
 @pytest.mark.parametrize("reader", ["config", "ensemble", "grid"])
 def test_python_tags_are_refused_by_every_yaml_reader(tmp_path, reader):
-    from brats_ugrip.ensemble import EnsembleSpec
+    from brats_ugrip.ensembling.spec import EnsembleSpec
     from brats_ugrip.sweeps.grid import ParameterManager
 
     path = tmp_path / "file.yaml"

@@ -11,23 +11,16 @@ import yaml
 from brats_ugrip.checkpoints import load_model, save_model_checkpoint
 from brats_ugrip.config import load_config
 from brats_ugrip.data import Datalist, cases_from_dir, make_datalist, save_datalist
-from brats_ugrip.ensemble import (
-    Ensemble,
-    EnsembleSpec,
-    PostProcessing,
-    WeightedSum,
-    disagreement_map,
-    entropy_map,
-    model_channels,
-    spec_from_checkpoints,
-)
-from brats_ugrip.ensembling import ensemble as ensemble_cli
+from brats_ugrip.ensembling import cli as ensemble_cli
 from brats_ugrip.ensembling.fit import PredictionCache, _positives, fit_weights, region_dice_table, score, simplex_grid
+from brats_ugrip.ensembling.predict import Ensemble, WeightedSum, disagreement_map, entropy_map, model_channels
+from brats_ugrip.ensembling.spec import EnsembleSpec, spec_from_checkpoints
 from brats_ugrip.errors import CheckpointError, ConfigError, DataError
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
 from brats_ugrip.inference import predict_preprocessed
 from brats_ugrip.labels import REGIONS, get_scheme
 from brats_ugrip.models import create_model, resolve_kwargs
+from brats_ugrip.postprocess import PostProcessing
 from brats_ugrip.preprocess import preprocess_case
 
 SCHEME = get_scheme("brats2023")

@@ -5,8 +5,8 @@ import pytest
 
 from brats_ugrip.config import load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
-from brats_ugrip.ensemble import EnsembleSpec
-from brats_ugrip.ensembling import ensemble as ensemble_cli
+from brats_ugrip.ensembling import cli as ensemble_cli
+from brats_ugrip.ensembling.spec import EnsembleSpec
 from brats_ugrip.labels import REGIONS
 from brats_ugrip.tools import evaluate
 from brats_ugrip.training import train

@@ -15,9 +15,9 @@ from brats_ugrip.cli import run
 from brats_ugrip.config import InferenceConfig, load_config
 from brats_ugrip.data import cases_from_dir
 from brats_ugrip.errors import CheckpointError
-from brats_ugrip.export import export_ensemble, export_onnx, export_triton, triton_config
-from brats_ugrip.export import main as export_main
 from brats_ugrip.inference import predict_case
+from brats_ugrip.mlcube.export import export_ensemble, export_onnx, export_triton, triton_config
+from brats_ugrip.mlcube.export import main as export_main
 from brats_ugrip.models import create_model, resolve_kwargs
 from brats_ugrip.onnx_model import load_onnx_model, sidecar_settings
 
@@ -230,7 +230,7 @@ def test_cli_export_then_infer_onnx_matches_pytorch(exported, phantom_dir, tmp_p
 
 
 def test_help_and_argument_errors_do_not_import_torch():
-    code = ("import sys\nfrom brats_ugrip.export import main\nfor argv in (['--help'], ['--out', 'x.onnx']):\n"
+    code = ("import sys\nfrom brats_ugrip.mlcube.export import main\nfor argv in (['--help'], ['--out', 'x.onnx']):\n"
             "    try:\n        main(argv)\n    except SystemExit as stop:\n        print(stop.code)\n"
             "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)

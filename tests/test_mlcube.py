@@ -15,7 +15,8 @@ import yaml
 
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.config import config_from_dict
-from brats_ugrip.ensemble import Ensemble, EnsembleSpec
+from brats_ugrip.ensembling.predict import Ensemble
+from brats_ugrip.ensembling.spec import EnsembleSpec
 from brats_ugrip.errors import CheckpointError, ConfigError
 from brats_ugrip.labels import get_scheme
 from brats_ugrip.mlcube import build, check, runtime
@@ -102,7 +103,10 @@ def test_built_package_layout_and_descriptions_validate(package):
     project = package.project
     assert {"Dockerfile", "requirements.txt", "mlcube.py", "runtime.py"} <= {p.name for p in project.iterdir()}
     copied = {p.name for p in (project / "brats_ugrip").iterdir()}
-    assert {"ensemble.py", "inference.py", "preprocess.py", "models.py"} <= copied
+    assert {"postprocess.py", "inference.py", "preprocess.py", "models.py", "ensembling"} <= copied
+    # the ensemble lives in the checkout's ensembling/ folder: found by import, copied under brats_ugrip/
+    assert {"__init__.py", "spec.py", "predict.py"} <= {p.name for p in (project / "brats_ugrip" / "ensembling").iterdir()}
+    assert not (project / "brats_ugrip" / "ensembling" / "fit.py").exists()
     assert not {"training.py", "train.py"} & copied and not (project / "brats_ugrip" / "metrics").exists()
     pins = (project / "requirements.txt").read_text().split()
     assert all("==" in pin for pin in pins) and {"monai", "torch", "safetensors", "typer"} <= {

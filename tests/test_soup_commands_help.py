@@ -15,7 +15,7 @@ BLOCK = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, tar
          "        if name.split('.')[0] in ('torch', 'monai', 'pytorch_lightning', 'lightning'):\n"
          "            raise ImportError(f'{name} is blocked in this test')\n"
          "sys.meta_path.insert(0, Block())\n")
-COMMANDS = ("souping/greedy.py", "souping/uniform.py", "ensembling/ensemble.py")
+COMMANDS = ("souping/greedy.py", "souping/uniform.py", "ensembling/cli.py")
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -35,8 +35,8 @@ def test_help_without_torch(script):
     ("souping/greedy.py", ["--out", "s.ckpt"], "--ckpts"),
     ("souping/greedy.py", ["--ckpts", "no-such-dir", "--out", "s.ckpt"], "not a directory"),
     ("souping/uniform.py", ["--ckpts", ".", "--out", "s.ckpt", "--fold", "1", "--test-fold", "1"], "--test-fold"),
-    ("ensembling/ensemble.py", ["--models", "a.ckpt", "--fold", "0", "--out", "x"], "options of --fit"),
-    ("ensembling/ensemble.py", ["--models", "a.ckpt", "--fit", "--out", "x"], "--datalist"),
+    ("ensembling/cli.py", ["--models", "a.ckpt", "--fold", "0", "--out", "x"], "options of --fit"),
+    ("ensembling/cli.py", ["--models", "a.ckpt", "--fit", "--out", "x"], "--datalist"),
 ])
 def test_argument_errors_without_torch(script, args, message):
     result = _run(script, *args)

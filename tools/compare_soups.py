@@ -3,7 +3,7 @@
     python tools/compare_soups.py --greedy soup.ckpt --uniform uniform.ckpt --ensemble ensemble.fit.json [--out T.md]
 
 Reads the scores the soup commands stored in their checkpoints (``soup.test``) and the ensemble fit report
-(``ensemble.py --fit``'s ``<spec>.fit.json``): nothing is recomputed. The best single ingredient is the one
+(``ensembling/cli.py --fit``'s ``<spec>.fit.json``): nothing is recomputed. The best single ingredient is the one
 selection ranked first (on the validation fold), scored on the test cases by the greedy soup command. All of them
 must have been scored on the same test cases, none of which any model trained or validated on; otherwise the
 command refuses to put them in one table.

@@ -1,9 +1,9 @@
 """Run (and fit) a per-channel weighted ensemble of segmentation models.
 
-    python ensembling/ensemble.py --models a.ckpt b.ckpt ... [--weights W.yaml | --fit --datalist F --fold K
+    python ensembling/cli.py --models a.ckpt b.ckpt ... [--weights W.yaml | --fit --datalist F --fold K
         [--test-fold K2] [--method fitted|dice|equal]] --input CASES --out DIR [--save-spec ensemble.yaml]
         [--probabilities] [--uncertainty [entropy|disagreement]] [--overlays]
-    python ensembling/ensemble.py --spec ensemble.yaml --input CASES --out DIR
+    python ensembling/cli.py --spec ensemble.yaml --input CASES --out DIR
 
 ``--input`` is a case folder, a folder of case folders or a datalist JSON (``--section``). Each case gives
 ``DIR/<ID>.nii.gz`` (labels in the input geometry) and, when asked, ``DIR/probabilities/<ID>.nii.gz`` (TC, WT, ET
@@ -33,11 +33,14 @@ from brats_ugrip.cli import console, progress_bar, run
 from brats_ugrip.errors import ConfigError
 
 if TYPE_CHECKING:
+    from brats_ugrip.data import Case
     from brats_ugrip.ensembling.fit import FitResult
+    from brats_ugrip.ensembling.predict import EnsemblePrediction
+    from brats_ugrip.inference import CaseResult
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python ensembling/ensemble.py", description=__doc__,
+    parser = argparse.ArgumentParser(prog="brats-ugrip ensemble", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     models = parser.add_mutually_exclusive_group(required=True)
     models.add_argument("--models", nargs="+", metavar="CKPT", help="checkpoints to ensemble")
@@ -108,8 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from brats_ugrip.ensemble import Ensemble, EnsembleSpec, spec_from_checkpoints, write_prediction
+    from brats_ugrip.ensembling.predict import Ensemble, write_prediction
+    from brats_ugrip.ensembling.spec import EnsembleSpec, spec_from_checkpoints
     from brats_ugrip.infer import input_cases
+    from brats_ugrip.inference import predict_cases
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     changes = {"tta": args.tta, "overlap": args.overlap, "sw_batch_size": args.sw_batch_size}
@@ -147,16 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--input", "required unless --fit (cases to predict)")
         return 0
     cases = input_cases(args.input, args.section)
-    per_case = len(ensemble.active)
     with progress_bar() as bar:
-        task = bar.add_task(f"ensembling {len(cases)} cases × {per_case} models", total=len(cases) * per_case)
-        for case in cases:
-            prediction = ensemble.predict_case(case.images, case.case_id, probabilities=args.probabilities,
-                                               uncertainty=args.uncertainty, on_model=lambda: bar.advance(task))
-            write_prediction(args.out, prediction, case.images[0])
-            if args.overlays:
-                from brats_ugrip.ensembling.overlay import write_case_overlay
+        task = bar.add_task(f"ensembling {len(cases)} cases × {len(ensemble.active)} models",
+                            total=len(cases) * len(ensemble.active))
+
+        def overlay(case: Case, result: CaseResult, prediction: EnsemblePrediction | None) -> None:
+            from brats_ugrip.ensembling.overlay import write_case_overlay
+
+            if prediction is not None:
                 write_case_overlay(args.out / "overlays" / f"{case.case_id}.png", case.images, prediction, ensemble.scheme)
+
+        predict_cases(ensemble, cases, args.out, write=write_prediction, on_case=overlay if args.overlays else None,
+                      probabilities=args.probabilities, uncertainty=args.uncertainty,
+                      on_model=lambda: bar.advance(task))
     console.print(f"wrote {len(cases)} label maps to {args.out}")
     return 0
 

@@ -1,8 +1,8 @@
 """Export for serving: ONNX files (one per model), their JSON sidecars, and Triton model repositories.
 
-    python -m brats_ugrip.export --ckpt soup.ckpt --format onnx --out model.onnx
-    python -m brats_ugrip.export --spec ensemble.yaml --format onnx --out exported/
-    python -m brats_ugrip.export --ckpt soup.ckpt --format triton --out model_repository/ [--name brats_ugrip]
+    python -m brats_ugrip.mlcube.export --ckpt soup.ckpt --format onnx --out model.onnx
+    python -m brats_ugrip.mlcube.export --spec ensemble.yaml --format onnx --out exported/
+    python -m brats_ugrip.mlcube.export --ckpt soup.ckpt --format triton --out model_repository/ [--name brats_ugrip]
 
 The ONNX graph is the network alone: input ``image`` float32 ``(batch, 4, x, y, z)``, channels ``t1c, t1n, t2f,
 t2w``, preprocessed as for training (RAS, brain bounding box, per-channel z-score on non-zero voxels); output
@@ -34,7 +34,6 @@ Importing this module, ``--help`` and argument errors do not import torch or onn
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -45,14 +44,12 @@ from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.cli import console, run
 from brats_ugrip.errors import CheckpointError, ConfigError
+from brats_ugrip.onnx_sidecar import INPUT_NAME, OUTPUT_NAME, SIDECAR_FORMAT, read_sidecar, sidecar_path
 
 if TYPE_CHECKING:
-    from brats_ugrip.ensemble import EnsembleSpec
+    from brats_ugrip.ensembling.spec import EnsembleSpec
 
-SIDECAR_FORMAT = 1
 DEFAULT_OPSET = 17
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 DYNAMIC_AXES = ("batch", "x", "y", "z")
 ENSEMBLE_FILE = "ensemble.json"
 TRITON_NAME = "brats_ugrip"
@@ -62,26 +59,6 @@ _TRITON_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Checkpoint metadata worth carrying into the sidecar (provenance); the config is summarised, not copied.
 _PROVENANCE_KEYS = ("fold", "epoch", "step", "val_metrics", "val_epoch", "init_id", "git_commit", "weights",
                     "created", "soup")
-
-
-def sidecar_path(onnx_path: str | os.PathLike[str]) -> Path:
-    """The sidecar JSON of an ONNX file: ``model.onnx`` → ``model.json``."""
-    return Path(onnx_path).with_suffix(".json")
-
-
-def read_sidecar(onnx_path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The sidecar of ``onnx_path``, checked for its format."""
-    path = sidecar_path(onnx_path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: the ONNX model's sidecar is missing (written next to it by "
-                              "brats_ugrip.export; it holds the window size, label scheme and tensor names)")
-    try:
-        sidecar = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT:
-        raise CheckpointError(f"{path}: not a brats-ugrip ONNX sidecar of format {SIDECAR_FORMAT}")
-    return sidecar
 
 
 # --- ONNX -----------------------------------------------------------------------------------------------------
@@ -194,14 +171,14 @@ def _sidecar(meta: dict[str, Any], inference: dict[str, Any], opset: int, diviso
 
 
 def _load_spec(spec: EnsembleSpec | str | os.PathLike[str]) -> EnsembleSpec:
-    from brats_ugrip.ensemble import EnsembleSpec
+    from brats_ugrip.ensembling.spec import EnsembleSpec
 
     return spec if isinstance(spec, EnsembleSpec) else EnsembleSpec.load(spec)
 
 
 def ensemble_scheme(spec: EnsembleSpec, schemes: Sequence[str]) -> str:
     """The ensemble's output label scheme: the spec's, else the models' (which must agree), as
-    :func:`brats_ugrip.ensemble.check_compatible` decides for loaded models."""
+    :func:`brats_ugrip.ensembling.predict.check_compatible` decides for loaded models."""
     if spec.label_scheme is not None:
         return spec.label_scheme
     if len(set(schemes)) > 1:
@@ -212,7 +189,7 @@ def ensemble_scheme(spec: EnsembleSpec, schemes: Sequence[str]) -> str:
 
 
 def _ensemble_manifest(spec: EnsembleSpec, files: Sequence[str], schemes: Sequence[str]) -> dict[str, Any]:
-    from brats_ugrip.ensemble import region_mapping
+    from brats_ugrip.postprocess import region_mapping
 
     return {"format": SIDECAR_FORMAT, "label_scheme": ensemble_scheme(spec, schemes),
             "thresholds": region_mapping(spec.thresholds),
@@ -312,7 +289,7 @@ def export_ensemble_triton(spec: EnsembleSpec | str | os.PathLike[str], reposito
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m brats_ugrip.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m brats_ugrip.mlcube.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="a checkpoint (best.ckpt, last.ckpt, a soup)")
