@@ -30,9 +30,9 @@ from rich.console import Console
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.cli import run
 from brats_ugrip.slurm.sacct import SacctRecord, parse_sacct
-from brats_ugrip.sweeps.dashboard import ViewOptions, render
 from brats_ugrip.sweeps.job_states import LocalJobStates, SlurmJobStates
-from brats_ugrip.sweeps.recovery import SweepMonitor
+from brats_ugrip.sweeps.monitoring.dashboard import ViewOptions, render
+from brats_ugrip.sweeps.monitoring.engine import SweepMonitor
 from brats_ugrip.sweeps.state import RunRecord, SweepState, run_dir_path, sweep_db_path
 
 ARRAY_ID = 5000

@@ -59,7 +59,7 @@ SCHEDULER_STATES: dict[str, JobPhase] = {
     "REQUEUE_HOLD": JobPhase.REQUEUED,
     "REQUEUE_FED": JobPhase.REQUEUED,
     "RESV_DEL_HOLD": JobPhase.QUEUED,  # held because its reservation was deleted; released by an admin
-    "PREEMPTED": JobPhase.REQUEUED,  # SLURM requeues it (PreemptMode=REQUEUE); see PREEMPTED_GRACE_S in recovery
+    "PREEMPTED": JobPhase.REQUEUED,  # SLURM requeues it (PreemptMode=REQUEUE); see PREEMPTED_GRACE_S in monitoring/engine.py
     "COMPLETED": JobPhase.COMPLETED,
     "CANCELLED": JobPhase.CANCELLED,
     "TIMEOUT": JobPhase.INTERRUPTED,
@@ -78,6 +78,31 @@ def job_phase(state: str) -> JobPhase:
     state never leaves a run watched forever."""
     word = state.split(" ")[0].rstrip("+")
     return SCHEDULER_STATES.get(word, JobPhase.FAILED)
+
+
+COMPLETED_WORD = "COMPLETED"
+"""Recorded on an attempt whose job reported success, whatever the scheduler wrote after it."""
+CANCELLED_WORD = "CANCELLED"
+"""Recorded on an attempt cancelled by the monitor itself."""
+NOT_FAILURES = frozenset({"COMPLETED", "CANCELLED", "TIMEOUT", "PREEMPTED"})
+"""Final attempt states that do not count against ``max_retries`` (every other final state is a failure)."""
+StatesUnavailable = SacctError
+"""Raised by a source that could not ask its scheduler (today only SLURM's accounting can fail this way)."""
+
+
+def counts_as_failure(state: str) -> bool:
+    """Whether an attempt that ended in ``state`` counts against the run's ``max_retries``."""
+    return state.split(" ")[0].rstrip("+") not in NOT_FAILURES
+
+
+def was_preempted(state: str) -> bool:
+    """A job ended by another job (SLURM requeues it unless its requeue was lost)."""
+    return state.split(" ")[0].rstrip("+") == "PREEMPTED"
+
+
+def interruption_word(state: str) -> str:
+    """The word recorded for an attempt interrupted without a requeue: PREEMPTED, or TIMEOUT for the clock."""
+    return "PREEMPTED" if was_preempted(state) else "TIMEOUT"
 
 
 UNCOMPLETED_MARK = "timed-out too many times"

@@ -78,7 +78,7 @@ class SubmitSpec:
         local_slots: local executor only: how many runs train at the same time (the others wait for a slot).
 
     A run's ``submit`` dict may also hold ``stop_at_epoch`` (a successive-halving rung, set by the launcher and the
-    monitor's promotions, ``sweeps/promotion.py``): its job stops there, paused. It is not part of the spec (runs
+    monitor's promotions, ``sweeps/monitoring/promotion.py``): its job stops there, paused. It is not part of the spec (runs
     stopping at different rungs share an array).
     """
 

@@ -33,7 +33,7 @@ from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder, sbatch_test_only, scheduler_available, submit_runs
-from brats_ugrip.sweeps.promotion import set_schedule
+from brats_ugrip.sweeps.monitoring.promotion import set_schedule
 from brats_ugrip.sweeps.run_ids import param_tags
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.throttle import free_slots, set_cap
@@ -91,7 +91,7 @@ def plan_launch(grid_path: str | os.PathLike[str], sweep_dir: str | os.PathLike[
     runs = manager.runs()
     sweep_dir = Path(sweep_dir) if sweep_dir is not None else DEFAULT_SWEEPS_ROOT / manager.name
     records = []
-    first_stop = {"stop_at_epoch": manager.schedule.rungs[0]} if manager.schedule else {}  # sweeps/promotion.py
+    first_stop = {"stop_at_epoch": manager.schedule.rungs[0]} if manager.schedule else {}  # sweeps/monitoring/promotion.py
     for run_ in runs:
         run_dir = run_dir_path(sweep_dir, run_.run_id).resolve()
         config = run_.config_dict
@@ -231,7 +231,7 @@ def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None,
                 take_over: bool = False) -> dict[str, submitit.Job]:
     """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request), holding
     the sweep's lock: what is submitted is decided from ``sweep.db`` as it is once the lock is held."""
-    from brats_ugrip.sweeps.recovery import LOCK_FILE, SweepLock  # the monitor's lock: one actor per sweep
+    from brats_ugrip.sweeps.lock import LOCK_FILE, SweepLock  # the monitor's lock: one actor per sweep
 
     ensure_writable(plan.sweep_dir)
     if any(not scheduler_available(g.spec.cluster) for g in plan.groups()):

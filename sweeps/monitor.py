@@ -21,7 +21,7 @@ polls and nothing is submitted twice. The dashboard exits when no run is queued 
 when all completed, 1 otherwise).
 
 A grid with a successive-halving ``schedule:`` stops runs at rungs (PAUSED) and promotes the best configurations
-from each rung (``sweeps/promotion.py``); the dashboard's header and ``--summary`` show each configuration's rung
+from each rung (``sweeps/monitoring/promotion.py``); the dashboard's header and ``--summary`` show each configuration's rung
 and score, the promotions, the paused runs and the GPU-hours against the full grid's. Paused runs count as ended
 (exit code 0 when every run completed or paused); ``--resume-paused`` continues chosen ones to ``max_epochs``.
 """
@@ -39,12 +39,12 @@ from rich.live import Live
 from rich.table import Table
 
 from brats_ugrip.cli import run
-from brats_ugrip.sweeps.collect import SweepSummary, sweep_summary, write_results
-from brats_ugrip.sweeps.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
-from brats_ugrip.sweeps.promotion import HalvingReport
-from brats_ugrip.sweeps.recovery import PollReport, SweepMonitor
+from brats_ugrip.sweeps.monitoring.collect import SweepSummary, sweep_summary, write_results
+from brats_ugrip.sweeps.monitoring.dashboard import SORT_KEYS, ViewOptions, parse_filter, render, value_text
+from brats_ugrip.sweeps.monitoring.engine import PollReport, SweepMonitor, resume_paused
+from brats_ugrip.sweeps.monitoring.promotion import HalvingReport
+from brats_ugrip.sweeps.monitoring.snapshot import SweepSnapshot
 from brats_ugrip.sweeps.state import RunState
-from brats_ugrip.sweeps.view import SweepSnapshot
 
 PLAIN_WIDTH = 250  # --once to a file or pipe: wide enough that no column is cut
 
@@ -214,8 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out.print("nothing to retry")
             return 0
         if args.resume_paused:
-            from brats_ugrip.sweeps.promotion import resume_paused
-
             for run_id, job_id in resume_paused(monitor, args.resume_paused).items():
                 out.print(f"{run_id}: continues to max_epochs as job {job_id}", highlight=False)
             return 0
@@ -229,10 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             out.print("\n".join(report_lines(sync_report)), highlight=False)
             return 1 if sync_report.failed else 0
         if args.summary:
-            from brats_ugrip.sweeps.report import write_report
+            from brats_ugrip.sweeps.monitoring.report import plot_learning_curves, write_report
 
             write_results(args.sweep_dir, monitor.state)
-            print_summary(sweep_summary(args.sweep_dir, monitor.state), out)
+            summary = sweep_summary(args.sweep_dir, monitor.state)
+            summary.curves_png = plot_learning_curves(args.sweep_dir, monitor.state.runs())
+            print_summary(summary, out)
             out.print(f"sweep report: {write_report(args.sweep_dir, monitor.state).path}", highlight=False)
             return 0
         if args.json or args.once:

@@ -102,7 +102,7 @@ class RunState(str, Enum):
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
-    PAUSED = "PAUSED"  # stopped cleanly at a successive-halving rung (sweeps/promotion.py); may be continued
+    PAUSED = "PAUSED"  # stopped cleanly at a successive-halving rung (sweeps/monitoring/promotion.py); may be continued
 
     @classmethod
     def active(cls) -> tuple[RunState, ...]:

@@ -32,7 +32,7 @@ from typing import Any
 
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.errors import BratsUgripError
-from brats_ugrip.sweeps.recovery import SweepLock
+from brats_ugrip.sweeps.lock import SweepLock
 from brats_ugrip.sweeps.state import RunRecord, SweepState, sweep_db_path
 
 SYNCED_FILE = "wandb-synced.json"

@@ -11,8 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from test_monitor import ScriptedScheduler
 
-from brats_ugrip.sweeps.dashboard import ViewOptions, render
-from brats_ugrip.sweeps.recovery import SweepMonitor
+from brats_ugrip.sweeps.monitoring.dashboard import ViewOptions, render
+from brats_ugrip.sweeps.monitoring.engine import SweepMonitor
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 
 REPO = Path(__file__).resolve().parents[1]

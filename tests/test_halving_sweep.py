@@ -77,7 +77,7 @@ def monitor_cli(sweep_dir: Path, env: dict, *args: str, timeout_s: float = 900) 
 
 @pytest.mark.slow
 def test_local_halving_sweep(tmp_path, phantom_dir, tiny_run_base, launch_sweep):
-    from brats_ugrip.sweeps.recovery import follow
+    from brats_ugrip.sweeps.monitoring.engine import follow
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     grid = asha_grid(tmp_path, phantom_dir, tiny_run_base, {"cluster": "local", "array_parallelism": 1, "time": 20})

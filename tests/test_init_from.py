@@ -7,8 +7,8 @@ import json
 import pytest
 
 from brats_ugrip.errors import ConfigError
-from brats_ugrip.sweeps.collect import sha256_file
 from brats_ugrip.sweeps.grid import ParameterManager
+from brats_ugrip.sweeps.monitoring.collect import sha256_file
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, sweep_db_path
 
 

@@ -27,7 +27,10 @@ from submitit.core.utils import DelayedSubmission, JobPaths
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.slurm.sacct import expand_task_ids, parse_sacct, sacct_command
 from brats_ugrip.sweeps import monitor as monitor_cli
-from brats_ugrip.sweeps.collect import (
+from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
+from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
+from brats_ugrip.sweeps.launch import jobs_folder
+from brats_ugrip.sweeps.monitoring.collect import (
     copy_verified,
     is_collected,
     model_paths,
@@ -36,14 +39,11 @@ from brats_ugrip.sweeps.collect import (
     sweep_summary,
     verify_collected,
 )
-from brats_ugrip.sweeps.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
-from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
-from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
-from brats_ugrip.sweeps.launch import jobs_folder
-from brats_ugrip.sweeps.recovery import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
-from brats_ugrip.sweeps.report import read_curve
+from brats_ugrip.sweeps.monitoring.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
+from brats_ugrip.sweeps.monitoring.engine import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
+from brats_ugrip.sweeps.monitoring.report import plot_learning_curves, read_curve
+from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
-from brats_ugrip.sweeps.view import ProgressReader
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -564,7 +564,9 @@ def test_summary_best_per_fold_mean_std_and_curves(sweep):
     assert per_lr.loc[0.01, "std"] == pytest.approx(np.std([0.80, 0.76], ddof=1))
     assert per_lr.loc[0.001, "n_folds"] == 2 and list(per_lr.index) == [0.01, 0.001]  # best first
     assert summary.per_config.iloc[0]["optim.lr"] == 0.01
-    assert summary.curves_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary.curves_png is None  # the figure is the report's: plot_learning_curves draws it
+    png = plot_learning_curves(sweep.dir, sweep.monitor.state.runs())
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = read_curve(run_dir_path(sweep.dir, "fold=0-lr=0.01"))
     assert list(curve["epoch"]) == [1, 2] and list(curve["val_dice"]) == pytest.approx([0.40, 0.80])
 

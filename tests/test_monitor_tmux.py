@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from brats_ugrip.data import make_datalist, save_datalist
-from brats_ugrip.sweeps.collect import verify_collected
+from brats_ugrip.sweeps.monitoring.collect import verify_collected
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = 100, 40  # a laptop's split tmux pane: the narrow case (issue 18)

@@ -1,4 +1,4 @@
-"""Successive halving in a sweep (sweeps/promotion.py): the grid's schedule, pauses at rungs, promotions in
+"""Successive halving in a sweep (sweeps/monitoring/promotion.py): the grid's schedule, pauses at rungs, promotions in
 sweep.db, --resume-paused, a monitor killed mid-promotion, the report. Driven by the scripted scheduler of
 tests/test_monitor.py; expected promotions worked out by hand from ASHA's rule (top ⌊n/eta⌋ of those at a rung,
 at least one once the rung is closed; a configuration scored on the mean of its folds)."""
@@ -14,8 +14,8 @@ from test_monitor import ScriptedScheduler, _write_checkpoint, _write_result
 from brats_ugrip.sweeps.grid import ParameterManager
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder
-from brats_ugrip.sweeps.promotion import halving_report, resume_paused, set_schedule
-from brats_ugrip.sweeps.recovery import MonitorError, SweepMonitor
+from brats_ugrip.sweeps.monitoring.engine import MonitorError, SweepMonitor, resume_paused
+from brats_ugrip.sweeps.monitoring.promotion import halving_report, set_schedule
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
 
 SCHEDULE = HalvingSchedule(metric="val/dice_mean", min_epochs=1, eta=3, max_epochs=9)  # rungs 1, 3, 9

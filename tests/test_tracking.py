@@ -213,8 +213,8 @@ def _markdown_rows(text: str, heading: str) -> list[dict[str, str]]:
 def test_report_numbers_are_results_csv_numbers(report_sweep):
     import pandas as pd
 
-    from brats_ugrip.sweeps.collect import write_results
-    from brats_ugrip.sweeps.report import write_report
+    from brats_ugrip.sweeps.monitoring.collect import write_results
+    from brats_ugrip.sweeps.monitoring.report import write_report
 
     with SweepState(sweep_db_path(report_sweep)) as state:
         results = pd.read_csv(write_results(report_sweep, state)).set_index("run_id")
@@ -256,7 +256,7 @@ def test_report_numbers_are_results_csv_numbers(report_sweep):
 
 
 def test_learning_curves_read_train_loss_and_validation_dice(report_sweep):
-    from brats_ugrip.sweeps.report import read_log
+    from brats_ugrip.sweeps.monitoring.report import read_log
 
     log = read_log(run_dir_path(report_sweep, "filters=8-fold=0-lr=0.01"))
     assert list(log["epoch"]) == [1, 2, 3]

@@ -3,7 +3,7 @@ data cache, a job that completes while its time-limit signal arrives, a relaunch
 after the controller lost its state while accounting kept the old jobs.
 
 Every run is a width-8 SegResNet on 32³ patches of the 48³ phantoms for one or two epochs on CPU. Runs are
-followed with :func:`brats_ugrip.sweeps.recovery.follow`, the monitor's own code path.
+followed with :func:`brats_ugrip.sweeps.monitoring.engine.follow`, the monitor's own code path.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.preprocess import CACHE_ENV
 from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.jobs import job_result_path
-from brats_ugrip.sweeps.recovery import follow
+from brats_ugrip.sweeps.monitoring.engine import follow
 from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
 
 pytestmark = pytest.mark.slow

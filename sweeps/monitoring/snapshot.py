@@ -103,7 +103,7 @@ class SweepSnapshot:
     notes: list[str] = field(default_factory=list)
     poll_seconds: float | None = None
     halving: list[str] = field(default_factory=list)
-    """Successive halving's summary lines (``sweeps/promotion.py``), empty for a plain grid."""
+    """Successive halving's summary lines (``sweeps/monitoring/promotion.py``), empty for a plain grid."""
 
     @property
     def counts(self) -> dict[str, int]:
@@ -207,8 +207,10 @@ def run_view(run: RunRecord, attempt: AttemptRecord | None, progress: dict[str, 
 
 def build_snapshot(sweep_dir: str | os.PathLike[str], state: SweepState, progress: ProgressReader,
                    stall_minutes: float = 60.0, notes: list[str] | None = None,
-                   now: float | None = None) -> SweepSnapshot:
-    """Read the sweep's database and every run's progress file into a snapshot (read only)."""
+                   now: float | None = None, halving: list[str] | None = None) -> SweepSnapshot:
+    """Read the sweep's database and every run's progress file into a snapshot (read only); ``halving`` is the
+    schedule's report lines (:func:`~brats_ugrip.sweeps.monitoring.promotion.halving_report`), which the engine
+    passes in, so this module stays below promotion."""
     now = time.time() if now is None else now
     runs = state.runs()
     latest = state.latest_attempts()
@@ -219,11 +221,5 @@ def build_snapshot(sweep_dir: str | os.PathLike[str], state: SweepState, progres
     gpu_hours, job_hours = attempt_hours(state.attempts(), {r.run_id: r for r in runs}, now)
     return SweepSnapshot(sweep_dir=str(sweep_dir), name=state.get_meta("name") or Path(sweep_dir).name, taken_at=now,
                          runs=views, varied_keys=varied_keys(runs), gpu_hours=gpu_hours, job_hours=job_hours,
-                         notes=list(notes or []), halving=_halving_lines(state, progress))
+                         notes=list(notes or []), halving=list(halving or []))
 
-
-def _halving_lines(state: SweepState, progress: ProgressReader) -> list[str]:
-    from brats_ugrip.sweeps.promotion import halving_report  # it imports this module
-
-    report = halving_report(state, progress)
-    return report.lines() if report is not None else []

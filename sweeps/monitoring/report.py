@@ -5,7 +5,7 @@ What it answers, and from what:
 
 - per varied parameter: the validation mean Dice of each run's best checkpoint against the parameter's value,
   mean ± sd over folds (per fold first the mean over the runs with that value): ``dice_vs_<key>.png`` and a table
-  (the numbers of :func:`brats_ugrip.sweeps.collect.sweep_summary`);
+  (the numbers of :func:`brats_ugrip.sweeps.monitoring.collect.sweep_summary`);
 - the fold × configuration table (a configuration = the varied values other than the fold), and the best
   configuration: the highest mean over folds among those validated on the most folds (a configuration whose runs
   failed on a fold is not preferred for its easier mean);
@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_text
-from brats_ugrip.sweeps.collect import FOLD_KEY, results_table, sweep_summary
+from brats_ugrip.sweeps.monitoring.collect import FOLD_KEY, results_table, sweep_summary
+from brats_ugrip.sweeps.monitoring.snapshot import PROGRESS_FILE, attempt_hours
 from brats_ugrip.sweeps.run_ids import format_value, short_keys
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
-from brats_ugrip.sweeps.view import PROGRESS_FILE, attempt_hours
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -354,7 +354,7 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
     runs = state.runs()
     name = state.get_meta("name") or sweep_dir.resolve().name
     results = results_table(sweep_dir, state)
-    summary = sweep_summary(sweep_dir, state, plot=False)
+    summary = sweep_summary(sweep_dir, state)
     report = SweepReport(folder / REPORT_MD, folds=fold_table(results, runs), per_value=summary.per_value,
                          compute=compute_table(state, now), failures=failure_table(state))
     counts = ", ".join(f"{s.value} {n}" for s, n in state.counts().items())

@@ -29,12 +29,10 @@ Policy per attempt (scheduler state → run):
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,17 +40,21 @@ from typing import Any
 from submitit.core.utils import JobPaths
 
 from brats_ugrip.atomic import atomic_write_json
-from brats_ugrip.errors import BratsUgripError, CheckpointError
-from brats_ugrip.slurm.sacct import SacctError
-from brats_ugrip.sweeps.collect import collect_run, is_collected, write_results
+from brats_ugrip.errors import CheckpointError
 from brats_ugrip.sweeps.job_states import (
+    CANCELLED_WORD,
+    COMPLETED_WORD,
     UNCOMPLETED_MARK,
     JobPhase,
     JobStateSource,
     JobStatus,
     LocalJobStates,
     SlurmJobStates,
+    StatesUnavailable,
+    counts_as_failure,
+    interruption_word,
     last_line,
+    was_preempted,
 )
 from brats_ugrip.sweeps.jobs import (
     SubmissionError,
@@ -63,60 +65,17 @@ from brats_ugrip.sweeps.jobs import (
     read_job_result,
     submit_runs,
 )
-from brats_ugrip.sweeps.promotion import ended_paused, promote
+from brats_ugrip.sweeps.lock import LOCK_FILE, MonitorError, SweepLock
+from brats_ugrip.sweeps.monitoring.collect import collect_run, is_collected, write_results
+from brats_ugrip.sweeps.monitoring.promotion import STOP_KEY, ended_paused, halving_report, promote
+from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader, SweepSnapshot, build_snapshot
 from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
 from brats_ugrip.sweeps.throttle import runs_to_release
-from brats_ugrip.sweeps.view import ProgressReader, SweepSnapshot, build_snapshot
 
-LOCK_FILE = ".monitor.lock"
 INTENT_FILE = ".monitor-submitting.json"
 PREEMPTED_GRACE_S = 120.0
 """A job PREEMPTED this long ago without a new record was not requeued by SLURM: resume it ourselves."""
-NOT_FAILURES = frozenset({"COMPLETED", "CANCELLED", "TIMEOUT", "PREEMPTED"})
-"""Final attempt states that do not count against ``max_retries`` (every other final state is a failure)."""
 SubmitFunction = Callable[..., dict[str, Any]]
-
-
-class MonitorError(BratsUgripError):
-    """A monitor action cannot be done (unknown run, run in a state that forbids it, lock held too long)."""
-
-
-class SweepLock:
-    """An exclusive ``fcntl`` lock on a file: one monitor acts on a sweep at a time.
-
-    Args:
-        path: the lock file (created if missing).
-        timeout_s: how long :meth:`hold` waits for another holder before failing.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 600.0,
-                 on_wait: Callable[[str], None] | None = None):
-        self.path = Path(path)
-        self.timeout_s = timeout_s
-        self.on_wait = on_wait
-
-    @contextmanager
-    def hold(self) -> Iterator[None]:
-        deadline = time.monotonic() + self.timeout_s
-        with open(self.path, "a") as handle:
-            waited = False
-            while True:
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if not waited and self.on_wait is not None:
-                        self.on_wait(f"{self.path}: another launcher or monitor holds the sweep's lock; waiting "
-                                     f"(up to {self.timeout_s:.0f} s)")
-                    waited = True
-                    if time.monotonic() > deadline:
-                        raise MonitorError(f"{self.path}: another monitor has held the lock for more than "
-                                           f"{self.timeout_s:.0f} s; is one stuck? (its pid: `fuser {self.path}`)")
-                    time.sleep(0.05)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -178,7 +137,9 @@ class SweepMonitor:
     # --- reading ------------------------------------------------------------------------------------------
 
     def snapshot(self, notes: list[str] | None = None) -> SweepSnapshot:
-        return build_snapshot(self.sweep_dir, self.state, self.progress, self.stall_minutes, notes)
+        report = halving_report(self.state, self.progress)
+        return build_snapshot(self.sweep_dir, self.state, self.progress, self.stall_minutes, notes,
+                              halving=report.lines() if report is not None else [])
 
     # --- one poll -----------------------------------------------------------------------------------------
 
@@ -228,7 +189,7 @@ class SweepMonitor:
                 continue
             try:
                 statuses.update(source.statuses(jobs, submitted))
-            except SacctError as error:  # keep what the database says; conclude nothing about these jobs
+            except StatesUnavailable as error:  # keep what the database says; conclude nothing about these jobs
                 report.notes.append(f"{cluster}: {error}")
         return statuses
 
@@ -237,7 +198,7 @@ class SweepMonitor:
         """Write what ``status`` means for ``run``; return a resubmission when the run must be submitted again."""
         now = time.time()
         scheduler_state = status.state
-        preempted_long_ago = (scheduler_state == "PREEMPTED" and status.ended_at is not None
+        preempted_long_ago = (was_preempted(scheduler_state) and status.ended_at is not None
                               and now - status.ended_at > PREEMPTED_GRACE_S)
         phase = JobPhase.INTERRUPTED if preempted_long_ago else status.phase
         if phase.is_active:
@@ -266,7 +227,7 @@ class SweepMonitor:
             note = (f"completed: the job reported success; the scheduler's {scheduler_state} "
                     f"(exit {status.exit_code}) came after it") if trusted else None
             self._complete(run, attempt, status, report, outcome.result if outcome and outcome.succeeded else None,
-                           "COMPLETED" if trusted else scheduler_state, ended_at, note)
+                           COMPLETED_WORD if trusted else scheduler_state, ended_at, note)
             return None
         if phase == JobPhase.CANCELLED:
             self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
@@ -289,7 +250,7 @@ class SweepMonitor:
                             error_tail=tail or (job_error.traceback_tail if job_error else None))
         detail = ((job_error.summary if job_error else None) or status.reason or last_line(tail or "")
                   or f"exit code {status.exit_code}")
-        failures = sum(a.state not in NOT_FAILURES for a in self.state.attempts(run.run_id) if a.ended_at is not None)
+        failures = sum(counts_as_failure(a.state) for a in self.state.attempts(run.run_id) if a.ended_at is not None)
         reason = f"{scheduler_state} (attempt {attempt.attempt}): {detail}"
         if failures <= run.max_retries:
             return _Resubmission(run, f"retry {failures}/{run.max_retries} after {reason}")
@@ -315,7 +276,7 @@ class SweepMonitor:
         since = attempt.started_at or status.started_at or attempt.submitted_at or 0.0
         last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
         progressed = last.is_file() and last.stat().st_mtime > since
-        word = "PREEMPTED" if status.state == "PREEMPTED" else "TIMEOUT"
+        word = interruption_word(status.state)
         self._write_attempt(attempt, word, status.node, ended_at=ended_at, error_tail=tail)
         if progressed:
             return _Resubmission(run, f"{word} (not requeued): resuming from last.ckpt")
@@ -484,7 +445,7 @@ class SweepMonitor:
                     self.state.update_run(run.run_id, state=RunState.CANCELLED, ended_at=now,
                                           reason="cancelled with monitor.py --cancel")
                     if run.run_id in latest and latest[run.run_id].ended_at is None:
-                        self.state.update_attempt(run.run_id, latest[run.run_id].attempt, state="CANCELLED",
+                        self.state.update_attempt(run.run_id, latest[run.run_id].attempt, state=CANCELLED_WORD,
                                                   ended_at=now)
             for cluster, job_ids in by_cluster.items():
                 source = self.sources.get(cluster)
@@ -597,3 +558,36 @@ def follow(sweep_dir: str | os.PathLike[str], *, poll_s: float = 2.0, timeout_s:
             time.sleep(poll_s)
     finally:
         monitor.close()
+
+
+def resume_paused(monitor: SweepMonitor, run_ids: Sequence[str]) -> dict[str, str]:
+    """Continue PAUSED runs (``["all"]``: every one) to ``trainer.max_epochs`` from their ``last.ckpt``, whatever
+    their rank; returns the new job id of each. They no longer stop at rungs (a manual decision, not a promotion).
+
+    Raises:
+        MonitorError: a chosen run is not PAUSED.
+    """
+    with monitor.lock.hold():
+        runs = monitor._select(run_ids)
+        if list(run_ids) == ["all"]:
+            runs = [r for r in runs if r.state == RunState.PAUSED]
+        for run in runs:
+            if run.state != RunState.PAUSED:
+                raise MonitorError(f"run {run.run_id} is {run.state.value}, not PAUSED: --resume-paused continues "
+                                   "paused runs only (--retry resubmits failed ones)")
+        with monitor.state.transaction():
+            for run in runs:
+                monitor.state.update_run(run.run_id, submit={**run.submit, STOP_KEY: None})
+        runs = [monitor.state.get_run(run.run_id) for run in runs]
+        groups: dict[str, list[RunRecord]] = {}
+        for run in runs:
+            groups.setdefault(SubmitSpec.from_dict(run.submit).key, []).append(run)
+        submitted: dict[str, str] = {}
+        for group in groups.values():
+            jobs = monitor._submit_announced(group, SubmitSpec.from_dict(group[0].submit), resubmission=True)
+            submitted.update({run_id: job.job_id for run_id, job in jobs.items()})
+        with monitor.state.transaction():
+            for run_id in submitted:
+                monitor.state.update_run(run_id, reason="resumed with monitor.py --resume-paused: continues to "
+                                                        "max_epochs")
+    return submitted

@@ -9,7 +9,7 @@
   metrics per region (validation Dice of the best checkpoint), saved atomically as ``SWEEP_DIR/results.csv``.
 - :func:`sweep_summary`: the best configuration per fold, mean ± std across folds per configuration and per
   parameter value, and the learning curves of every run (``report/learning_curves.png``: the figures and the
-  Markdown report are :mod:`brats_ugrip.sweeps.report`'s).
+  Markdown report are :mod:`brats_ugrip.sweeps.monitoring.report`'s).
 """
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 from brats_ugrip.atomic import atomic_path, atomic_write_json, atomic_write_text
 from brats_ugrip.errors import CheckpointError
 from brats_ugrip.files import sha256_file
+from brats_ugrip.sweeps.monitoring.promotion import HalvingReport, halving_report
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from brats_ugrip.sweeps.promotion import HalvingReport
 
 MODELS_DIR = "models"
 RESULTS_CSV = "results.csv"
@@ -210,10 +210,11 @@ def _mean_std(values: pd.Series) -> dict[str, Any]:
             "n_folds": int(values.count())}
 
 
-def sweep_summary(sweep_dir: str | os.PathLike[str], state: SweepState, plot: bool = True) -> SweepSummary:
+def sweep_summary(sweep_dir: str | os.PathLike[str], state: SweepState) -> SweepSummary:
     """Best configuration per fold, and mean ± std of the final mean Dice across folds, per configuration (the
     varied values other than the fold) and per value of each parameter (per fold first the mean over the runs with
-    that value, then mean ± std over folds); and, with ``plot``, the runs' learning curves as a PNG."""
+    that value, then mean ± std over folds). The learning-curve figure is the report's
+    (:func:`~brats_ugrip.sweeps.monitoring.report.plot_learning_curves`); callers that draw it set ``curves_png``."""
     import pandas as pd
 
     table = results_table(sweep_dir, state)
@@ -244,11 +245,4 @@ def sweep_summary(sweep_dir: str | os.PathLike[str], state: SweepState, plot: bo
         by_fold = done.groupby([key, "fold"], dropna=False)["dice_mean"].mean().reset_index()
         per_value[key] = (by_fold.groupby(key, dropna=False)["dice_mean"].apply(lambda s: pd.Series(_mean_std(s)))
                           .unstack().reset_index().sort_values("mean", ascending=False, ignore_index=True))
-    curves = None
-    if plot:
-        from brats_ugrip.sweeps.report import plot_learning_curves  # the report's module imports this one
-
-        curves = plot_learning_curves(sweep_dir, runs)
-    from brats_ugrip.sweeps.promotion import halving_report
-
-    return SweepSummary(best_per_fold, per_config, per_value, curves, halving_report(state))
+    return SweepSummary(best_per_fold, per_config, per_value, None, halving_report(state))

@@ -1,4 +1,5 @@
-"""Rendering a :class:`~brats_ugrip.sweeps.view.SweepSnapshot` with rich: the live dashboard, ``--once`` and ``--compact``.
+"""Rendering a :class:`~brats_ugrip.sweeps.monitoring.snapshot.SweepSnapshot` with rich: the live dashboard,
+``--once`` and ``--compact``.
 
 - header: the sweep, counts per state, GPU-hours, the best run so far, when it was polled;
 - one row per run: id, varied parameters, state, attempt, job id, node and GPU, an epoch progress bar, best
@@ -22,9 +23,9 @@ from rich.console import Group, RenderableType
 from rich.text import Span, Text
 
 from brats_ugrip.errors import BratsUgripError
+from brats_ugrip.sweeps.monitoring.snapshot import STALLED, RunView, SweepSnapshot
 from brats_ugrip.sweeps.run_ids import format_value, short_keys
 from brats_ugrip.sweeps.state import RunState
-from brats_ugrip.sweeps.view import STALLED, RunView, SweepSnapshot
 
 STATE_STYLES = {
     "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "green", "REQUEUED": "yellow", "TIMEOUT": "yellow",

@@ -33,16 +33,12 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from brats_ugrip.sweeps.halving import HalvingSchedule, config_scores, promotions
+from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader, _gpus
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
-from brats_ugrip.sweeps.view import ProgressReader, _gpus
-
-if TYPE_CHECKING:
-    from brats_ugrip.sweeps.recovery import SweepMonitor
 
 SCHEDULE_META = "schedule"
 FOLD_KEY = "data.fold"
@@ -184,42 +180,6 @@ def promote(state: SweepState, notes: list[str]) -> list[tuple[RunRecord, str]]:
             lower_closed = closed
     return [(state.get_run(run_id), f"promoted at epoch {schedule.rungs[at_rung[run_id]]}: continues from last.ckpt "
                                     f"to epoch {stop}") for run_id, stop in continuing.items()]
-
-
-def resume_paused(monitor: SweepMonitor, run_ids: Sequence[str]) -> dict[str, str]:
-    """Continue PAUSED runs (``["all"]``: every one) to ``trainer.max_epochs`` from their ``last.ckpt``, whatever
-    their rank; returns the new job id of each. They no longer stop at rungs (a manual decision, not a promotion).
-
-    Raises:
-        MonitorError: a chosen run is not PAUSED.
-    """
-    from brats_ugrip.sweeps.jobs import SubmitSpec
-    from brats_ugrip.sweeps.recovery import MonitorError
-
-    with monitor.lock.hold():
-        runs = monitor._select(run_ids)
-        if list(run_ids) == ["all"]:
-            runs = [r for r in runs if r.state == RunState.PAUSED]
-        for run in runs:
-            if run.state != RunState.PAUSED:
-                raise MonitorError(f"run {run.run_id} is {run.state.value}, not PAUSED: --resume-paused continues "
-                                   "paused runs only (--retry resubmits failed ones)")
-        with monitor.state.transaction():
-            for run in runs:
-                monitor.state.update_run(run.run_id, submit={**run.submit, STOP_KEY: None})
-        runs = [monitor.state.get_run(run.run_id) for run in runs]
-        groups: dict[str, list[RunRecord]] = {}
-        for run in runs:
-            groups.setdefault(SubmitSpec.from_dict(run.submit).key, []).append(run)
-        submitted: dict[str, str] = {}
-        for group in groups.values():
-            jobs = monitor._submit_announced(group, SubmitSpec.from_dict(group[0].submit), resubmission=True)
-            submitted.update({run_id: job.job_id for run_id, job in jobs.items()})
-        with monitor.state.transaction():
-            for run_id in submitted:
-                monitor.state.update_run(run_id, reason="resumed with monitor.py --resume-paused: continues to "
-                                                        "max_epochs")
-    return submitted
 
 
 # --- report -------------------------------------------------------------------------------------------------
