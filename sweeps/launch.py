@@ -311,11 +311,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               + (f", {already} already in the sweep" if already else "") + f" → {plan.sweep_dir}")
     if args.no_watch:
         return 0
-    # Watching is the monitor's job (the same code `python sweeps/monitor.py SWEEP_DIR` runs): it follows the jobs,
-    # retries and resumes them, and collects the results.
-    from brats_ugrip.sweeps.monitor import main as monitor_main
+    # Watching is the monitor's job (what `python sweeps/monitor.py SWEEP_DIR` runs): it follows the jobs, retries
+    # and resumes them, and collects the results.
+    from brats_ugrip.sweeps.monitor import PLAIN_WIDTH, watch
+    from brats_ugrip.sweeps.monitoring.dashboard import ViewOptions
+    from brats_ugrip.sweeps.monitoring.engine import SweepMonitor
 
-    return monitor_main([str(plan.sweep_dir), *(["--take-over"] if args.take_over else [])])
+    monitor = SweepMonitor(plan.sweep_dir, take_over=args.take_over)
+    try:
+        return watch(monitor, ViewOptions(), 15.0, Console(width=None if out.is_terminal else PLAIN_WIDTH))
+    finally:
+        monitor.close()
 
 
 if __name__ == "__main__":
