@@ -22,8 +22,10 @@ import torch
 
 from brats_ugrip.cli import run
 from brats_ugrip.data import cases_from_dir
-from brats_ugrip.datasets import TrainDataset
+from brats_ugrip.loaders import TrainDataset
 from brats_ugrip.preprocess import CaseCache, case_cache_dir
+from brats_ugrip.run_files import own_cache
+from brats_ugrip.sweeps import layout
 from brats_ugrip.synthetic.phantom import write_phantoms
 
 
@@ -43,17 +45,16 @@ def disk_vs_runs(cases: list, runs: int, root: Path) -> list[dict[str, int]]:
     """Bytes of preprocessed cache after 1…``runs`` runs of one sweep read every case: with the old rule (each run
     its own ``run_dir/cache``) and with the shared rule (:func:`case_cache_dir`: ``SWEEP_DIR/cache``)."""
     sweep = root / "sweep"
-    (sweep / "runs").mkdir(parents=True)
-    (sweep / "sweep.db").touch()
     rows = []
     for index in range(runs):
-        run_dir = sweep / "runs" / f"run{index}"
-        for cache_dir in (run_dir / "cache", case_cache_dir(None, run_dir)):  # per run (before), shared (now)
+        run_dir = layout.run_dir_path(sweep, f"run{index}")
+        # per run (before), shared by the sweep (now)
+        for cache_dir in (own_cache(run_dir), case_cache_dir(None, run_dir, layout.case_cache(sweep))):
             cache = CaseCache(cache_dir)
             for case in cases:
                 cache.get(case)
-        per_run = sum(_disk(d / "cache") for d in (sweep / "runs").iterdir())
-        rows.append({"runs": index + 1, "per_run_bytes": per_run, "shared_bytes": _disk(sweep / "cache")})
+        per_run = sum(_disk(own_cache(d)) for d in run_dir.parent.iterdir())
+        rows.append({"runs": index + 1, "per_run_bytes": per_run, "shared_bytes": _disk(layout.case_cache(sweep))})
     return rows
 
 

@@ -47,8 +47,8 @@ import torch
 from brats_ugrip.bench.train_step import bare_steps
 from brats_ugrip.cli import console, run, track
 from brats_ugrip.data import Datalist, make_datalist
-from brats_ugrip.datasets import make_loaders
 from brats_ugrip.errors import ConfigError
+from brats_ugrip.loaders import make_loaders
 from brats_ugrip.models import get_spec, resolve_kwargs
 from brats_ugrip.preprocess import CaseCache
 from brats_ugrip.synthetic.anatomy import BRATS_SHAPE

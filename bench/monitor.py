@@ -30,10 +30,12 @@ from rich.console import Console
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.cli import run
 from brats_ugrip.slurm.sacct import SacctRecord, parse_sacct
+from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.job_states import LocalJobStates, SlurmJobStates
+from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.monitoring.dashboard import ViewOptions, render
 from brats_ugrip.sweeps.monitoring.engine import SweepMonitor
-from brats_ugrip.sweeps.state import RunRecord, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, SweepState
 
 ARRAY_ID = 5000
 GOAL_RENDER_S = 0.2
@@ -61,7 +63,7 @@ def make_sweep(sweep_dir: Path, n_runs: int, seed: int = 0) -> list[RunRecord]:
         with state.transaction():
             for task, record in enumerate(records):
                 state.record_submission(record.run_id, f"{ARRAY_ID}_{task}",
-                                        log_path=str(sweep_dir / "jobs" / f"{ARRAY_ID}_{task}" / "log.err"))
+                                        log_path=str(layout.jobs_dir(sweep_dir) / f"{ARRAY_ID}_{task}" / "log.err"))
     for task, record in enumerate(records[:running_count(n_runs)]):
         write_progress(Path(record.run_dir), rng, epoch=rng.randrange(1, 300))
     return records
@@ -73,7 +75,7 @@ def running_count(n_runs: int) -> int:
 
 def write_progress(run_dir: Path, rng: random.Random, epoch: int) -> None:
     best = rng.uniform(0.6, 0.9)
-    atomic_write_json(run_dir / "progress.json", {
+    atomic_write_json(layout.progress_path(run_dir), {
         "status": "running", "epoch": epoch, "max_epochs": 300, "step": epoch * 250, "best_val_dice": best,
         "best_epoch": max(1, epoch - rng.randrange(0, 10)), "val_metrics": {"mean": best}, "epoch_seconds": 95.0,
         "host": f"gpu{rng.randrange(40):03d}", "gpu": "NVIDIA A100-SXM4-80GB", "started_at": "2025-01-01T00:00:00+00:00",
@@ -125,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return parse_sacct(text)
 
         monitor = SweepMonitor(sweep_dir, sources=[SlurmJobStates(query=recorded_sacct),
-                                                   LocalJobStates(sweep_dir / "jobs" / "%j")])
+                                                   LocalJobStates(layout.jobs_dir(sweep_dir) / "%j")])
         parse_s, _ = timed(lambda: parse_sacct(text), args.repeat)
         start = time.perf_counter()
         first = monitor.poll()

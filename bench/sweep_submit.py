@@ -24,7 +24,8 @@ import yaml
 from brats_ugrip.cli import run
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder, submit_runs
-from brats_ugrip.sweeps.state import SweepState, sweep_db_path
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.state import SweepState
 
 
 def _sbatch_counter(folder: Path) -> Path:

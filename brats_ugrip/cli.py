@@ -1,14 +1,28 @@
-"""Conventions shared by every command-line tool: clear errors, non-zero exit codes, progress bars."""
+"""Conventions shared by every command-line tool: clear errors, non-zero exit codes, progress bars.
+
+Only command lines print. :func:`run` also installs :func:`rich_reporter` as the process's progress reporter, so
+the library's tasks (:mod:`brats_ugrip.progress`) are drawn as progress bars on stderr.
+"""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from brats_ugrip import progress
 from brats_ugrip.errors import BratsUgripError
 
 T = TypeVar("T")
@@ -27,7 +41,9 @@ def error_message(error: BratsUgripError) -> str:
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> None:
-    """Run ``main(argv)`` and exit: 0 on success, 2 on a :class:`BratsUgripError` (message printed, no traceback)."""
+    """Run ``main(argv)`` and exit: 0 on success, 2 on a :class:`BratsUgripError` (message printed, no traceback).
+    The library's progress tasks are drawn as rich progress bars meanwhile."""
+    progress.set_reporter(rich_reporter)
     try:
         code = main(argv)
     except BratsUgripError as error:
@@ -70,6 +86,29 @@ def map_with_progress(function: Callable[[T], R], items: Sequence[T], descriptio
                 results.append(result)
                 bar.advance(task)
         return results
+
+
+class _BarTask:
+    def __init__(self, bar: Progress, task: TaskID):
+        self.bar, self.task = bar, task
+
+    @property
+    def completed(self) -> int:
+        return int(self.bar.tasks[self.task].completed)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.advance(self.task, steps)
+
+    def set_total(self, total: int) -> None:
+        self.bar.update(self.task, total=total)
+
+
+@contextmanager
+def rich_reporter(description: str, total: int | None, visible: bool) -> Iterator[progress.ProgressTask]:
+    """A :mod:`brats_ugrip.progress` reporter: each task is a progress bar on stderr (gone when it ends unless
+    visible)."""
+    with progress_bar(transient=not visible) as bar:
+        yield _BarTask(bar, bar.add_task(description, total=total, visible=visible))
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterable[T]:

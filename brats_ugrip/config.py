@@ -3,7 +3,7 @@
 Everything a training run needs is in one :class:`RunConfig`::
 
     data:      datalist, data_root, fold, scheme, roi_size, cache_dir, num_workers, batch_size, samples_per_case,
-               train_sources (e.g. [original, synthetic]), extra_ratio (extra : original, see brats_ugrip.sources)
+               train_sources (e.g. [original, synthetic]), extra_ratio (extra : original, see brats_ugrip.training_cases)
     model:     name (see ``brats_ugrip.model_specs.list_models()``), kernel_size, deep_supervision, init_filters
     optim:     name adamw | sgd | adamw_sf, lr, weight_decay, momentum, warmup_steps, scheduler none | poly | cosine
     loss:      name dice_bce | dice | dice_focal, smooth

@@ -8,9 +8,10 @@ models pays for reading the data once, not once per evaluation.
 Scores are computed as training validation computes ``val_metrics`` (``brats_ugrip.training.case_dice`` and
 ``summarise_dice``): sliding-window probabilities on the brain crop with the run's inference settings,
 thresholded at ``settings.threshold``, made into the **label map that gets written** (the innermost region wins,
-so TC includes ET and WT includes TC), then scored by :func:`label_map_scores` — the one scoring function of
-soups, ensemble fitting, training validation and reports: Dice (and HD95) per region and case with the BraTS
-empty-mask convention (:mod:`brats_ugrip.metrics.regions`), averaged over cases, then over regions. Outside the
+so TC includes ET and WT includes TC), then scored by :func:`brats_ugrip.metrics.regions.label_map_scores` — the
+one scorer of label maps for soups, ensemble fitting, training validation, reports and ``tools/evaluate.py``:
+Dice (and HD95) per region and case with the BraTS empty-mask convention (:mod:`brats_ugrip.metrics.regions`),
+averaged over cases, then over regions. Outside the
 crop prediction and reference are both background, so crop scores equal full-volume scores.
 
 A *fingerprint* (sorted case ids, label scheme, crop margin, the inference settings that change predictions and
@@ -32,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from brats_ugrip.cli import track
 from brats_ugrip.config import InferenceConfig, config_from_dict
 from brats_ugrip.data import Case, Datalist
 from brats_ugrip.errors import BratsUgripError, DataError
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.labels import REGIONS, LabelScheme, get_scheme
-from brats_ugrip.metrics.regions import dice, hd95
+from brats_ugrip.metrics.regions import label_map_scores
 from brats_ugrip.preprocess import BRAIN_MARGIN, CaseCache, CaseGeometry
+from brats_ugrip.progress import tracked
 
 FINGERPRINT_SETTINGS: tuple[str, ...] = ("roi_size", "overlap", "mode", "tta", "precision", "threshold")
 """Inference settings that change predictions, hence scores (``sw_batch_size`` only changes speed)."""
@@ -61,17 +62,6 @@ def fingerprint(case_ids: Iterable[str], scheme: str, margin: int, settings: Inf
     payload = {"cases": sorted(case_ids), "scheme": get_scheme(scheme).name, "margin": int(margin), "settings": chosen,
                "scored": SCORED}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def label_map_scores(labels: np.ndarray, reference: np.ndarray, scheme: LabelScheme | str,
-                     spacing: Sequence[float] = (1.0, 1.0, 1.0), with_hd95: bool = False) -> dict[str, float]:
-    """Scores of one written label map ``(x, y, z)`` against reference region channels ``(3, x, y, z)`` (TC, WT, ET):
-    ``dice_TC``, ``dice_WT``, ``dice_ET`` and, with ``with_hd95``, ``hd95_*`` (mm, official BraTS HD95)."""
-    predicted = get_scheme(scheme).to_regions(labels)
-    scores = {f"dice_{r}": dice(p, ref) for r, p, ref in zip(REGIONS, predicted, reference)}
-    if with_hd95:
-        scores.update({f"hd95_{r}": hd95(p, ref, spacing) for r, p, ref in zip(REGIONS, predicted, reference)})
-    return scores
 
 
 def checkpoint_settings(meta: dict[str, Any]) -> InferenceConfig:
@@ -209,7 +199,7 @@ class HeldOutSet:
         self.margin = cache.margin
         self.device = torch.device(device)
         loaded = []
-        for case in track(cases, "loading held-out cases", total=len(cases)) if progress else cases:
+        for case in tracked(cases, "loading held-out cases", len(cases), visible=progress):
             if case.label is None:
                 raise DataError(f"{case.case_id}: a held-out case needs a reference segmentation (label)")
             pre = cache.get(case, self.scheme)
@@ -253,7 +243,7 @@ class HeldOutSet:
     def score_probabilities(self, probabilities: Iterable[torch.Tensor | np.ndarray], threshold: float = 0.5,
                             with_hd95: bool = False) -> HeldOutScore:
         """Score per-case probabilities ``(3, x, y, z)`` given in the set's case order (e.g. an ensemble's mean):
-        thresholded, written as a label map, scored by :func:`label_map_scores`."""
+        thresholded, written as a label map, scored by :func:`brats_ugrip.metrics.regions.label_map_scores`."""
         scheme = get_scheme(self.scheme)
         per_case = []
         for case, probs in zip(self.cases, probabilities, strict=True):

@@ -32,6 +32,7 @@ from brats_ugrip.data import MODALITIES, Case
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
+from brats_ugrip.run_files import own_cache
 
 CACHE_VERSION = 3
 CACHE_ENV = "BRATS_UGRIP_CACHE"
@@ -193,26 +194,24 @@ def file_fingerprint(path: str | os.PathLike[str]) -> str:
     return _fingerprints[memo_key]
 
 
-def case_cache_dir(configured: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None) -> Path | None:
+def case_cache_dir(configured: str | os.PathLike[str] | None, run_dir: str | os.PathLike[str] | None,
+                   shared: str | os.PathLike[str] | None = None) -> Path | None:
     """Where a run's preprocessed cases are cached: the one rule (training, soups and ensembles use it).
 
     1. ``configured`` (``data.cache_dir``) when set;
     2. else ``$BRATS_UGRIP_CACHE/cases`` (a shared path, e.g. a project folder);
-    3. else, for a run of a sweep (``SWEEP_DIR/runs/<id>``, with ``SWEEP_DIR/sweep.db``), ``SWEEP_DIR/cache``:
-       one cache for every run of the sweep;
+    3. else ``shared``, the cache of the group of runs this one belongs to, named by whoever groups them (a sweep
+       passes ``SWEEP_DIR/cache``: this library knows run directories, not sweeps);
     4. else the run's own ``run_dir/cache`` (None without a run directory).
     """
     if configured:
         return Path(configured)
-    shared = os.environ.get(CACHE_ENV)
+    project = os.environ.get(CACHE_ENV)
+    if project:
+        return Path(project) / "cases"
     if shared:
-        return Path(shared) / "cases"
-    if run_dir is None:
-        return None
-    run_dir = Path(run_dir)
-    if run_dir.parent.name == "runs" and (run_dir.parent.parent / "sweep.db").is_file():
-        return run_dir.parent.parent / "cache"
-    return run_dir / "cache"
+        return Path(shared)
+    return own_cache(run_dir) if run_dir is not None else None
 
 
 def case_stage_dir() -> Path | None:

@@ -14,7 +14,7 @@ import yaml
 from brats_ugrip.cli import console, run
 from brats_ugrip.config import load_config
 from brats_ugrip.data import Datalist
-from brats_ugrip.sources import check_run_data
+from brats_ugrip.training_cases import check_run_data
 
 
 def main(argv: Sequence[str] | None = None) -> int:

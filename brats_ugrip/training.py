@@ -63,12 +63,13 @@ from brats_ugrip.checkpoints import (
 )
 from brats_ugrip.config import GPU_PRECISIONS, RunConfig, config_from_dict, flat_config, load_config, save_config
 from brats_ugrip.data import Datalist
-from brats_ugrip.datasets import make_loaders, training_batch
 from brats_ugrip.errors import CheckpointError, ConfigError, TrainingDivergedError
-from brats_ugrip.heldout import fingerprint, label_map_scores
+from brats_ugrip.heldout import fingerprint
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
 from brats_ugrip.labels import REGIONS, get_scheme
+from brats_ugrip.loaders import make_loaders, training_batch
 from brats_ugrip.losses import SegmentationLoss
+from brats_ugrip.metrics.regions import label_map_scores
 from brats_ugrip.models import (
     config_model_kwargs,
     create_model,
@@ -80,12 +81,19 @@ from brats_ugrip.models import (
 )
 from brats_ugrip.optim import averaged_parameters, build_optimizer, build_scheduler, is_schedule_free, set_train_mode
 from brats_ugrip.preprocess import BRAIN_MARGIN, case_stage_dir
+from brats_ugrip.run_files import (
+    BEST_CHECKPOINT,
+    CSV_LOG_DIR,
+    LAST_CHECKPOINT,
+    checkpoint_dir,
+    config_path,
+    last_checkpoint,
+    progress_path,
+)
 from brats_ugrip.seen_cases import case_record, seen_cases
-from brats_ugrip.sources import check_run_data
+from brats_ugrip.training_cases import check_run_data
 
 MONITOR = "val/dice_mean"
-CHECKPOINT_DIR = "checkpoints"
-PROGRESS_FILE = "progress.json"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -139,6 +147,7 @@ class SegmentationModule(pl.LightningModule):
         network = create_model(self.model_name, **self.model_kwargs)
         self.init_cases: set[str] = set()  # cases the init_from checkpoint had seen (set by _initialise)
         self.case_record: dict[str, list[str]] = {}  # brats_ugrip.seen_cases record, set by train()
+        self.case_cache: str | None = None  # where train() cached the cases: soups read them from there
         self.init_id, self.trainable_parameters = self._initialise(network)
         self.model = torch.compile(network) if config.trainer.compile else network
         self.loss = SegmentationLoss(config.loss)
@@ -271,6 +280,7 @@ class SegmentationModule(pl.LightningModule):
             "git_commit": git_commit(),
             "init_id": self.init_id,
             "cases": self.case_record,
+            **({"case_cache": self.case_cache} if self.case_cache else {}),
             "trainable_parameters": self.trainable_parameters,
             "weights": "averaged" if schedule_free else "current",
             "created": now_iso(),
@@ -289,11 +299,11 @@ class SegmentationModule(pl.LightningModule):
 def case_dice(model: torch.nn.Module, image: torch.Tensor, label: torch.Tensor, settings: Any,
               scheme: str = "brats2023") -> list[float]:
     """Dice of TC, WT, ET for one case: sliding-window probabilities thresholded at ``settings.threshold``, written
-    as a label map in ``scheme`` and scored by :func:`brats_ugrip.heldout.label_map_scores`, as soups and ensemble
+    as a label map in ``scheme`` and scored by :func:`brats_ugrip.metrics.regions.label_map_scores`, as soups and ensemble
     fitting score. ``image`` (1, 4, x, y, z), ``label`` (1, 3, x, y, z)."""
     probabilities = sliding_window_probabilities(model, image, settings)
     labels = get_scheme(scheme).to_labels((probabilities[0] > settings.threshold).cpu().numpy())
-    scores = label_map_scores(labels, label[0].cpu().numpy() > 0.5, scheme)
+    scores = label_map_scores(labels, label[0].cpu().numpy() > 0.5, scheme, with_hd95=False)
     return [scores[f"dice_{r}"] for r in REGIONS]
 
 
@@ -460,7 +470,7 @@ class ProgressFile(Callback):
 
 def read_progress(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The progress file of a run, or None when there is none yet."""
-    path = Path(run_dir) / PROGRESS_FILE
+    path = progress_path(run_dir)
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -540,7 +550,7 @@ def _run_summary() -> dict[str, Any]:
 
 
 def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name="csv", version="",
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run_dir), name=CSV_LOG_DIR, version="",
                                                     flush_logs_every_n_steps=1)]
     if config.logging.mode != "disabled":
         loggers.append(TrackedWandbLogger(_run_summary(), offline=config.logging.mode == "offline",
@@ -548,11 +558,11 @@ def _loggers(config: RunConfig, run_dir: Path) -> list[Logger]:
     return loggers
 
 
-def _cache_dir(config: RunConfig, run_dir: Path) -> Path | None:
+def _cache_dir(config: RunConfig, run_dir: Path, shared: str | os.PathLike[str] | None) -> Path | None:
     """Where this run caches preprocessed cases: :func:`brats_ugrip.preprocess.case_cache_dir`'s one rule."""
     from brats_ugrip.preprocess import case_cache_dir
 
-    return case_cache_dir(config.data.cache_dir, run_dir)
+    return case_cache_dir(config.data.cache_dir, run_dir, shared)
 
 
 def _trainer(config: RunConfig, run_dir: Path, max_epochs: int, callbacks: list[Callback]) -> pl.Trainer:
@@ -575,12 +585,15 @@ def _trainer(config: RunConfig, run_dir: Path, max_epochs: int, callbacks: list[
 
 
 def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,
-          callbacks: Sequence[Callback] = (), stop_at_epoch: int | None = None) -> dict[str, Any]:
+          callbacks: Sequence[Callback] = (), stop_at_epoch: int | None = None,
+          shared_cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Train one run in ``run_dir`` (default ``config.run_dir``), resuming from its ``last.ckpt`` if there is one.
 
     Args:
         config: a :class:`RunConfig`, its dict, or a YAML path.
         callbacks: extra Lightning callbacks (profilers, tests).
+        shared_cache: the case cache of a group of runs (a sweep passes its own), used when neither
+            ``data.cache_dir`` nor ``$BRATS_UGRIP_CACHE`` names one (:func:`brats_ugrip.preprocess.case_cache_dir`).
         stop_at_epoch: stop cleanly after this many epochs (a successive-halving rung), below
             ``trainer.max_epochs``: the run is then "paused", with ``last.ckpt`` to continue from and the latest
             validation in ``latest_val_metrics``. The config (and its hash) is unchanged: schedule-free AdamW ties nothing
@@ -600,29 +613,33 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
     datalist = Datalist.load(config.data.datalist, config.data.data_root)
     train_cases = check_run_data(config, datalist)
 
-    checkpoint_dir = run_dir / CHECKPOINT_DIR
-    last = checkpoint_dir / "last.ckpt"
+    checkpoints = checkpoint_dir(run_dir)
+    last = last_checkpoint(run_dir)
     previous = read_progress(run_dir)
     if last.is_file() and previous and previous.get("config_hash") not in (None, config.hash()):
         raise ConfigError("run_dir", f"{run_dir} holds a run of another config (hash {previous['config_hash']}, this one "
                           f"{config.hash()}); use a new run directory or the original config")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in checkpoint_dir.glob(".*.tmp"):  # left by a process killed while writing; the target is intact
+    for stale in checkpoints.glob(".*.tmp"):  # left by a process killed while writing; the target is intact
         stale.unlink(missing_ok=True)  # several processes of one DDP run clean up at once
-    save_config(config, run_dir / "config.yaml")
-    progress = ProgressFile(run_dir / PROGRESS_FILE, config)
+    save_config(config, config_path(run_dir))
+    progress = ProgressFile(progress_path(run_dir), config)
     progress.write()
 
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
     module = SegmentationModule(config)
     module.case_record = case_record(train_cases, datalist.fold_cases(config.data.fold), module.init_cases)
+    cache = _cache_dir(config, run_dir, shared_cache)
+    module.case_cache = str(cache.resolve()) if cache is not None else None
     train_loader, val_loader = make_loaders(
         datalist, config.data.fold, config.data.scheme, config.data.roi_size, config.data.batch_size,
-        _cache_dir(config, run_dir), config.data.num_workers, config.data.samples_per_case, train_cases=train_cases,
+        cache, config.data.num_workers, config.data.samples_per_case, train_cases=train_cases,
         intensity=config.data.augment_intensity, stage_dir=case_stage_dir())
-    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=MONITOR, mode="max", save_top_k=1,
+    best = ModelCheckpoint(dirpath=checkpoints, filename=Path(BEST_CHECKPOINT).stem, monitor=MONITOR, mode="max",
+                           save_top_k=1,
                            auto_insert_metric_name=False, enable_version_counter=False)
-    last_callback = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+    last_callback = ModelCheckpoint(dirpath=checkpoints, filename=Path(LAST_CHECKPOINT).stem, monitor=None,
+                                    save_top_k=1,
                                     every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     trainer_config = config.trainer
     trainer = _trainer(config, run_dir, min(trainer_config.max_epochs, stop_at_epoch or trainer_config.max_epochs),

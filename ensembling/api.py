@@ -7,7 +7,8 @@
 The weights, thresholds and post-processing are chosen on the validation cases of ``fold``
 (:func:`brats_ugrip.ensembling.fit.fit_ensemble`); the fitted ensemble is then scored on the datalist's test split
 when it has one (or on ``test_fold``). A test case that a member trained or validated on is refused, by the case
-ids its checkpoint records (:func:`brats_ugrip.seen_cases.check_test_cases`), unless ``allow_seen_test_cases``;
+ids its checkpoint records, unless ``allow_seen_test_cases`` (the one policy of soups and ensembles:
+:func:`brats_ugrip.case_policy.choose_test_cases`, which also refuses test cases that are fitting cases);
 then the spec's fit record, the console table and the fit report carry the same label saying so.
 ``brats-ugrip ensemble --fit`` (``ensembling/cli.py``) parses its arguments and calls this.
 """
@@ -21,13 +22,13 @@ from typing import Any
 
 import torch
 
-from brats_ugrip.data import Case, Datalist
+from brats_ugrip.case_policy import choose_test_cases
+from brats_ugrip.data import Datalist
 from brats_ugrip.ensembling.fit import FitResult, fit_ensemble, training_overlap
 from brats_ugrip.ensembling.predict import Ensemble
 from brats_ugrip.ensembling.spec import EnsembleSpec, spec_from_checkpoints
 from brats_ugrip.errors import DataError
 from brats_ugrip.heldout import HeldOutSet
-from brats_ugrip.seen_cases import check_test_cases
 
 
 @dataclass
@@ -45,17 +46,6 @@ class FittedEnsemble:
     result: FitResult
     test_label: str | None
     warnings: list[str]
-
-
-def _test_cases(datalist: Datalist, fold: int, test_fold: int | None, test_split: bool) -> tuple[list[Case], str]:
-    name = Path(datalist.path or "datalist").name
-    if test_fold is not None:
-        if test_fold == fold:
-            raise DataError(f"the test fold must differ from the fitting fold ({fold}): test cases are never fitted on")
-        return datalist.fold_cases(test_fold), f"fold {test_fold} of {name}"
-    if test_split and datalist.test:
-        return datalist.test, f"the test split of {name}"
-    return [], ""
 
 
 def fit_ensemble_from_checkpoints(checkpoints: Sequence[str | os.PathLike[str]] | None = None, *,
@@ -85,20 +75,16 @@ def fit_ensemble_from_checkpoints(checkpoints: Sequence[str | os.PathLike[str]] 
         spec.members = [dataclasses.replace(m, inference={**m.inference, **inference}) for m in spec.members]
     ensemble = Ensemble(spec, device)
     loaded = Datalist.load(datalist, data_root)
-    test_cases, where = _test_cases(loaded, fold, test_fold, test_split)
-    notice = check_test_cases([c.case_id for c in test_cases], [(m.path.name, m.meta) for m in ensemble.members],
-                              allow_seen_test_cases) if test_cases else None
+    chosen = choose_test_cases(loaded, fold, [(m.path.name, m.meta) for m in ensemble.members], test_fold=test_fold,
+                               test_split=test_split, allow_seen=allow_seen_test_cases)
+    test_cases = chosen.cases
     warnings = [f"{path} was trained on fold {fold}'s cases (its validation fold is another): its held-out scores "
                 "there are optimistic and the fit will favour it" for path in training_overlap(ensemble, fold)]
     held_out = HeldOutSet.from_fold(loaded, fold, cache_dir=cache_dir, device=device, progress=progress)
     test_set = (HeldOutSet(test_cases, loaded.label_scheme, cache_dir, device, progress=progress)
                 if test_cases else None)
-    label = None
-    if test_cases:
-        label = (f"'test' scores on {where}, {len(test_cases)} cases: NOT held out, some were seen in training or "
-                 "validation" if notice else
-                 f"test scores on {where}, {len(test_cases)} cases, never used for training, validation or fitting")
+    label = chosen.label("fitting")
     record = {"datalist": str(Path(datalist).resolve()), "fold": fold, "test_fold": test_fold,
-              "test_cases_from": where or None, "test_label": label, "test_notice": notice}
+              "test_cases_from": chosen.where or None, "test_label": label, "test_notice": chosen.notice}
     result = fit_ensemble(ensemble, held_out, method, test_set, postprocessing, record=record, progress=progress)
     return FittedEnsemble(ensemble.with_spec(result.spec), result, label, warnings)

@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from brats_ugrip.cli import track
 from brats_ugrip.ensembling.predict import Ensemble, LoadedMember
 from brats_ugrip.ensembling.spec import EnsembleSpec
-from brats_ugrip.heldout import HeldOutScore, HeldOutSet, label_map_scores
+from brats_ugrip.heldout import HeldOutScore, HeldOutSet
 from brats_ugrip.labels import REGIONS, LabelScheme, get_scheme
-from brats_ugrip.metrics.regions import bounding_box
+from brats_ugrip.metrics.regions import bounding_box, label_map_scores
 from brats_ugrip.postprocess import PostProcessing, labels_from_probabilities
+from brats_ugrip.progress import tracked
 
 METHODS: tuple[str, ...] = ("fitted", "dice", "equal")
 THRESHOLDS: tuple[float, ...] = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))
@@ -132,9 +132,8 @@ class PredictionCache:
         """Predict every case of ``held_out`` with every model once (case by case: N outputs in memory at a time)."""
         cache = cls(len(members), floor)
         streams = [held_out.predict_probabilities(m.model, m.settings) for m in members]
-        outputs = zip(*streams)
-        if progress:
-            outputs = track(outputs, f"predicting {len(held_out)} held-out cases with {len(members)} models", len(held_out))
+        outputs = tracked(zip(*streams), f"predicting {len(held_out)} held-out cases with {len(members)} models",
+                          len(held_out), visible=progress)
         for per_model, case in zip(outputs, held_out.cases):  # outputs first: the bar completes on its last item
             cache.add(case.case_id, [p for _, p in per_model], case.regions, case.spacing)
         return cache
@@ -311,7 +310,7 @@ def fit_postprocessing(cache: PredictionCache, weights: np.ndarray, thresholds: 
     def mean_dice(postprocessing: PostProcessing) -> float:
         per_region = np.zeros(len(REGIONS))
         for labels, reference in boxes:
-            scores = label_map_scores(postprocessing.apply(labels, scheme), reference, scheme)
+            scores = label_map_scores(postprocessing.apply(labels, scheme), reference, scheme, with_hd95=False)
             per_region += [scores[f"dice_{r}"] for r in REGIONS]
         return float(np.mean(per_region / len(boxes)))
 

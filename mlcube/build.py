@@ -51,6 +51,7 @@ from brats_ugrip.mlcube.schema import (
     PackageLayout,
     validate_package,
 )
+from brats_ugrip.sweeps.layout import RUNS_DIR
 
 CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
 """Challenges a package can be built for; each is also the metric set ``mlcube/check.py`` scores with."""
@@ -104,7 +105,8 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
         value = holder.get(keys[-1])
         if isinstance(value, str) and value:
             path = Path(value)
-            holder[keys[-1]] = f"runs/{path.name}" if keys == ("run_dir",) and path.parent.name == "runs" else path.name
+            in_sweep = keys == ("run_dir",) and path.parent.name == RUNS_DIR
+            holder[keys[-1]] = f"{RUNS_DIR}/{path.name}" if in_sweep else path.name
     return config
 
 

@@ -5,7 +5,7 @@
     result.state_dict, result.kept, result.tables   # weights, ingredient names kept, score tables
 
 Both functions take the soup's own options and, as further keyword arguments, the fields of
-:class:`~brats_ugrip.souping.options.SoupData` (``datalist``, ``fold``, ``test_fold``, ``test_split``,
+:class:`~brats_ugrip.souping.soup_cli.SoupData` (``datalist``, ``fold``, ``test_fold``, ``test_split``,
 ``allow_seen_test_cases``, ``device``, ...). Test scores come from the datalist's test split by default; test
 cases an ingredient trained or validated on are refused unless ``allow_seen_test_cases=True``. The command lines
 (``souping/greedy.py``, ``souping/uniform.py``) only parse their arguments and call these.
@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from brats_ugrip.checkpoints import save_model_checkpoint
-from brats_ugrip.cli import progress_bar
 from brats_ugrip.heldout import HeldOutScore
+from brats_ugrip.progress import progress_task
 from brats_ugrip.souping.ingredients import Ingredients, load_ingredients, shared_base_note
-from brats_ugrip.souping.options import SoupData, report_dir
 from brats_ugrip.souping.report import ScoreTable, test_scores, write_report
-from brats_ugrip.souping.session import Scores, SoupSession, soup_meta
+from brats_ugrip.souping.scoring import Scores, SoupSession, soup_meta
+from brats_ugrip.souping.soup_cli import SoupData, report_dir
 from brats_ugrip.souping.soups import GreedySoup, StateDict, greedy_soup, uniform_soup
 
 
@@ -83,15 +83,14 @@ def greedy_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: st
         strict: keep an ingredient only if the score rises (``>``; default ``≥``).
         rescore: recompute ingredient scores even when their checkpoints hold them for these cases and settings.
         hd95: HD95 in the report's tables.
-        data: :class:`~brats_ugrip.souping.options.SoupData` fields.
+        data: :class:`~brats_ugrip.souping.soup_cli.SoupData` fields.
     """
     ingredients = load_ingredients(checkpoints)
     session = _session(ingredients, data)
     stored = session.stored_scores(rescore)
     n = len(ingredients)
-    with progress_bar(transient=not progress) as bar:
-        task = bar.add_task("held-out evaluations", total=sum(s is None for s in stored) + n, visible=progress)
-        session.on_evaluation = lambda: bar.advance(task)
+    with progress_task("held-out evaluations", sum(s is None for s in stored) + n, visible=progress) as task:
+        session.on_evaluation = task.advance
         scores = session.ingredient_scores(stored)
         candidates: list[HeldOutScore] = []
 
@@ -115,7 +114,7 @@ def greedy_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: st
             (f"greedy soup ({len(greedy.kept)} of {n})", load_best if same_as_best else lambda: greedy_state,
              greedy_score)]
         report_evaluations = session.report_evaluations(models, hd95)
-        bar.update(task, total=bar.tasks[task].completed + report_evaluations)
+        task.set_total(task.completed + report_evaluations)
         tables = session.compare(models, hd95)
 
     meta = soup_meta(ingredients, "greedy", best, greedy.kept, scores, greedy_score, session, strict=strict,
@@ -151,16 +150,15 @@ def uniform_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: s
     session = _session(ingredients, data)
     state = session.prepare(state)
     stored = session.stored_scores(rescore)
-    with progress_bar(transient=not progress) as bar:
-        task = bar.add_task("held-out evaluations", total=sum(s is None for s in stored) + 1, visible=progress)
-        session.on_evaluation = lambda: bar.advance(task)
+    with progress_task("held-out evaluations", sum(s is None for s in stored) + 1, visible=progress) as task:
+        session.on_evaluation = task.advance
         scores = session.ingredient_scores(stored)
         soup_score = Scores.of(session.score(state, with_hd95=hd95 and session.test is None))
         best = max(everything, key=lambda i: scores[i].dice["mean"])
         models = [(f"best ingredient ({ingredients[best].name})", ingredients[best].state_dict, scores[best]),
                   (f"uniform soup ({len(ingredients)})", lambda: state, soup_score)]
         report_evaluations = session.report_evaluations(models, hd95)
-        bar.update(task, total=bar.tasks[task].completed + report_evaluations)
+        task.set_total(task.completed + report_evaluations)
         tables = session.compare(models, hd95)
 
     meta = soup_meta(ingredients, "uniform", 0, everything, scores, soup_score, session, test=test_scores(tables))

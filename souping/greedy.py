@@ -22,7 +22,7 @@ import argparse
 from collections.abc import Sequence
 
 from brats_ugrip.cli import run
-from brats_ugrip.souping.options import SoupData, check_soup_args, soup_parser
+from brats_ugrip.souping.soup_cli import SoupData, check_soup_args, soup_parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -36,8 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from brats_ugrip.souping.api import greedy_soup_from_checkpoints
-    from brats_ugrip.souping.report import print_summary
-    from brats_ugrip.souping.session import print_warnings_on_console
+    from brats_ugrip.souping.soup_cli import print_summary, print_warnings_on_console
 
     print_warnings_on_console()
     result = greedy_soup_from_checkpoints(args.ckpts, out=args.out, report=args.report_dir, strict=args.strict,

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_text
-from brats_ugrip.cli import console
 from brats_ugrip.souping.soups import GreedyStep
 
 REPORT_REGIONS = ("ET", "TC", "WT", "mean")
@@ -149,13 +148,3 @@ def test_scores(tables: Sequence[ScoreTable]) -> dict[str, Any] | None:
         return None
     return {"label": table.heading, "notice": table.notice, "cases": table.n_cases, "where": table.cases,
             "models": {row.model: {"dice": row.dice, "hd95": row.hd95} for row in table.rows}}
-
-
-def print_summary(tables: Sequence[ScoreTable], soup: Path, report: Path) -> None:
-    """The tables (test first, under the report's headings) and where the soup and the report are, on the console."""
-    notice = next((t.notice for t in tables if t.notice), None)
-    if notice:
-        console.print(f"[bold yellow]{notice}[/]", highlight=False)
-    for table in sorted(tables, key=lambda t: t.kind != "test"):
-        console.print(f"\n{table.heading}\n{markdown_table(table)}", markup=False, highlight=False, soft_wrap=True)
-    console.print(f"soup: {soup}   report: {report}", highlight=False)

@@ -312,7 +312,7 @@ def _same(a: Any, b: Any) -> bool:
 def _check_data(config: RunConfig, datalists: dict[str, Datalist], checked: set[str]) -> None:
     """The fine-tuning checkpoint exists, and training's own data checks (the fold exists, there are training
     cases, the patch fits the volumes), made once per distinct setting; each datalist is loaded once."""
-    from brats_ugrip.sources import check_run_data
+    from brats_ugrip.training_cases import check_run_data
 
     data = config.data
     key = json.dumps([data.datalist, data.data_root, data.fold, data.roi_size, data.train_sources, data.extra_ratio,

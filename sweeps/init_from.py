@@ -22,7 +22,9 @@ from typing import Any
 
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.files import sha256_file
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps import layout
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 KEY = "finetune.init_from"
 
@@ -36,7 +38,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 def _collected(checkpoint: Path, where: str, source: str | None) -> None:
     """A collected checkpoint must match its collection record's SHA-256 (a half-copied or replaced file fails)."""
     record = checkpoint.with_suffix(".json")
-    if checkpoint.parent.name != "models" or not record.is_file():
+    if checkpoint.parent.name != layout.MODELS_DIR or not record.is_file():
         return
     try:
         expected = json.loads(record.read_text()).get("sha256")
@@ -65,7 +67,7 @@ def _from_sweep(reference: dict[str, Any], source: str | None) -> str:
         run_state = state.get_run(run_id).state
     if run_state != RunState.COMPLETED:
         raise ConfigError(KEY, f"{where} is {run_state.value}, not COMPLETED; fine-tune from a finished base", source)
-    checkpoint = sweep / "models" / f"{run_id}.ckpt"
+    checkpoint = layout.collected_paths(sweep, run_id)[0]
     if not checkpoint.is_file():
         raise ConfigError(KEY, f"{where} is not collected yet ({checkpoint} missing); run "
                           f"`python sweeps/monitor.py {sweep} --once` to collect it", source)

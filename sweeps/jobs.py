@@ -42,14 +42,13 @@ from submitit.core.utils import FailedJobError
 
 from brats_ugrip.atomic import atomic_write_json, atomic_write_yaml
 from brats_ugrip.errors import BratsUgripError, CheckpointError, ConfigError, DataError
+from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 CLUSTERS = ("local", "slurm")
-JOB_INFO_FILE = "job.json"
-"""Updated by each job of a run when it starts training: the latest start's job id, cluster, node, pid, start time
-and ``start_epoch`` (the epoch it resumes from, 0 for a fresh start), and ``starts``: every start, oldest first
-(a requeued job starts again under the same job id)."""
-JOB_RESULTS_DIR = "job_results"
+# A run's job.json (sweeps/layout.py) is updated by each of its jobs when it starts training: the latest start's
+# job id, cluster, node, pid, start time and start_epoch (the epoch it resumes from, 0 for a fresh start), and
+# starts: every start, oldest first (a requeued job starts again under the same job id).
 DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError)
 """Errors that the same job raises again on every try (bad config, missing or malformed case): never retried."""
 _log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ _log = logging.getLogger(__name__)
 
 def jobs_folder(sweep_dir: str | os.PathLike[str]) -> Path:
     """submitit's folder of a sweep: ``SWEEP_DIR/jobs/<job id>/`` holds each job's pickles and logs."""
-    return Path(sweep_dir).resolve() / "jobs" / "%j"
+    return layout.jobs_dir(sweep_dir) / "%j"
 
 
 class SubmissionError(BratsUgripError):
@@ -165,7 +164,7 @@ def submit_runs(state: SweepState, runs: Sequence[RunRecord], spec: SubmitSpec, 
     slots_dir = str(Path(submitit.core.utils.JobPaths.get_first_id_independent_folder(folder)) / ".local_slots")
     local_slots = (slots_dir, spec.local_slots) if spec.cluster == "local" else None
     for run in runs:  # the run directory shows its config from the moment the run is submitted
-        atomic_write_yaml(Path(run.run_dir) / "config.yaml", run.config)
+        atomic_write_yaml(layout.config_path(run.run_dir), run.config)
     jobs: dict[str, submitit.Job] = {}
     submitted_at = time.time()  # before sbatch: no record of this submission in accounting is older
     try:
@@ -260,7 +259,9 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 self._prepare_run_dir(run_dir, env)
             interrupted = _watch_requeue_signal()
             try:
-                result = train(self.config, run_dir, stop_at_epoch=self.stop_at_epoch)
+                sweep = layout.sweep_of_run(run_dir)
+                result = train(self.config, run_dir, stop_at_epoch=self.stop_at_epoch,
+                               shared_cache=layout.case_cache(sweep) if sweep is not None else None)
             except Exception as error:
                 if interrupted:  # submitit requeued the job from inside a write; the traceback is only noise
                     _log.warning("%s arrived during %s (%s): the job is requeued and resumes from last.ckpt, "
@@ -285,14 +286,12 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def _prepare_run_dir(self, run_dir: Path, env: submitit.JobEnvironment | None) -> None:
         """Link this job's logs into ``run_dir/logs/`` and add this start to ``run_dir/job.json``."""
-        from brats_ugrip.training import CHECKPOINT_DIR
-
         run_dir.mkdir(parents=True, exist_ok=True)
         start: dict[str, Any] = {"job_id": env.job_id if env else None, "cluster": env.cluster if env else None,
                                  "node": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
-                                 "start_epoch": _completed_epochs(run_dir / CHECKPOINT_DIR / "last.ckpt")}
+                                 "start_epoch": _completed_epochs(layout.last_checkpoint(run_dir))}
         if env is not None:
-            logs = run_dir / "logs"
+            logs = layout.job_logs_dir(run_dir)
             logs.mkdir(exist_ok=True)
             for source, name in ((env.paths.stdout, f"{env.job_id}.out"), (env.paths.stderr, f"{env.job_id}.err")):
                 link = logs / name
@@ -302,7 +301,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                     except OSError:  # a file system without symlinks: the logs stay in submitit's folder only
                         pass
         starts = (read_job_info(run_dir) or {}).get("starts", [])
-        atomic_write_json(run_dir / JOB_INFO_FILE, {**start, "starts": [*starts, start]})
+        atomic_write_json(layout.job_info_path(run_dir), {**start, "starts": [*starts, start]})
 
 
 def _completed_epochs(last: Path) -> int | None:
@@ -362,7 +361,7 @@ def job_result_path(run_dir: str | os.PathLike[str], job_id: str) -> Path:
     """``run_dir/job_results/<job id>.json``: the outcome of one job of the run (job ids are digits and ``_``)."""
     if not re.fullmatch(r"[0-9A-Za-z_.-]+", str(job_id)):
         raise BratsUgripError(f"job id {job_id!r}: not a scheduler job id")
-    return Path(run_dir) / JOB_RESULTS_DIR / f"{job_id}.json"
+    return layout.job_result_path(run_dir, job_id)
 
 
 @dataclass(frozen=True)
@@ -429,9 +428,7 @@ def read_job_result(run_dir: str | os.PathLike[str], job_id: str, attempt: int |
 
 def final_checkpoint_complete(run_dir: str | os.PathLike[str], result: JobResult) -> bool:
     """Whether ``run_dir/checkpoints/last.ckpt`` is readable and holds every epoch the successful job reported."""
-    from brats_ugrip.training import CHECKPOINT_DIR
-
-    epochs = _completed_epochs(Path(run_dir) / CHECKPOINT_DIR / "last.ckpt")
+    epochs = _completed_epochs(layout.last_checkpoint(run_dir))
     wanted = result.result.get("epochs")
     return epochs is not None and epochs > 0 and (not isinstance(wanted, int) or epochs >= wanted)
 
@@ -444,7 +441,7 @@ def _plain(value: Any) -> dict[str, Any]:
 
 def read_job_info(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``run_dir/job.json`` as written by the latest job of the run, or None before any job started."""
-    path = Path(run_dir) / JOB_INFO_FILE
+    path = layout.job_info_path(run_dir)
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

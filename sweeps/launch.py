@@ -31,11 +31,13 @@ from rich.table import Table
 from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.cli import console, run
 from brats_ugrip.errors import BratsUgripError
+from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder, sbatch_test_only, scheduler_available, submit_runs
+from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.monitoring.promotion import set_schedule
 from brats_ugrip.sweeps.run_ids import param_tags
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 from brats_ugrip.sweeps.throttle import free_slots, set_cap
 
 if TYPE_CHECKING:
@@ -231,13 +233,13 @@ def submit_plan(plan: LaunchPlan, on_wait: Callable[[str], None] | None = None,
                 take_over: bool = False) -> dict[str, submitit.Job]:
     """Record the grid's runs in ``sweep.db`` and submit the new ones (one array per resource request), holding
     the sweep's lock: what is submitted is decided from ``sweep.db`` as it is once the lock is held."""
-    from brats_ugrip.sweeps.lock import LOCK_FILE, SweepLock  # the monitor's lock: one actor per sweep
+    from brats_ugrip.sweeps.lock import SweepLock  # the monitor's lock: one actor per sweep
 
     ensure_writable(plan.sweep_dir)
     if any(not scheduler_available(g.spec.cluster) for g in plan.groups()):
         raise BratsUgripError(f"{plan.grid_path}: executor.cluster is slurm but `sbatch` is not on the PATH; "
                               "run on the cluster's login node, or set executor.cluster: local")
-    with SweepLock(plan.sweep_dir / LOCK_FILE, on_wait=on_wait).hold():
+    with SweepLock(layout.lock_path(plan.sweep_dir), on_wait=on_wait).hold():
         return _submit_locked(plan, take_over)
 
 

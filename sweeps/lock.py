@@ -1,7 +1,7 @@
 """One actor per sweep: :class:`SweepLock`, the exclusive ``fcntl`` lock the launcher and the monitor (and the
 W&B sync, on its own file) hold while they act on ``sweep.db``; the kernel frees it when its holder dies.
 
-:data:`LOCK_FILE` is the monitor's and the launcher's lock, in the sweep directory (see :mod:`sweeps.layout`).
+The monitor's and the launcher's lock file is ``sweeps/layout.py``'s ``lock_path(sweep_dir)``.
 """
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from brats_ugrip.errors import BratsUgripError
-
-LOCK_FILE = ".monitor.lock"
 
 
 class MonitorError(BratsUgripError):

@@ -46,7 +46,6 @@ from typing import Any
 from brats_ugrip.config import config_hash
 from brats_ugrip.errors import BratsUgripError
 
-DB_NAME = "sweep.db"
 SCHEMA_VERSION = 2
 
 
@@ -74,16 +73,6 @@ def network_filesystem(path: str | os.PathLike[str], mounts: str | None = None) 
         if inside and len(point) >= len(best):
             best, best_type = point, fields[2]
     return best_type if best_type in NETWORK_FILESYSTEMS else None
-
-
-def sweep_db_path(sweep_dir: str | os.PathLike[str]) -> Path:
-    """``SWEEP_DIR/sweep.db``."""
-    return Path(sweep_dir) / DB_NAME
-
-
-def run_dir_path(sweep_dir: str | os.PathLike[str], run_id: str) -> Path:
-    """``SWEEP_DIR/runs/<run_id>``: the run's config, progress file, logs and checkpoints."""
-    return Path(sweep_dir) / "runs" / run_id
 
 
 class RunState(str, Enum):

@@ -32,11 +32,12 @@ from typing import Any
 
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.errors import BratsUgripError
+from brats_ugrip.sweeps import layout
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.lock import SweepLock
-from brats_ugrip.sweeps.state import RunRecord, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, SweepState
 
-SYNCED_FILE = "wandb-synced.json"
-LOCK_FILE = ".wandb-sync.lock"
+SYNCED_FILE = layout.WANDB_SYNCED_FILE
 SEGMENT_GLOB = "wandb/offline-run-*"
 
 Runner = Callable[[list[str]], int]
@@ -134,7 +135,7 @@ def sync_sweep(sweep_dir: str | os.PathLike[str], *, runner: Runner | None = Non
         with SweepState(sweep_db_path(sweep_dir)) as opened:
             return sync_sweep(sweep_dir, runner=runner, executable=executable, extra_args=extra_args, state=opened)
     report = SyncReport()
-    with SweepLock(sweep_dir / LOCK_FILE, timeout_s=5.0).hold():
+    with SweepLock(Path(sweep_dir) / layout.WANDB_LOCK_FILE, timeout_s=5.0).hold():
         synced = read_synced(sweep_dir)
         for run in state.runs():
             segments = run_segments(sweep_dir, run)

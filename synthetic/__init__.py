@@ -1,1 +1,4 @@
+"""Installed as ``brats_ugrip.synthetic``; imported as ``synthetic`` from a checkout, it is that same module."""
+import brats_ugrip as _brats_ugrip
 
+_brats_ugrip.alias_folder(__name__)

@@ -9,8 +9,8 @@ import yaml
 from brats_ugrip.config import RunConfig, config_from_dict, load_config, parse_override
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
 from brats_ugrip.errors import ConfigError
-from brats_ugrip.sources import check_run_data
 from brats_ugrip.training import check_runtime
+from brats_ugrip.training_cases import check_run_data
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"data": {"datalist": "datalist.json", "roi_size": [32, 32, 32]}, "model": {"name": "segresnet"}}

@@ -11,9 +11,10 @@ from pathlib import Path
 from rich.console import Console
 from test_monitor import ScriptedScheduler
 
+from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.monitoring.dashboard import ViewOptions, render
 from brats_ugrip.sweeps.monitoring.engine import SweepMonitor
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = "FAILED (attempt 3): DataError: BraTS-SSA-00012-000 t2f: file missing; no retries left (2)"

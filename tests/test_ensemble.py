@@ -296,8 +296,8 @@ def test_cached_scores_equal_heldout_scores_of_each_model(checkpoints, datalist)
 
 
 def test_soup_scoring_and_ensemble_fit_scoring_give_the_same_scores_for_the_same_model(checkpoints, datalist):
-    """Soups score a model with HeldOutSet.score (souping/session.py); the fit scores it alone through the ensemble
-    pipeline (fit.score). Both score the label map that gets written, through heldout.label_map_scores."""
+    """Soups score a model with HeldOutSet.score (souping/scoring.py); the fit scores it alone through the ensemble
+    pipeline (fit.score). Both score the label map that gets written, through metrics.regions.label_map_scores."""
     held_out = HeldOutSet.from_fold(Datalist.load(datalist), 0, progress=False)
     ensemble = ensemble_of(checkpoints, [1, 1])
     cache = PredictionCache.predict(held_out, ensemble.members, floor=0.1, progress=False)

@@ -13,8 +13,9 @@ from brats_ugrip.errors import BratsUgripError, ConfigError
 from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.executor import ExecutorSection, parse_time_min
 from brats_ugrip.sweeps.grid import ExcludeWarning, ParameterManager
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.run_ids import format_value, run_ids
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 
 def _grid(fold_datalist, **extra):

@@ -15,7 +15,8 @@ import pytest
 
 from brats_ugrip.data import make_datalist, save_datalist
 from brats_ugrip.sweeps.jobs import read_job_info
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[1]
 

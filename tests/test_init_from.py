@@ -8,8 +8,9 @@ import pytest
 
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.sweeps.grid import ParameterManager
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.collect import sha256_file
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from brats_ugrip.data import Datalist, cases_from_dir, check_case, make_datalist, save_datalist
-from brats_ugrip.datasets import make_loaders
 from brats_ugrip.errors import ConfigError, DataError
 from brats_ugrip.io import read_volume
-from brats_ugrip.sources import append_training_only, select_training_cases
+from brats_ugrip.loaders import make_loaders
 from brats_ugrip.synthetic.synthesize import GENERATOR, synthesize_datalist
 from brats_ugrip.tools.sample_cases import sample_cases
+from brats_ugrip.training_cases import append_training_only, select_training_cases
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,9 @@ import yaml
 from brats_ugrip.data import make_datalist, save_datalist
 from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.jobs import local_slot, read_job_info
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.engine import follow
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 from brats_ugrip.training import read_progress
 
 

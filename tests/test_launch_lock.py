@@ -10,7 +10,8 @@ from pathlib import Path
 import yaml
 
 from brats_ugrip.data import make_datalist, save_datalist
-from brats_ugrip.sweeps.state import SweepState, sweep_db_path
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.state import SweepState
 
 REPO = Path(__file__).resolve().parents[1]
 TRIES = 8

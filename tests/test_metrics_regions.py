@@ -11,9 +11,9 @@ from brats_ugrip.metrics.regions import (
     BRATS_MAX_HD95,
     dice,
     hd95,
+    label_map_scores,
     region_masks,
     region_scores,
-    region_scores_from_labels,
 )
 
 SHAPE = (40, 40, 40)
@@ -73,7 +73,7 @@ def test_region_scores_from_label_maps_use_the_scheme():
     ref[cube((14, 14, 14), 4)] = scheme.enhancing
     pred = ref.copy()
     pred[pred == scheme.enhancing] = scheme.core  # enhancing tumour called necrosis: TC and WT are still perfect
-    scores = region_scores_from_labels(pred, ref, scheme)
+    scores = label_map_scores(pred, ref, scheme)
     assert scores == {"dice_TC": 1.0, "hd95_TC": 0.0, "dice_WT": 1.0, "hd95_WT": 0.0,
                       "dice_ET": 0.0, "hd95_ET": BRATS_MAX_HD95}
     assert evaluate_case(pred, ref, scheme, "regions") == scores

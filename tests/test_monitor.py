@@ -30,20 +30,20 @@ from brats_ugrip.sweeps import monitor as monitor_cli
 from brats_ugrip.sweeps.job_states import JobStatus, LocalJobStates
 from brats_ugrip.sweeps.jobs import SubmitSpec, TrainingJob
 from brats_ugrip.sweeps.launch import jobs_folder
+from brats_ugrip.sweeps.layout import INTENT_FILE, collected_paths, run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.monitoring.collect import (
     copy_verified,
     is_collected,
-    model_paths,
     read_collected,
     sha256_file,
     sweep_summary,
     verify_collected,
 )
 from brats_ugrip.sweeps.monitoring.dashboard import Column, ViewOptions, grid_text, parse_filter, render, select_runs
-from brats_ugrip.sweeps.monitoring.engine import INTENT_FILE, PREEMPTED_GRACE_S, MonitorError, SweepMonitor
+from brats_ugrip.sweeps.monitoring.engine import PREEMPTED_GRACE_S, MonitorError, SweepMonitor
 from brats_ugrip.sweeps.monitoring.report import plot_learning_curves, read_curve
 from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,7 +221,7 @@ def test_completed_run_gets_metrics_and_a_verified_model(sweep):
     run = sweep.monitor.state.get_run(run_id)
     assert run.state == RunState.COMPLETED and run.metrics["val_metrics"]["ET"] == pytest.approx(0.75)
     assert run.best_checkpoint.endswith("best.ckpt")
-    target, meta_path = model_paths(sweep.dir, run_id)
+    target, meta_path = collected_paths(sweep.dir, run_id)
     meta = read_collected(sweep.dir, run_id)
     source = run_dir_path(sweep.dir, run_id) / "checkpoints" / "best.ckpt"
     assert target.read_bytes() == source.read_bytes()
@@ -467,7 +467,7 @@ def test_restarted_monitor_rebuilds_everything(sweep):
     fresh = SweepMonitor(sweep.dir, sources=[sweep.scheduler], submit=sweep.scheduler.submit)
     report = fresh.poll()
     assert report.collected == [done] and list(report.resubmitted) == [failed]
-    (model_paths(sweep.dir, done)[0]).unlink()  # a model lost: the next monitor collects it again
+    (collected_paths(sweep.dir, done)[0]).unlink()  # a model lost: the next monitor collects it again
     fresh.close()
     again = SweepMonitor(sweep.dir, sources=[sweep.scheduler], submit=sweep.scheduler.submit)
     assert again.poll().collected == [done] and verify_collected(sweep.dir, done)
@@ -516,7 +516,7 @@ def test_collected_model_checks(sweep):
     sweep.monitor.poll()
     run = sweep.monitor.state.get_run(run_id)
     assert is_collected(sweep.dir, run)
-    target = model_paths(sweep.dir, run_id)[0]
+    target = collected_paths(sweep.dir, run_id)[0]
     data = bytearray(target.read_bytes())
     data[100] ^= 0xFF
     target.write_bytes(bytes(data))

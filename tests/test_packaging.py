@@ -75,6 +75,12 @@ def test_wheel_installs_only_brats_ugrip_and_declares_its_dependencies(wheel):
     for module in ("brats_ugrip/sweeps/executor.py", "brats_ugrip/slurm/sacct.py", "brats_ugrip/souping/greedy.py",
                    "brats_ugrip/mlcube/build.py", "brats_ugrip/tools/evaluate.py", "brats_ugrip/slurm/dev-cluster/start.sh"):
         assert module in names, module
+    # Every module of the checkout is in the wheel (a new sub-package missing from pyproject.toml is caught here).
+    for folder in ("brats_ugrip", "sweeps", "slurm", "souping", "ensembling", "synthetic", "mlcube", "tools", "bench"):
+        for path in (REPO / folder).rglob("*.py"):
+            relative = path.relative_to(REPO).as_posix()
+            installed = relative if folder == "brats_ugrip" else f"brats_ugrip/{relative}"
+            assert installed in names, f"{relative} is not in the wheel: add its package to pyproject.toml"
     requires = [line.split(": ", 1)[1] for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
     assert "torch==2.13.0" in requires and any(r.startswith("monai==") for r in requires), requires
     assert "brats-ugrip = brats_ugrip.commands:main" in entry_points

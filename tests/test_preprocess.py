@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from brats_ugrip.data import cases_from_dir
-from brats_ugrip.datasets import TrainDataset, ValDataset, training_batch
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume
 from brats_ugrip.labels import get_scheme
+from brats_ugrip.loaders import TrainDataset, ValDataset, training_batch
 from brats_ugrip.preprocess import CaseCache, preprocess_case
 
 

@@ -14,9 +14,10 @@ from test_monitor import ScriptedScheduler, _write_checkpoint, _write_result
 from brats_ugrip.sweeps.grid import ParameterManager
 from brats_ugrip.sweeps.halving import HalvingSchedule
 from brats_ugrip.sweeps.jobs import SubmitSpec, jobs_folder
+from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.monitoring.engine import MonitorError, SweepMonitor, resume_paused
 from brats_ugrip.sweeps.monitoring.promotion import halving_report, set_schedule
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 SCHEDULE = HalvingSchedule(metric="val/dice_mean", min_epochs=1, eta=3, max_epochs=9)  # rungs 1, 3, 9
 LRS = (0.1, 0.2, 0.3)

@@ -8,7 +8,8 @@ import yaml
 from brats_ugrip.data import make_datalist, save_datalist
 from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.sweeps import launch
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 
 def _grid(tmp_path, datalist, max_epochs: int):

@@ -24,19 +24,35 @@ def test_one_rule_for_where_the_cache_lives(tmp_path, monkeypatch):
     (sweep / "runs" / "a").mkdir(parents=True)
     lone = tmp_path / "lone"
     assert case_cache_dir(None, lone) == lone / "cache"  # a run outside a sweep: its own
-    assert case_cache_dir(None, sweep / "runs" / "a") == sweep / "runs" / "a" / "cache"  # no sweep.db: not a sweep
-    (sweep / "sweep.db").touch()
-    assert case_cache_dir(None, sweep / "runs" / "a") == case_cache_dir(None, sweep / "runs" / "b") == sweep / "cache"
+    # The core knows no sweep: the caller that groups runs names their shared cache (rule 3).
+    assert case_cache_dir(None, sweep / "runs" / "a") == sweep / "runs" / "a" / "cache"
+    assert case_cache_dir(None, sweep / "runs" / "a", sweep / "cache") == sweep / "cache"
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "project"))
-    assert case_cache_dir(None, sweep / "runs" / "a") == tmp_path / "project" / "cases"
+    assert case_cache_dir(None, sweep / "runs" / "a", sweep / "cache") == tmp_path / "project" / "cases"
     assert case_cache_dir(tmp_path / "mine", sweep / "runs" / "a") == tmp_path / "mine"  # data.cache_dir wins
     assert case_cache_dir(None, None) == tmp_path / "project" / "cases"
 
-    from brats_ugrip.souping.session import default_cache_dir
+    from brats_ugrip.souping.scoring import default_cache_dir
 
     (tmp_path / "project" / "cases").mkdir(parents=True)
     meta = {"config": {"data": {"cache_dir": None}, "run_dir": str(sweep / "runs" / "a")}}
     assert default_cache_dir(meta) == str(tmp_path / "project" / "cases")  # soups look where training cached
+    (sweep / "cache").mkdir()
+    assert default_cache_dir({**meta, "case_cache": str(sweep / "cache")}) == str(sweep / "cache")  # as recorded
+
+
+def test_a_sweep_names_its_runs_shared_cache(tmp_path):
+    """sweeps/layout.py: a run directory of a sweep (SWEEP_DIR/runs/<id> beside SWEEP_DIR/sweep.db) shares
+    SWEEP_DIR/cache; a folder that only looks like one (no sweep.db) is no sweep."""
+    from brats_ugrip.sweeps import layout
+
+    sweep = tmp_path / "sweep"
+    run_dir = layout.run_dir_path(sweep, "a")
+    run_dir.mkdir(parents=True)
+    assert layout.sweep_of_run(run_dir) is None
+    layout.sweep_db_path(sweep).touch()
+    assert layout.sweep_of_run(run_dir) == sweep and layout.case_cache(sweep) == sweep / "cache"
+    assert layout.sweep_of_run(tmp_path / "elsewhere" / "a") is None
 
 
 FILL = r'''
@@ -44,8 +60,9 @@ import sys
 from pathlib import Path
 from brats_ugrip.data import cases_from_dir
 from brats_ugrip.preprocess import CaseCache, case_cache_dir
+from brats_ugrip.sweeps import layout
 data, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
-cache = CaseCache(case_cache_dir(None, run_dir))
+cache = CaseCache(case_cache_dir(None, run_dir, layout.case_cache(layout.sweep_of_run(run_dir))))
 for case in cases_from_dir(data):
     cache.get(case)
 '''

@@ -292,7 +292,7 @@ def datalist_path(phantom_dir, tmp_path_factory):
 
 
 def test_heldout_scores_exactly_as_training_validation(datalist_path, tmp_path):
-    from brats_ugrip.datasets import make_loaders
+    from brats_ugrip.loaders import make_loaders
     from brats_ugrip.training import evaluate
 
     settings = checkpoint_settings({"config": _config(str(datalist_path))})

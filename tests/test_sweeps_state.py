@@ -10,15 +10,8 @@ import textwrap
 
 import pytest
 
-from brats_ugrip.sweeps.state import (
-    AttemptRecord,
-    RunRecord,
-    RunState,
-    SweepState,
-    SweepStateError,
-    run_dir_path,
-    sweep_db_path,
-)
+from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, SweepStateError
 
 
 def _record(run_id: str, lr: float = 1e-3, sweep_dir: str = "/sweep") -> RunRecord:

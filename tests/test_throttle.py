@@ -10,8 +10,9 @@ from test_monitor import ScriptedScheduler, _records, _write_checkpoint, _write_
 
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.sweeps import launch
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.engine import SweepMonitor
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 from brats_ugrip.sweeps.throttle import check_cap, get_cap, set_cap
 
 

@@ -13,8 +13,9 @@ from brats_ugrip.config import load_config
 from brats_ugrip.errors import ConfigError
 from brats_ugrip.sweeps import monitor as monitor_cli
 from brats_ugrip.sweeps import wandb_sync
+from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
 from brats_ugrip.sweeps.run_ids import param_tags
-from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState, run_dir_path, sweep_db_path
+from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 from brats_ugrip.sweeps.wandb_sync import SYNCED_FILE, read_synced, sync_sweep
 
 WANDB = "/opt/bin/wandb"

@@ -19,9 +19,9 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from brats_ugrip.checkpoints import git_commit, load_checkpoint, load_model, model_state_dict
 from brats_ugrip.config import LossConfig, OptimConfig, load_config
 from brats_ugrip.data import Datalist, make_datalist, save_datalist
-from brats_ugrip.datasets import make_loaders
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings, validation_fingerprint
 from brats_ugrip.inference import inference_settings, sliding_window_probabilities
+from brats_ugrip.loaders import make_loaders
 from brats_ugrip.losses import SegmentationLoss, mednext_ds_weights
 from brats_ugrip.optim import WarmupSchedule, averaged_parameters, build_optimizer, set_train_mode
 from brats_ugrip.training import evaluate, read_progress, train, wandb_run_id

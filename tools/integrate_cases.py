@@ -28,8 +28,8 @@ from brats_ugrip.data import NAMINGS, Case, CaseReport, Datalist, cases_from_dir
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import read_volume, write_volume
 from brats_ugrip.labels import get_scheme
-from brats_ugrip.sources import ORIGINAL, append_training_only, entry_key
 from brats_ugrip.tools.check_data import print_case_problems
+from brats_ugrip.training_cases import ORIGINAL, append_training_only, entry_key
 
 PROVENANCE_FILE = "synthesis.json"
 

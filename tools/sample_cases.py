@@ -28,8 +28,8 @@ from brats_ugrip.cli import console, map_with_progress, run, track
 from brats_ugrip.data import Case, Datalist, check_case, save_datalist
 from brats_ugrip.errors import DataError
 from brats_ugrip.io import load_nifti
-from brats_ugrip.sources import ORIGINAL, append_training_only
 from brats_ugrip.tools.integrate_cases import print_rejected
+from brats_ugrip.training_cases import ORIGINAL, append_training_only
 
 STRATIFY_CHOICES = ("none", "volume")
 

@@ -26,16 +26,16 @@ from brats_ugrip.metrics.regions import (
     BRATS_MAX_HD95,
     dice,
     hd95,
+    label_map_scores,
     region_masks,
     region_scores,
-    region_scores_from_labels,
 )
 
 __all__ = [
     "BRATS2025_MAX_HD95", "BRATS_MAX_HD95", "LESIONWISE_PRESETS", "METRIC_SETS", "LesionParams", "LesionwisePreset",
     "LesionwiseScore", "MetricSet", "brats2025_evaluator", "challenge_scores", "dice", "evaluate_case", "evaluate_dirs",
     "find_reference_cases", "get_lesionwise_preset", "get_metric_set", "hd95", "lesionwise_score",
-    "lesionwise_scores", "panoptic_scores", "region_masks", "region_scores", "region_scores_from_labels", "summary",
+    "lesionwise_scores", "panoptic_scores", "region_masks", "region_scores", "label_map_scores", "summary",
     "worst_case",
 ]
 _PANOPTIC = ("BRATS2025_MAX_HD95", "brats2025_evaluator", "panoptic_scores")

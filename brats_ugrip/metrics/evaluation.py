@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brats_ugrip.cli import progress_bar
 from brats_ugrip.errors import ConfigError, DataError
 from brats_ugrip.io import load_nifti, read_volume
 from brats_ugrip.labels import LabelScheme, get_scheme
 from brats_ugrip.metrics.lesionwise import challenge_scores
-from brats_ugrip.metrics.regions import BRATS_MAX_HD95, Spacing, region_scores_from_labels
+from brats_ugrip.metrics.regions import BRATS_MAX_HD95, Spacing, label_map_scores
 from brats_ugrip.metrics.rules import LESIONWISE_PRESETS, image_diagonal
+from brats_ugrip.progress import progress_task
 
 CaseScorer = Callable[[np.ndarray, np.ndarray, LabelScheme, Spacing], dict[str, float]]
 COUNT_NAMES = frozenset({"tp", "fp", "fn"})
@@ -71,7 +71,7 @@ def _panoptic_scores(pred: np.ndarray, ref: np.ndarray, scheme: LabelScheme, spa
 
 
 METRIC_SETS: dict[str, MetricSet] = {
-    "regions": MetricSet("regions", region_scores_from_labels, BRATS_MAX_HD95,
+    "regions": MetricSet("regions", label_map_scores, BRATS_MAX_HD95,
                          "none: this project's Dice and HD95 (BraTS 2023/2024 definitions) of TC, WT, ET"),
     **{name: _lesionwise_set(name) for name in LESIONWISE_PRESETS},
     "brats2025": MetricSet("brats2025", _panoptic_scores, 373.0,  # panoptic.BRATS2025_MAX_HD95
@@ -183,7 +183,7 @@ def score_files(case_id: str, pred_path: Path | None, ref_path: Path, scheme: st
 
 def evaluate_dirs(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[str], scheme: str = "brats2023",
                   metrics: str = "regions", workers: int = 1) -> pd.DataFrame:
-    """Score every reference case against ``pred_dir/<ID>.nii.gz``, in parallel processes, with a progress bar.
+    """Score every reference case against ``pred_dir/<ID>.nii.gz``, in parallel processes (progress: brats_ugrip.progress).
 
     Returns:
         one row per reference case (sorted by id): ``case_id``, ``prediction_missing`` and the metric columns.
@@ -211,19 +211,18 @@ def evaluate_dirs(pred_dir: str | os.PathLike[str], ref_dir: str | os.PathLike[s
 
     jobs = [(case_id, predictions[case_id], references[case_id], scheme, metrics) for case_id in references]
     rows: dict[str, dict[str, float]] = {}
-    with progress_bar() as bar:
-        task = bar.add_task(f"scoring ({metrics})", total=len(jobs))
+    with progress_task(f"scoring ({metrics})", len(jobs)) as task:
         if workers <= 1:
             for job in jobs:
                 rows[job[0]] = score_files(*job)
-                bar.advance(task)
+                task.advance()
         else:
             with ProcessPoolExecutor(workers) as pool:
                 futures = {pool.submit(score_files, *job): job[0] for job in jobs}
                 try:
                     for future in as_completed(futures):
                         rows[futures[future]] = future.result()
-                        bar.advance(task)
+                        task.advance()
                 except BaseException:
                     pool.shutdown(wait=False, cancel_futures=True)  # stop at the first bad case
                     raise

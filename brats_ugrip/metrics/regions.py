@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from surface_distance import compute_robust_hausdorff, compute_surface_distances
 
-from brats_ugrip.labels import REGIONS, LabelScheme
+from brats_ugrip.labels import REGIONS, LabelScheme, get_scheme
 
 BRATS_MAX_HD95: float = 374.0
 """HD95 (mm) scored when exactly one of prediction and reference is empty, and the cap for an infinite distance:
@@ -104,11 +104,27 @@ def region_scores(pred_regions: np.ndarray, ref_regions: np.ndarray, spacing: Sp
     return scores
 
 
-def region_scores_from_labels(pred_labels: np.ndarray, ref_labels: np.ndarray, scheme: LabelScheme,
-                              spacing: Spacing = (1.0, 1.0, 1.0)) -> dict[str, float]:
-    """Dice and HD95 of TC, WT, ET from two label maps ``(X, Y, Z)`` in ``scheme``.
+def label_map_scores(labels: np.ndarray, reference: np.ndarray, scheme: LabelScheme | str,
+                     spacing: Spacing = (1.0, 1.0, 1.0), with_hd95: bool = True) -> dict[str, float]:
+    """The one scorer of a label map: Dice and (with ``with_hd95``) official HD95 in mm of TC, WT, ET.
 
-    The labels are not checked here (:func:`~brats_ugrip.metrics.evaluation.evaluate_case` does it once a case).
+    Args:
+        labels: the predicted label map ``(X, Y, Z)`` in ``scheme``, as written to disk.
+        reference: the reference label map ``(X, Y, Z)`` in ``scheme``, or its region channels ``(3, X, Y, Z)``
+            ordered TC, WT, ET (as held-out sets keep them).
+
+    Returns:
+        ``{"dice_TC": …, "hd95_TC": …, …}`` (no ``hd95_*`` without ``with_hd95``). The labels are not checked
+        here (:func:`~brats_ugrip.metrics.evaluation.evaluate_case` checks them once a case).
     """
-    pred, ref = region_masks(pred_labels, scheme), region_masks(ref_labels, scheme)
-    return region_scores(np.stack([pred[r] for r in REGIONS]), np.stack([ref[r] for r in REGIONS]), spacing)
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    masks = region_masks(labels, scheme)
+    pred = np.stack([masks[r] for r in REGIONS])
+    if reference.ndim == pred.ndim:
+        ref = np.asarray(reference, bool)
+    else:
+        ref_masks = region_masks(reference, scheme)
+        ref = np.stack([ref_masks[r] for r in REGIONS])
+    if with_hd95:
+        return region_scores(pred, ref, spacing)
+    return {f"dice_{name}": dice(p, r) for name, p, r in zip(REGIONS, pred, ref, strict=True)}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from brats_ugrip.atomic import atomic_path, atomic_write_json, atomic_write_text
 from brats_ugrip.errors import CheckpointError
 from brats_ugrip.files import sha256_file
+from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.monitoring.promotion import HalvingReport, halving_report
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
@@ -31,21 +32,9 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
-MODELS_DIR = "models"
-RESULTS_CSV = "results.csv"
 REGIONS = ("TC", "WT", "ET")
 FOLD_KEY = "data.fold"
 _CHUNK = 1 << 20
-
-
-def models_dir(sweep_dir: str | os.PathLike[str]) -> Path:
-    return Path(sweep_dir) / MODELS_DIR
-
-
-def model_paths(sweep_dir: str | os.PathLike[str], run_id: str) -> tuple[Path, Path]:
-    """(``models/<run_id>.ckpt``, ``models/<run_id>.json``)."""
-    folder = models_dir(sweep_dir)
-    return folder / f"{run_id}.ckpt", folder / f"{run_id}.json"
 
 
 def copy_verified(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> tuple[str, int]:
@@ -77,17 +66,17 @@ def copy_verified(source: str | os.PathLike[str], target: str | os.PathLike[str]
 
 def source_checkpoint(run: RunRecord) -> Path:
     """The checkpoint of a run worth collecting: ``best.ckpt``, else ``last.ckpt`` (a run that never validated)."""
-    checkpoints = Path(run.run_dir) / "checkpoints"
-    for name in ("best.ckpt", "last.ckpt"):
-        if (checkpoints / name).is_file():
-            return checkpoints / name
-    raise CheckpointError(f"{checkpoints}: run {run.run_id} completed but has neither best.ckpt nor last.ckpt")
+    for path in (layout.best_checkpoint(run.run_dir), layout.last_checkpoint(run.run_dir)):
+        if path.is_file():
+            return path
+    raise CheckpointError(f"{layout.checkpoint_dir(run.run_dir)}: run {run.run_id} completed but has neither "
+                          f"{layout.BEST_CHECKPOINT} nor {layout.LAST_CHECKPOINT}")
 
 
 def read_collected(sweep_dir: str | os.PathLike[str], run_id: str) -> dict[str, Any] | None:
     """The metadata of a collected run (``models/<run_id>.json``), or None."""
     try:
-        return json.loads(model_paths(sweep_dir, run_id)[1].read_text())
+        return json.loads(layout.collected_paths(sweep_dir, run_id)[1].read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -98,7 +87,7 @@ def is_collected(sweep_dir: str | os.PathLike[str], run: RunRecord) -> bool:
     meta = read_collected(sweep_dir, run.run_id)
     if meta is None:
         return False
-    target = model_paths(sweep_dir, run.run_id)[0]
+    target = layout.collected_paths(sweep_dir, run.run_id)[0]
     try:
         source = Path(meta["source"]).stat()
         return target.stat().st_size == meta["size"] and (source.st_size, source.st_mtime_ns) == (
@@ -110,7 +99,7 @@ def is_collected(sweep_dir: str | os.PathLike[str], run: RunRecord) -> bool:
 def verify_collected(sweep_dir: str | os.PathLike[str], run_id: str) -> bool:
     """Re-hash ``models/<run_id>.ckpt`` and compare it with its metadata."""
     meta = read_collected(sweep_dir, run_id)
-    target = model_paths(sweep_dir, run_id)[0]
+    target = layout.collected_paths(sweep_dir, run_id)[0]
     return (meta is not None and target.is_file() and target.stat().st_size == meta["size"]
             and sha256_file(target) == meta["sha256"])
 
@@ -126,7 +115,7 @@ def collect_run(sweep_dir: str | os.PathLike[str], run: RunRecord, include_last:
     source = source_checkpoint(run)
     source_stat = source.stat()
     ckpt_meta = checkpoint_meta(load_checkpoint(source), source)
-    target, meta_path = model_paths(sweep_dir, run.run_id)
+    target, meta_path = layout.collected_paths(sweep_dir, run.run_id)
     sha, size = copy_verified(source, target)
     meta: dict[str, Any] = {
         "run_id": run.run_id, "params": run.params, "source": str(source), "path": str(target.resolve()),
@@ -137,10 +126,10 @@ def collect_run(sweep_dir: str | os.PathLike[str], run: RunRecord, include_last:
         "init_id": ckpt_meta.get("init_id"), "weights": ckpt_meta.get("weights"),
         "git_commit": ckpt_meta.get("git_commit"), "collected_at": time.time(),
     }
-    last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+    last = layout.last_checkpoint(run.run_dir)
     if include_last and last.is_file():
-        last_sha, last_size = copy_verified(last, models_dir(sweep_dir) / "last" / f"{run.run_id}.ckpt")
-        meta["last"] = {"path": str((models_dir(sweep_dir) / "last" / f"{run.run_id}.ckpt").resolve()),
+        last_sha, last_size = copy_verified(last, layout.collected_last(sweep_dir, run.run_id))
+        meta["last"] = {"path": str(layout.collected_last(sweep_dir, run.run_id).resolve()),
                         "sha256": last_sha, "size": last_size}
     atomic_write_json(meta_path, meta)
     return meta
@@ -185,7 +174,7 @@ def results_table(sweep_dir: str | os.PathLike[str], state: SweepState) -> pd.Da
 
 def write_results(sweep_dir: str | os.PathLike[str], state: SweepState) -> Path:
     """``SWEEP_DIR/results.csv``, written atomically."""
-    path = Path(sweep_dir) / RESULTS_CSV
+    path = layout.results_csv(sweep_dir)
     atomic_write_text(path, results_table(sweep_dir, state).to_csv(index=False))
     return path
 

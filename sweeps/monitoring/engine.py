@@ -41,6 +41,7 @@ from submitit.core.utils import JobPaths
 
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.errors import CheckpointError
+from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.job_states import (
     CANCELLED_WORD,
     COMPLETED_WORD,
@@ -65,14 +66,14 @@ from brats_ugrip.sweeps.jobs import (
     read_job_result,
     submit_runs,
 )
-from brats_ugrip.sweeps.lock import LOCK_FILE, MonitorError, SweepLock
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.lock import MonitorError, SweepLock
 from brats_ugrip.sweeps.monitoring.collect import collect_run, is_collected, write_results
 from brats_ugrip.sweeps.monitoring.promotion import STOP_KEY, ended_paused, halving_report, promote
 from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader, SweepSnapshot, build_snapshot
-from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState
 from brats_ugrip.sweeps.throttle import runs_to_release
 
-INTENT_FILE = ".monitor-submitting.json"
 PREEMPTED_GRACE_S = 120.0
 """A job PREEMPTED this long ago without a new record was not requeued by SLURM: resume it ourselves."""
 SubmitFunction = Callable[..., dict[str, Any]]
@@ -124,7 +125,7 @@ class SweepMonitor:
         self.jobs_folder = jobs_folder(self.sweep_dir)
         self.sources = {s.cluster: s for s in (sources or (SlurmJobStates(), LocalJobStates(self.jobs_folder)))}
         self.submit = submit
-        self.lock = SweepLock(self.sweep_dir / LOCK_FILE, lock_timeout_s)
+        self.lock = SweepLock(layout.lock_path(self.sweep_dir), lock_timeout_s)
         self.stall_minutes = stall_minutes
         self.collect_last = collect_last
         self.progress = ProgressReader()
@@ -164,7 +165,7 @@ class SweepMonitor:
             self._resubmit(resubmissions, report)
             self._release(report)
             self._collect(report)
-            results = self.sweep_dir / "results.csv"
+            results = layout.results_csv(self.sweep_dir)
             if report.changed or report.collected or not results.is_file():
                 write_results(self.sweep_dir, self.state)
         report.seconds = time.perf_counter() - started
@@ -261,8 +262,7 @@ class SweepMonitor:
 
     def _complete(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus, report: PollReport,
                   result: dict[str, Any] | None, job_state: str, ended_at: float, note: str | None) -> None:
-        checkpoints = Path(run.run_dir) / "checkpoints"
-        best, last = checkpoints / "best.ckpt", checkpoints / "last.ckpt"
+        best, last = layout.best_checkpoint(run.run_dir), layout.last_checkpoint(run.run_dir)
         final = RunState.PAUSED if ended_paused(result, run.run_dir) else RunState.COMPLETED  # stopped at a rung
         self._write(run, attempt, report, final, job_state, status.node, ended_at=ended_at,
                     started_at=attempt.started_at or status.started_at, reason=note,
@@ -274,7 +274,7 @@ class SweepMonitor:
                         ended_at: float, tail: str | None) -> _Resubmission | None:
         """A timeout or preemption not requeued by its job: resume when the attempt wrote a newer last.ckpt."""
         since = attempt.started_at or status.started_at or attempt.submitted_at or 0.0
-        last = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+        last = layout.last_checkpoint(run.run_dir)
         progressed = last.is_file() and last.stat().st_mtime > since
         word = interruption_word(status.state)
         self._write_attempt(attempt, word, status.node, ended_at=ended_at, error_tail=tail)
@@ -357,7 +357,7 @@ class SweepMonitor:
 
     def _submit_announced(self, runs: list[RunRecord], spec: SubmitSpec, resubmission: bool) -> dict[str, Any]:
         """Submit with the intent written first (see :meth:`_finish_interrupted_submission`)."""
-        intent = self.sweep_dir / INTENT_FILE
+        intent = layout.intent_path(self.sweep_dir)
         atomic_write_json(intent, {"time": time.time(), "attempts": {r.run_id: r.attempts for r in runs},
                                    "resubmission": resubmission})
         try:
@@ -368,7 +368,7 @@ class SweepMonitor:
     def _finish_interrupted_submission(self, report: PollReport) -> None:
         """A monitor died while submitting: record the jobs it submitted (found in submitit's folder by their
         run directory) so that they are not submitted again; runs without such a job are handled as usual."""
-        intent_path = self.sweep_dir / INTENT_FILE
+        intent_path = layout.intent_path(self.sweep_dir)
         try:
             intent = json.loads(intent_path.read_text())
         except FileNotFoundError:

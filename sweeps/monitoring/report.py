@@ -29,25 +29,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.atomic import atomic_path, atomic_write_text
+from brats_ugrip.sweeps import layout
+from brats_ugrip.sweeps.layout import report_dir
 from brats_ugrip.sweeps.monitoring.collect import FOLD_KEY, results_table, sweep_summary
-from brats_ugrip.sweeps.monitoring.snapshot import PROGRESS_FILE, attempt_hours
+from brats_ugrip.sweeps.monitoring.snapshot import attempt_hours
 from brats_ugrip.sweeps.run_ids import format_value, short_keys
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
 if TYPE_CHECKING:
     import pandas as pd
 
-REPORT_DIR = "report"
 REPORT_MD = "report.md"
 CURVES_PNG = "learning_curves.png"
 HEATMAP_PNG = "heatmap.png"
 DICE_LABEL = "validation mean Dice (TC, WT, ET)"
 _LINE_STYLES = ("-", "--", ":", "-.")
 _UNSUCCESSFUL = (RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT)
-
-
-def report_dir(sweep_dir: str | os.PathLike[str]) -> Path:
-    return Path(sweep_dir) / REPORT_DIR
 
 
 # --- run logs -----------------------------------------------------------------------------------------------
@@ -61,7 +58,7 @@ def read_log(run_dir: str | os.PathLike[str]) -> pd.DataFrame:
 
     empty = pd.DataFrame(columns=["epoch", "train_loss", "val_dice"])
     try:
-        log = pd.read_csv(Path(run_dir) / "csv" / "metrics.csv")
+        log = pd.read_csv(layout.metrics_csv(run_dir))
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return empty
     if "epoch" not in log:
@@ -135,7 +132,7 @@ def compute_table(state: SweepState, now: float | None = None) -> pd.DataFrame:
     for run in runs:
         gpu_hours, job_hours = attempt_hours([a for a in attempts if a.run_id == run.run_id], by_run, now)
         try:
-            progress = json.loads((Path(run.run_dir) / PROGRESS_FILE).read_text())
+            progress = json.loads(layout.progress_path(run.run_dir).read_text())
         except (OSError, ValueError):
             progress = {}
         rows.append({"run_id": run.run_id, "state": run.state.value, "attempts": run.attempts,

@@ -14,10 +14,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState
 
-PROGRESS_FILE = "progress.json"
-"""Written atomically by training (``brats_ugrip.training.ProgressFile``) at start, after each epoch and at the end."""
 STALLED = "STALLED"
 
 
@@ -29,7 +28,7 @@ class ProgressReader:
 
     def read(self, run_dir: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, float | None]:
         """(progress dict or None, the file's modification time or None when there is no file yet)."""
-        path = os.path.join(run_dir, PROGRESS_FILE)
+        path = layout.progress_path(run_dir)  # written atomically by training at start, each epoch, the end
         try:
             stat = os.stat(path)
         except OSError:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from test_halving_sweep import asha_grid, check_halving, check_resumed, monitor_cli
 
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.layout import sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from brats_ugrip.data import make_datalist, save_datalist
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.collect import verify_collected
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -22,8 +22,9 @@ from brats_ugrip.errors import BratsUgripError
 from brats_ugrip.preprocess import CACHE_ENV
 from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.jobs import job_result_path
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.engine import follow
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 
 pytestmark = pytest.mark.slow
 WAIT_S = 600

@@ -18,8 +18,9 @@ from brats_ugrip.data import Datalist
 from brats_ugrip.heldout import HeldOutSet, checkpoint_settings
 from brats_ugrip.sweeps import launch
 from brats_ugrip.sweeps.jobs import SubmissionError, read_job_info
+from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.engine import follow
-from brats_ugrip.sweeps.state import RunState, SweepState, sweep_db_path
+from brats_ugrip.sweeps.state import RunState, SweepState
 from brats_ugrip.training import read_progress
 
 pytestmark = pytest.mark.slow

@@ -2,7 +2,7 @@
 
 A :class:`SoupSession` holds the selection cases (by default the fold the ingredients were validated on, from
 their metadata) and the test cases (by default the datalist's test split, when it has one; see
-:class:`~brats_ugrip.souping.options.SoupData`), each loaded once as a :class:`~brats_ugrip.heldout.HeldOutSet`,
+:class:`~brats_ugrip.souping.soup_cli.SoupData`), each loaded once as a :class:`~brats_ugrip.heldout.HeldOutSet`,
 one network of the ingredients' architecture into which every state dict is loaded for scoring, and the count of
 evaluations per set. Test cases an ingredient trained or validated on are refused, by the case ids each checkpoint
 records (:func:`brats_ugrip.seen_cases.check_test_cases`), unless ``allow_seen_test_cases``.
@@ -19,18 +19,18 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from brats_ugrip.case_policy import choose_test_cases
 from brats_ugrip.checkpoints import build_model, git_commit
-from brats_ugrip.cli import console
 from brats_ugrip.config import InferenceConfig, config_from_dict
 from brats_ugrip.data import Case, Datalist
-from brats_ugrip.datasets import TrainDataset, training_batch
 from brats_ugrip.errors import CheckpointError, ConfigError, DataError
 from brats_ugrip.heldout import FINGERPRINT_SETTINGS, HeldOutScore, HeldOutSet, checkpoint_settings, stored_score
+from brats_ugrip.loaders import TrainDataset, training_batch
 from brats_ugrip.preprocess import CaseCache
-from brats_ugrip.seen_cases import check_test_cases, union_record
+from brats_ugrip.seen_cases import union_record
 from brats_ugrip.souping.ingredients import Ingredients, SoupWarning
-from brats_ugrip.souping.options import SoupData
 from brats_ugrip.souping.report import ReportRow, ScoreTable
+from brats_ugrip.souping.soup_cli import SoupData
 from brats_ugrip.souping.soups import StateDict, recalibrate_batchnorm
 
 SOUP_META_KEYS = ("config", "model", "fold", "init_id")
@@ -55,15 +55,6 @@ class Scores:
         return ReportRow(model, self.dice, self.hd95)
 
 
-def print_warnings_on_console() -> None:
-    """Show :class:`SoupWarning` messages as one readable line each (no file and line of the library)."""
-    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-    warnings.showwarning = show
-    warnings.simplefilter("always", SoupWarning)
-
-
 def _settings(ingredients: Ingredients) -> InferenceConfig:
     """The reference ingredient's inference settings; a warning when others were validated with other settings."""
     settings = []
@@ -81,11 +72,14 @@ def _settings(ingredients: Ingredients) -> InferenceConfig:
 
 
 def default_cache_dir(meta: dict[str, Any]) -> str | None:
-    """Where the run cached its preprocessed cases (as training chooses it), if that folder exists."""
+    """Where the run cached its preprocessed cases, if that folder exists: the folder training recorded in the
+    checkpoint (``case_cache``), else the one rule applied to its config (checkpoints written before the record)."""
     from brats_ugrip.preprocess import case_cache_dir  # the one rule for where a run's cache lives
 
     config = meta.get("config") or {}
-    candidate = case_cache_dir(((config.get("data") or {}).get("cache_dir")), config.get("run_dir"))
+    recorded = meta.get("case_cache")
+    candidate = Path(recorded) if recorded else case_cache_dir(((config.get("data") or {}).get("cache_dir")),
+                                                              config.get("run_dir"))
     return str(candidate) if candidate is not None and candidate.is_dir() else None
 
 
@@ -145,24 +139,12 @@ class SoupSession:
         return datalist, fold
 
     def _test_cases(self, data: SoupData) -> tuple[list[Case], str]:
-        """The test cases and their description (see :class:`SoupData`); refuses seen ones unless allowed."""
-        source = Datalist.load(data.test_datalist) if data.test_datalist else self.datalist
-        name = Path(source.path or "datalist").name
-        if data.test_fold is not None:
-            cases, where = source.fold_cases(data.test_fold), f"fold {data.test_fold} of {name}"
-        elif source.test and (data.test_split or data.test_datalist):
-            cases, where = source.test, f"the test split of {name}"
-        elif data.test_datalist:
-            cases, where = [c for c in source.training if c.label is not None], f"the labelled cases of {name}"
-        else:
-            return [], ""
-        shared = sorted({c.case_id for c in cases} & set(self.selection.case_ids))
-        if shared:
-            raise DataError(f"{len(shared)} test case(s) are also selection cases (e.g. {shared[0]}); test cases must "
-                            "be cases the selection never sees")
-        self.seen_notice = check_test_cases([c.case_id for c in cases], [(i.name, i.meta) for i in self.ingredients],
-                                            data.allow_seen_test_cases)
-        return cases, f"{where}, {len(cases)} cases"
+        """The test cases and their description (the one policy: :func:`brats_ugrip.case_policy.choose_test_cases`)."""
+        chosen = choose_test_cases(self.datalist, self.fold, [(i.name, i.meta) for i in self.ingredients],
+                                   test_fold=data.test_fold, test_split=data.test_split,
+                                   test_datalist=data.test_datalist, allow_seen=data.allow_seen_test_cases)
+        self.seen_notice = chosen.notice
+        return chosen.cases, chosen.description
 
     @property
     def selection_description(self) -> str:

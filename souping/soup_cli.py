@@ -1,4 +1,5 @@
-"""The soup commands' options, as plain data: parsed here without importing torch, used by ``souping/api.py``.
+"""What the soup commands (``greedy.py``, ``uniform.py``) share: their options as plain data, parsed here without
+importing torch and used by ``souping/api.py``, and what they print (only command lines print).
 
 :class:`SoupData` is what a soup is selected and tested on (the keyword arguments of
 :func:`~brats_ugrip.souping.api.greedy_soup_from_checkpoints` and ``uniform_soup_from_checkpoints`` beyond their
@@ -9,8 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from brats_ugrip.cli import console
+
+if TYPE_CHECKING:
+    from brats_ugrip.souping.report import ScoreTable
 
 
 @dataclass(frozen=True)
@@ -98,3 +107,26 @@ def check_soup_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def report_dir(out: Path, report: Path | None = None) -> Path:
     """Where a soup's report goes: ``report`` when given, else ``<out stem>_report`` next to the soup."""
     return Path(report) if report else Path(out).with_name(f"{Path(out).stem}_report")
+
+
+def print_warnings_on_console() -> None:
+    """Show :class:`SoupWarning` messages as one readable line each (no file and line of the library)."""
+    from brats_ugrip.souping.ingredients import SoupWarning  # imports torch: only once a command runs
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", SoupWarning)
+
+
+def print_summary(tables: Sequence[ScoreTable], soup: Path, report: Path) -> None:
+    """The tables (test first, under the report's headings) and where the soup and the report are, on the console."""
+    from brats_ugrip.souping.report import markdown_table
+
+    notice = next((t.notice for t in tables if t.notice), None)
+    if notice:
+        console.print(f"[bold yellow]{notice}[/]", highlight=False)
+    for table in sorted(tables, key=lambda t: t.kind != "test"):
+        console.print(f"\n{table.heading}\n{markdown_table(table)}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"soup: {soup}   report: {report}", highlight=False)
