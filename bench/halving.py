@@ -1,7 +1,10 @@
-"""What asynchronous successive halving (``sweeps/halving.py``) saves on a grid, and what it risks: a simulation.
+"""What successive halving (``sweeps/halving.py``) saves on a grid, and what it risks: a simulation comparing, on
+the same curves and seeds, the full grid, plain ASHA (``promote: score``), ASHA ranking on predicted final scores
+(``promote: predicted``) and Hyperband's brackets.
 
-    python bench/halving.py [--configs 64] [--folds 3] [--seeds 200] [--etas 2 3 4] [--workers 24]
-    python bench/halving.py --curves curves.csv          # recorded curves: config,fold,epoch,dice per line
+    python bench/halving.py [--configs 64] [--folds 3] [--seeds 200] [--etas 2 3 4] [--crossing 0 0.3 0.6]
+    python bench/halving.py --curves SWEEP_DIR     # a full grid's recorded curves (or a config,fold,epoch,dice CSV)
+    python bench/halving.py --lcdb [CACHE_DIR] --workers 4   # lcdb 0.1.0's real curves, fetched on first use
 
 Each configuration × fold is a learning curve of validation Dice per epoch. Without ``--curves`` the curves come
 from a documented parametric family (per seed):
@@ -14,15 +17,21 @@ from a documented parametric family (per seed):
 - ``dice(t) = A − (A − 0.10) e^{−t/τ}``, plus a per-fold offset ``N(0, 0.01)`` and per-evaluation noise
   ``N(0, 0.004)`` (a validation fold of ~250 BraTS cases).
 
-A discrete-event simulation runs ASHA with ``--workers`` parallel slots (the sweep's array parallelism): every
-configuration's folds start at the first rung; when a fold reaches a rung it reports, and the rule of
-``sweeps/halving.py`` (the project's code, not a copy) promotes configurations; promoted folds go ahead of new
-work. GPU-hours are epochs trained. The grid's best configuration is the one a full grid would select (best mean
-over folds of the observed Dice at ``max_epochs``); ASHA keeps the best of those that reached ``max_epochs``.
+With ``--lcdb`` each of lcdb's data sets is one problem: its learners are the configurations (one fold: the
+mean over lcdb's seeds), the training-set size is the budget axis (rungs snapped to lcdb's sizes, first rung 64),
+a rung's cost is the size trained to and the predictor sees every size up to the rung (as it sees every epoch),
+and the gap is the regret in validation accuracy.
 
-Prints one JSON line and a Markdown table: GPU-hours relative to the full grid, how often ASHA keeps the grid's
-best, and the mean and 95th-percentile Dice gap to it, for each ``eta``. Goal: ≤ 40 % of the GPU-hours with the
-best kept in ≥ 90 % of seeds, or a gap ≤ 0.005.
+A discrete-event simulation runs ASHA with ``--workers`` parallel slots (the sweep's array parallelism): every
+configuration's folds start at the first rung; when a fold reaches a rung it reports, and the rules of
+``sweeps/halving.py`` (the project's code, not a copy) promote configurations; promoted folds go ahead of new
+work. GPU-hours are epochs trained. Hyperband splits the grid among its brackets (:func:`hyperband`). The grid's
+best configuration is the one a full grid would select (best mean over folds of the observed score at the last
+budget); a schedule keeps the best of those that reached it.
+
+Prints a Markdown table per family or data source (GPU-hours relative to the full grid, how often the grid's best
+is kept, the mean and 95th-percentile gap to it, for each ``eta`` and rule) and one JSON line. Goal: ≤ 40 % of
+the GPU-hours with a mean gap ≤ 0.005 ("goal met"), or half of plain ASHA's gap at the same budget.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from brats_ugrip.cli import run
+from brats_ugrip.errors import DataError
 from brats_ugrip.sweeps.halving import HalvingSchedule, config_scores, predicted_ranking, predicted_scores, promotions
 
 GOAL_COST, GOAL_KEPT, GOAL_GAP = 0.40, 0.90, 0.005
@@ -63,17 +73,53 @@ def parametric_curves(n_configs: int, n_folds: int, max_epochs: int, rng: np.ran
 
 
 def recorded_curves(path: Path) -> np.ndarray:
-    """Curves from a CSV of ``config,fold,epoch,dice`` rows (epochs from 1; every config × fold complete)."""
-    rows = list(csv.DictReader(path.open()))
-    configs = sorted({r["config"] for r in rows})
-    folds = sorted({int(r["fold"]) for r in rows})
-    epochs = max(int(r["epoch"]) for r in rows)
-    curves = np.full((len(configs), len(folds), epochs), np.nan)
-    for r in rows:
-        curves[configs.index(r["config"]), folds.index(int(r["fold"])), int(r["epoch"]) - 1] = float(r["dice"])
-    if np.isnan(curves).any():
-        raise SystemExit(f"{path}: every config × fold needs a Dice for every epoch 1..{epochs}")
+    """Curves from a CSV of ``config,fold,epoch,dice`` rows, or from a sweep directory (each run's validation
+    Dice per epoch in ``runs/<id>/csv/metrics.csv``, its configuration and fold from ``sweep.db``): epochs from 1,
+    cut at the shortest run (a sweep's curves are the full grid's only where every run trained).
+
+    Raises:
+        DataError: no curves, or a configuration × fold without a Dice at some epoch up to the cut.
+    """
+    if path.is_dir():
+        rows = _sweep_rows(path)
+    else:
+        with path.open() as handle:
+            rows = [(r["config"], int(r["fold"]), int(r["epoch"]), float(r["dice"])) for r in csv.DictReader(handle)]
+    if not rows:
+        raise DataError(f"{path}: no validation Dice curves")
+    configs = sorted({r[0] for r in rows})
+    folds = sorted({r[1] for r in rows})
+    last: dict[tuple[str, int], int] = {}
+    for config, fold, epoch, _ in rows:
+        last[(config, fold)] = max(last.get((config, fold), 0), epoch)
+    epochs = min(last.get((c, f), 0) for c in configs for f in folds)
+    curves = np.full((len(configs), len(folds), max(epochs, 1)), np.nan)
+    for config, fold, epoch, dice in rows:
+        if epoch <= epochs:
+            curves[configs.index(config), folds.index(fold), epoch - 1] = dice
+    if epochs < 1 or np.isnan(curves).any():
+        raise DataError(f"{path}: every config × fold needs a Dice for every epoch 1..{epochs}")
     return curves
+
+
+def _sweep_rows(sweep_dir: Path) -> list[tuple[str, int, int, float]]:
+    from brats_ugrip.sweeps.promotion import config_key, fold_of
+    from brats_ugrip.sweeps.state import SweepState, sweep_db_path
+
+    if not sweep_db_path(sweep_dir).is_file():
+        raise DataError(f"{sweep_dir}: not a sweep directory (no sweep.db)")
+    rows = []
+    with SweepState(sweep_db_path(sweep_dir)) as state:
+        for run in state.runs():
+            log = Path(run.run_dir) / "csv" / "metrics.csv"
+            if not log.is_file():
+                continue
+            with log.open() as handle:
+                for row in csv.DictReader(handle):
+                    if row.get("val/dice_mean"):
+                        rows.append((config_key(run), int(fold_of(run) or 0), int(row["epoch"]) + 1,
+                                     float(row["val/dice_mean"])))
+    return rows
 
 
 @dataclass
@@ -298,8 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="weight of quality in learning slowness (0..1); several: one table each")
     parser.add_argument("--workers", type=int, default=24, help="parallel slots (the sweep's array parallelism)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--curves", type=Path, help="recorded curves CSV (config,fold,epoch,dice) instead of the "
-                                                    "family")
+    source.add_argument("--curves", type=Path, help="recorded curves instead of the family: a sweep directory (a "
+                                                    "full grid's runs) or a CSV of config,fold,epoch,dice")
     source.add_argument("--lcdb", type=Path, nargs="?", const=Path.home() / ".cache" / "brats-ugrip" / "lcdb",
                         help="lcdb 0.1.0's real curves (fetched with pip into this cache folder on first use)")
     args = parser.parse_args(argv)
