@@ -185,16 +185,15 @@ def promote(state: SweepState, notes: list[str]) -> list[tuple[RunRecord, str]]:
         for k, rung in enumerate(schedule.rungs[:-1]):
             fold_scores = {(config_key(by_id[r["run_id"]]), fold_of(by_id[r["run_id"]])): r["score"]
                            for r in rows if r["rung"] == k and r["run_id"] in by_id}
-            scores = _ranked_scores(db, schedule, k, fold_scores, runs, reader)
+            scores, predicted = _ranked_scores(db, schedule, k, fold_scores, runs, reader)
             reached = config_scores(fold_scores)
             closed = lower_closed and not any(stop <= rung for stop in [*in_flight, *continuing.values()])
             for config in promotions(scores, promoted.get(k, set()), schedule.eta, closed, reached):
                 db.execute("INSERT OR IGNORE INTO promotions VALUES (?, ?, ?, ?)", (config, k, reached[config],
                                                                                    time.time()))
                 promoted.setdefault(k, set()).add(config)
-                predicted = f", predicted {scores[config]:.4f} at epoch {schedule.max_epochs}" \
-                    if schedule.promote == "predicted" else ""
-                notes.append(f"promoted {config} from epoch {rung} (score {reached[config]:.4f}{predicted})")
+                guess = f", predicted {predicted[config]:.4f} at epoch {schedule.max_epochs}" if predicted else ""
+                notes.append(f"promoted {config} from epoch {rung} (score {reached[config]:.4f}{guess})")
             for run_id, run_rung in at_rung.items():
                 if run_rung == k and config_key(by_id[run_id]) in promoted.get(k, set()):
                     continuing[run_id] = schedule.rungs[k + 1]
@@ -219,11 +218,11 @@ def fold_curve(run: RunRecord, metric: str, reader: ProgressReader, rung_points:
 
 
 def _ranked_scores(db: sqlite3.Connection, schedule: HalvingSchedule, k: int, fold_scores: dict[tuple[str, Any], float],
-                   runs: list[RunRecord], reader: ProgressReader) -> dict[str, float]:
-    """What rung ``k`` ranks on under the schedule's rule; with ``promote: predicted`` the predictions are
-    recorded in ``predictions`` (replacing the previous pass's)."""
+                   runs: list[RunRecord], reader: ProgressReader) -> tuple[dict[str, float], dict[str, float]]:
+    """What rung ``k`` ranks on under the schedule's rule, and each configuration's predicted score (none for the
+    plain rule); the predictions are recorded in ``predictions`` (replacing the previous pass's)."""
     if schedule.promote == "score":
-        return config_scores(fold_scores)
+        return config_scores(fold_scores), {}
     points: dict[str, dict[int, float]] = {}
     for row in db.execute("SELECT run_id, epochs, score FROM rung_scores WHERE score IS NOT NULL"):
         points.setdefault(row["run_id"], {})[row["epochs"]] = row["score"]
@@ -237,7 +236,8 @@ def _ranked_scores(db: sqlite3.Connection, schedule: HalvingSchedule, k: int, fo
     for config, prediction in predictions.items():
         db.execute("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
                    (config, k, prediction.value, prediction.last, prediction.n_points, prediction.method, time.time()))
-    return predicted_ranking({config: p.value for config, p in predictions.items()}, config_scores(fold_scores))
+    values = {config: p.value for config, p in predictions.items()}
+    return predicted_ranking(values, config_scores(fold_scores)), values
 
 
 def resume_paused(monitor: SweepMonitor, run_ids: Sequence[str]) -> dict[str, str]:

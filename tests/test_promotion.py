@@ -248,6 +248,8 @@ def test_the_predicted_rule_promotes_the_late_bloomer_and_the_summary_shows_pred
     from brats_ugrip.sweeps.monitor import print_halving
 
     report = predicted_sweep.monitor.poll()
+    assert any(note.startswith('promoted {"optim.lr": 0.1} from epoch 3 (score 0.7000, predicted 0.7000 at epoch 12)')
+               for note in report.notes), report.notes
     promoted = {config for config, *_ in _rows(predicted_sweep, "promotions")}
     assert promoted == {'{"optim.lr": 0.1}', '{"optim.lr": 0.3}'}  # the leader and the late bloomer, not lr=0.2
     assert set(report.resubmitted) == {"lr=0.1", "lr=0.3"}
