@@ -78,8 +78,10 @@ def recorded_curves(path: Path) -> np.ndarray:
     cut at the shortest run (a sweep's curves are the full grid's only where every run trained).
 
     Raises:
-        DataError: no curves, or a configuration × fold without a Dice at some epoch up to the cut.
+        DataError: no such path, no curves, or a configuration × fold without a Dice at some epoch up to the cut.
     """
+    if not path.exists():
+        raise DataError(f"{path}: no such sweep directory or curves CSV")
     if path.is_dir():
         rows = _sweep_rows(path)
     else:

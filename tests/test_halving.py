@@ -95,3 +95,5 @@ def test_recorded_curves_from_a_sweep_directory(tmp_path):
     assert curves[1, 1].tolist() == pytest.approx([0.3, 0.31, 0.32])  # lr 0.2, fold 1, epochs 1–3
     with pytest.raises(DataError, match="no sweep.db"):
         recorded_curves(tmp_path / "runs")
+    with pytest.raises(DataError, match="no such sweep directory"):
+        recorded_curves(tmp_path / "missing")
