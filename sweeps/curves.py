@@ -8,7 +8,7 @@ Contract of :func:`predict_final` (``x`` the budgets seen, e.g. epochs; ``y`` th
 
 - **Models** (with ``s = x / horizon`` so one grid of shapes serves any budget axis), each ``y = c − a·φ(s; θ)``:
   ``exp3`` ``φ = e^{−βs}``, ``pow3`` ``φ = s^{−α}``, ``janoschek`` ``φ = e^{−βs^δ}`` (δ ∈ {0.5, 2}: a slow or a
-  sigmoid start) and ``mmf`` ``φ = 1 / (1 + (κs)^δ)``. The nonlinear shape θ runs over a fixed log-spaced grid;
+  sigmoid start) and ``mmf`` ``φ = 1 / (1 + (κs)^δ)`` (δ ∈ {1, 2}). The nonlinear shape θ runs over a fixed log-spaced grid;
   for each θ, ``(c, a)`` is the least-squares fit with ``a ≥ 0`` (rising or flat) and the asymptote ``c``
   bounded to the metric's range ``bounds`` (Dice: [0, 1]): an unbounded fit would let a still-rising curve
   promise any score.
@@ -123,7 +123,9 @@ def predict_final(x: Sequence[float], y: Sequence[float], horizon: float, quanti
         sses.append(sse)
         log_priors.append(np.full(phi.shape[0], -np.log(phi.shape[0]) - k))
     final, sse, log_prior = (np.concatenate(v) for v in (finals, sses, log_priors))
-    dof = max(x.size - MIN_POINTS, 1)
+    dof = max(x.size - MIN_POINTS, 1)  # c, a and a shape are fitted: the residual of n points has n − 3 degrees
+    # The noise is the best fit's residual, floored: a near-exact fit of few points would make the likelihood
+    # single out one shape and hide how open the curve's future still is.
     sigma2 = max(float(sse.min()) / dof, noise_floor ** 2)
     log_w = log_prior - (sse - sse.min()) / (2 * sigma2)
     weights = np.exp(log_w - log_w.max())
