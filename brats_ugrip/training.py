@@ -401,14 +401,16 @@ class DivergenceGuard(Callback):
 class ProgressFile(Callback):
     """``RUN_DIR/progress.json``, written atomically at start, after each epoch and at the end; the monitor
     reads it. Fields: status (starting, running, completed, paused, failed, interrupted), epoch (completed),
-    max_epochs, step, best_val_dice, best_epoch, val_metrics, epoch_seconds, first_step_seconds (includes
-    ``torch.compile``), host, gpu, pid, slurm_job_id, config_hash, started_at, updated_at, finished_at, error."""
+    max_epochs, step, best_val_dice, best_epoch, val_metrics, val_curve (``[[epoch, val_metrics], ...]``: every
+    validation so far, kept across resumes through the checkpoint, what ``promote: predicted`` extrapolates),
+    epoch_seconds, first_step_seconds (includes ``torch.compile``), host, gpu, pid, slurm_job_id, config_hash,
+    started_at, updated_at, finished_at, error."""
 
     def __init__(self, path: Path, config: RunConfig):
         self.path = path
         self.state: dict[str, Any] = {
             "status": "starting", "epoch": 0, "max_epochs": config.trainer.max_epochs, "step": 0,
-            "best_val_dice": None, "best_epoch": None, "val_metrics": {}, "epoch_seconds": None,
+            "best_val_dice": None, "best_epoch": None, "val_metrics": {}, "val_curve": [], "epoch_seconds": None,
             "first_step_seconds": None, "compile": config.trainer.compile, "host": socket.gethostname(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "pid": os.getpid(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "config_hash": config.hash(),
@@ -423,7 +425,7 @@ class ProgressFile(Callback):
             atomic_write_json(self.path, self.state)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: self.state[k] for k in ("best_val_dice", "best_epoch", "started_at")}
+        return {k: self.state[k] for k in ("best_val_dice", "best_epoch", "started_at", "val_curve")}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state.update(state_dict)
@@ -455,6 +457,9 @@ class ProgressFile(Callback):
         if best is None or metrics["mean"] > best:
             self.state.update(best_val_dice=metrics["mean"], best_epoch=epoch)
         self.state["val_metrics"] = dict(metrics)
+        # One entry per epoch: a resumed run re-validating an epoch it had (it never does today) replaces it.
+        curve = [entry for entry in self.state.get("val_curve") or [] if entry[0] != epoch]
+        self.state["val_curve"] = [*curve, [epoch, {k: float(v) for k, v in metrics.items()}]]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.write(epoch=trainer.current_epoch + 1, step=trainer.global_step,

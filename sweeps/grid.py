@@ -16,7 +16,7 @@ A grid YAML::
     max_retries: 2                     # failed attempts the monitor resubmits
     max_running: 8                     # at most 8 runs of the sweep queued or running at once (sweeps/throttle.py)
     executor: {cluster: slurm, ...}    # see sweeps/executor.py; `executor.<key>` grid keys vary resources
-    schedule: {kind: asha, metric: val/dice_mean, min_epochs: 5, eta: 3, max_epochs: 135}
+    schedule: {kind: asha, metric: val/dice_mean, min_epochs: 5, eta: 3, max_epochs: 135, promote: score}
                                        # successive halving (sweeps/halving.py; README "Successive halving"); sets max_epochs
 
 Each run gets a stable, readable id from its varied values, sorted by key: ``fold=2-lr=0.0027-name=mednext_b``

@@ -13,6 +13,14 @@ configuration to the first rung, then only the best. The rules, here and nowhere
   stays paused at its rung, and may still be promoted later, when more configurations have reported.
 - **The end of a rung**: once no configuration can still reach rung ``k`` (none is training below it), the top
   ``max(1, ⌊n_k / eta⌋)`` go on, so at least one configuration always reaches ``max_epochs``.
+- **What is ranked** (``promote:``): ``score`` (the default, ASHA's own rule) ranks on the score reached at the
+  rung. ``predicted`` also predicts each configuration's score at ``max_epochs`` from its fold-mean curve up to
+  the rung (:func:`brats_ugrip.sweeps.curves.predict_final`, an optimistic quantile of an ensemble of parametric
+  curve models), and ranks a configuration at the *better* of its two places, by prediction and by score
+  reached (:func:`predicted_ranking`): the quota goes alternately to the best predicted and the best so far, so
+  a slow starter that would end best is not cut at the first rung, and neither is a leader whose curve the
+  models misread (ranking on the prediction alone loses to the plain rule on lcdb's real curves; README). The
+  quota and the closing rule are the same for both; only the order differs.
 
 Scores are "higher is better" (Dice); for a loss, pass its negative. Everything here is a pure function of the
 scores it is given: the monitor stores scores and promotions in ``sweep.db`` and calls :func:`promotions` on each
@@ -26,8 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from brats_ugrip.errors import ConfigError
+from brats_ugrip.sweeps.curves import Prediction, fold_mean_curve, predict_final
 
 Config = Hashable
+PROMOTE_RULES = ("score", "predicted")
 
 
 @dataclass(frozen=True)
@@ -38,8 +48,13 @@ class HalvingSchedule:
     min_epochs: int = 5
     eta: int = 3
     max_epochs: int = 135
+    promote: str = "score"
 
     def __post_init__(self) -> None:
+        if self.promote not in PROMOTE_RULES:
+            raise ConfigError("schedule.promote", f"expected one of {', '.join(PROMOTE_RULES)} (rank at a rung on the "
+                                                  f"score reached, or on the score predicted at max_epochs), got "
+                                                  f"{self.promote!r}")
         if self.eta < 2:
             raise ConfigError("schedule.eta", f"must be ≥ 2 (the fraction 1/eta goes on at each rung), got {self.eta}")
         if not 1 <= self.min_epochs <= self.max_epochs:
@@ -65,7 +80,7 @@ class HalvingSchedule:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "asha", "metric": self.metric, "min_epochs": self.min_epochs, "eta": self.eta,
-                "max_epochs": self.max_epochs}
+                "max_epochs": self.max_epochs, "promote": self.promote}
 
     @classmethod
     def from_dict(cls, raw: Any, val_every: int = 1) -> HalvingSchedule:
@@ -77,10 +92,10 @@ class HalvingSchedule:
         if not isinstance(raw, Mapping):
             raise ConfigError("schedule", f"expected a mapping like {{kind: asha, metric: val/dice_mean, "
                                           f"min_epochs: 5, eta: 3, max_epochs: 135}}, got {raw!r}")
-        unknown = sorted(set(raw) - {"kind", "metric", "min_epochs", "eta", "max_epochs"})
+        unknown = sorted(set(raw) - {"kind", "metric", "min_epochs", "eta", "max_epochs", "promote"})
         if unknown:
-            raise ConfigError(f"schedule.{unknown[0]}", "unknown key; a schedule has kind, metric, min_epochs, eta "
-                                                        "and max_epochs")
+            raise ConfigError(f"schedule.{unknown[0]}", "unknown key; a schedule has kind, metric, min_epochs, eta, "
+                                                        "max_epochs and promote")
         if raw.get("kind") != "asha":
             raise ConfigError("schedule.kind", f"expected asha (asynchronous successive halving), got "
                                                f"{raw.get('kind')!r}")
@@ -94,7 +109,7 @@ class HalvingSchedule:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"schedule.{key}", f"expected a positive integer, got {value!r}")
             values[key] = value
-        schedule = cls(metric=metric, **values)
+        schedule = cls(metric=metric, promote=raw.get("promote", cls.promote), **values)
         off = [rung for rung in schedule.rungs if rung % val_every]
         if off:
             raise ConfigError("schedule.min_epochs", f"rungs {schedule.rungs} must be multiples of trainer.val_every "
@@ -110,17 +125,69 @@ def config_scores(fold_scores: Mapping[tuple[Config, int], float]) -> dict[Confi
     return {config: math.fsum(scores) / len(scores) for config, scores in sums.items()}
 
 
-def promotions(scores: Mapping[Config, float], promoted: set[Config], eta: int, rung_closed: bool) -> list[Config]:
+def promotions(scores: Mapping[Config, float], promoted: set[Config], eta: int, rung_closed: bool,
+               tiebreak: Mapping[Config, float] | None = None) -> list[Config]:
     """Configurations of one rung to promote now, best first.
 
     Args:
-        scores: each configuration that reached the rung → its score there.
+        scores: each configuration that reached the rung → what it is ranked on (its score there, or predicted).
         promoted: configurations already promoted from this rung (never promoted twice).
         eta: the reduction factor.
         rung_closed: no configuration can still reach this rung (then at least one goes on).
+        tiebreak: what decides between equal ``scores`` (the score reached, where predictions hit the metric's
+            bound together), before the configuration's name.
     """
-    ranked = sorted(scores, key=lambda config: (-scores[config], str(config)))
+    tiebreak = tiebreak or {}
+    ranked = sorted(scores, key=lambda config: (-scores[config], -tiebreak.get(config, 0.0), str(config)))
     quota = len(ranked) // eta
     if rung_closed:
         quota = max(1, quota)
     return [config for config in ranked[:quota] if config not in promoted]
+
+
+def predicted_scores(fold_scores: Mapping[tuple[Config, int], float],
+                     fold_curves: Mapping[tuple[Config, int], Mapping[int, float]], rung_epochs: int,
+                     max_epochs: int) -> dict[Config, Prediction]:
+    """Each configuration's predicted score at ``max_epochs`` from the mean curve, up to ``rung_epochs``, of its
+    folds that reached the rung (those in ``fold_scores``; a fold's curve is epoch → score). A configuration
+    whose folds have no recorded curve is predicted at its rung score (the plain rule's value)."""
+    folds: dict[Config, list[Mapping[int, float]]] = {}
+    for config, fold in fold_scores:
+        folds.setdefault(config, []).append(fold_curves.get((config, fold)) or {})
+    reached = config_scores(fold_scores)
+    predictions = {}
+    for config, curves in folds.items():
+        epochs, values = fold_mean_curve(curves, rung_epochs)
+        if epochs and epochs[-1] != rung_epochs:  # the curve must end at the rung, where the folds were scored
+            epochs, values = [], []
+        prediction = predict_final(epochs, values, max_epochs)
+        if prediction.n_points == 0:
+            prediction = Prediction(reached[config], reached[config], reached[config], 0, "rung score")
+        predictions[config] = prediction
+    return predictions
+
+
+def predicted_ranking(predicted: Mapping[Config, float], reached: Mapping[Config, float]) -> dict[Config, float]:
+    """The ``promote: predicted`` order as scores for :func:`promotions` (higher first): a configuration's place
+    is the better of its place by ``predicted`` (ties: by ``reached``) and its place by ``reached``; equal best
+    places are decided by the other place, then by the score reached (evidence before extrapolation: where the
+    quota is one, the leader on both counts goes first). So the top ``m`` hold the top ``⌊m/2⌋`` of each order,
+    or more."""
+    by_predicted = sorted(predicted, key=lambda c: (-predicted[c], -reached[c], str(c)))
+    by_reached = sorted(reached, key=lambda c: (-reached[c], str(c)))
+    place_p = {c: i for i, c in enumerate(by_predicted)}
+    place_r = {c: i for i, c in enumerate(by_reached)}
+    n = len(place_p) + 1
+    return {c: -(min(place_p[c], place_r[c]) + (max(place_p[c], place_r[c]) + place_r[c] / n) / n) for c in place_p}
+
+
+def ranking_scores(schedule: HalvingSchedule, rung: int, fold_scores: Mapping[tuple[Config, int], float],
+                   fold_curves: Mapping[tuple[Config, int], Mapping[int, float]] | None = None) -> dict[Config, float]:
+    """What :func:`promotions` ranks at rung index ``rung`` under the schedule's ``promote`` rule: the mean score
+    reached (``score``), or :func:`predicted_ranking` of the predictions (``predicted``; see
+    :func:`predicted_scores`)."""
+    reached = config_scores(fold_scores)
+    if schedule.promote == "score":
+        return reached
+    predictions = predicted_scores(fold_scores, fold_curves or {}, schedule.rungs[rung], schedule.max_epochs)
+    return predicted_ranking({config: p.value for config, p in predictions.items()}, reached)

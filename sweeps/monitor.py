@@ -151,12 +151,19 @@ def print_summary(summary: SweepSummary, out: Console) -> None:
 def print_halving(report: HalvingReport, out: Console) -> None:
     """Successive halving: each configuration's highest rung and score there, its promotions, the cost."""
     table = Table(title=report.lines()[0], title_justify="left", title_style="bold")
-    for column in ("configuration", "rung (epochs)", "score", "folds", "promoted from", "runs"):
+    predicted = report.schedule.promote == "predicted"
+    columns = ["configuration", "rung (epochs)", "score", "folds", "promoted from", "runs"]
+    if predicted:
+        columns.insert(3, f"predicted at {report.schedule.max_epochs} (from rung: score)")
+    for column in columns:
         table.add_column(column)
     for entry in report.configs:
-        table.add_row(entry.config, str(entry.rung_epochs or "–"), "–" if entry.score is None else f"{entry.score:.4f}",
-                      str(entry.folds_scored), ", ".join(map(str, entry.promoted_from)) or "–",
-                      ", ".join(f"{state} {n}" for state, n in sorted(entry.states.items())))
+        row = [entry.config, str(entry.rung_epochs or "–"), "–" if entry.score is None else f"{entry.score:.4f}",
+               str(entry.folds_scored), ", ".join(map(str, entry.promoted_from)) or "–",
+               ", ".join(f"{state} {n}" for state, n in sorted(entry.states.items()))]
+        if predicted:
+            row.insert(3, ", ".join(f"{rung}: {value:.4f}" for rung, value in sorted(entry.predicted.items())) or "–")
+        table.add_row(*row)
     out.print(table)
     if report.paused:
         out.print(f"paused ({len(report.paused)}; checkpoints collected in models/; continue with --resume-paused): "

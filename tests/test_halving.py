@@ -51,3 +51,50 @@ def test_simulation_counts_epochs_and_keeps_the_clear_best():
     curves = np.repeat((quality[:, None] * np.linspace(0.5, 1, 9)[None, :])[:, None, :], 2, axis=1)
     outcome = simulate(curves, HalvingSchedule(min_epochs=1, eta=3, max_epochs=9), workers=1)
     assert outcome.epochs_trained == 42 and outcome.kept == 0
+
+
+def _late_bloomer_curves() -> np.ndarray:
+    """4 configurations × 1 fold over 135 epochs, by hand: at epoch 5 fast (pow3 0.72 − 0.1/t: 0.700) and steady
+    (0.69) lead slow (pow3 0.90 − 1.2/t: 0.660); by epoch 10 slow leads (0.780 > 0.710) and it ends best (0.891 >
+    0.719); flat stays at 0.40."""
+    t = np.arange(1, 136, dtype=float)
+    return np.array([[0.72 - 0.1 / t], [np.full_like(t, 0.69)], [0.90 - 1.2 / t], [np.full_like(t, 0.40)]])
+
+
+def test_simulation_with_the_predicted_rule_keeps_the_late_bloomer_the_plain_rule_cuts():
+    from brats_ugrip.bench.halving import predicted_ranker
+
+    curves = _late_bloomer_curves()
+    schedule = HalvingSchedule(min_epochs=5, eta=2, max_epochs=135)  # rungs 5, 10, 20, 40, 80, 135
+    budgets = np.arange(1, 136, dtype=float)
+    # Plain: ⌊4/2⌋ = 2 at epoch 5 are fast and steady; slow is cut and fast is kept.
+    assert simulate(curves, schedule, workers=4).kept == 0
+    # Predicted: at epoch 5 the top of each order (slow by prediction, fast by score) go on; at epoch 10 slow
+    # leads on both, so it goes on alone (⌊2/2⌋ = 1) and is kept. Same cost: 4×5 + 2×5 + 10 + 20 + 40 + 55.
+    predicted = simulate(curves, schedule, workers=4, rank=predicted_ranker(curves, schedule.rungs, budgets))
+    assert predicted.kept == 2 and predicted.epochs_trained == 155
+
+
+def test_recorded_curves_from_a_sweep_directory(tmp_path):
+    from brats_ugrip.bench.halving import recorded_curves
+    from brats_ugrip.errors import DataError
+    from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
+    from brats_ugrip.sweeps.state import RunRecord, SweepState
+
+    with SweepState(sweep_db_path(tmp_path)) as state:
+        for lr in (0.1, 0.2):
+            for fold in (0, 1):
+                run_dir = run_dir_path(tmp_path, f"fold={fold}-lr={lr}")
+                (run_dir / "csv").mkdir(parents=True)
+                lines = ["epoch,step,train/loss,val/dice_mean", "0,10,0.9,", *(
+                    f"{e},{e * 10},0.5,{lr + fold / 10 + e / 100}" for e in range(3 if lr == 0.1 else 4))]
+                (run_dir / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+                state.add_runs([RunRecord(run_id=run_dir.name, run_dir=str(run_dir),
+                                          params={"optim.lr": lr, "data.fold": fold}, config={}, submit={})])
+    curves = recorded_curves(tmp_path)
+    assert curves.shape == (2, 2, 3)  # cut at the shortest run (3 epochs)
+    assert curves[1, 1].tolist() == pytest.approx([0.3, 0.31, 0.32])  # lr 0.2, fold 1, epochs 1–3
+    with pytest.raises(DataError, match="no sweep.db"):
+        recorded_curves(tmp_path / "runs")
+    with pytest.raises(DataError, match="no such sweep directory"):
+        recorded_curves(tmp_path / "missing")

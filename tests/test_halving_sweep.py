@@ -6,6 +6,7 @@ with the SLURM test (tests/slurm/test_halving_slurm.py)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def check_halving(sweep_dir: Path) -> tuple[str, list[str]]:
         assert winner.metrics["epochs"] == 3 and winner.attempts == 2
         assert [s["start_epoch"] for s in read_job_info(winner.run_dir)["starts"]] == [0, 1]  # from last.ckpt
         assert trained_epochs(winner.run_dir) == [1, 2, 3]  # each epoch once
+        # the curve promote: predicted extrapolates survives the pause: restored from last.ckpt on resume
+        progress = json.loads((Path(winner.run_dir) / "progress.json").read_text())
+        assert [epoch for epoch, _ in progress["val_curve"]] == [1, 2, 3]
         for run_id in paused:
             run = runs[run_id]
             assert run.metrics["status"] == "paused" and run.metrics["epochs"] == 1 and run.attempts == 1

@@ -194,3 +194,78 @@ def test_resume_paused_continues_chosen_runs_to_max_epochs(asha):
 def test_a_plain_sweep_has_no_halving(tmp_path):
     with SweepState(sweep_db_path(tmp_path)) as state:
         assert halving_report(state) is None
+
+
+# --- promote: predicted -------------------------------------------------------------------------------------
+
+
+def test_promote_is_validated_and_plain_by_default(fold_datalist):
+    assert ParameterManager(_grid(fold_datalist, schedule={"kind": "asha"})).schedule.promote == "score"
+    manager = ParameterManager(_grid(fold_datalist, schedule={"kind": "asha", "promote": "predicted"}))
+    assert manager.schedule.promote == "predicted" and manager.schedule.to_dict()["promote"] == "predicted"
+    error = _error(_grid(fold_datalist, schedule={"kind": "asha", "promote": "extrapolated"}))
+    assert error.key_path == "schedule.promote" and str(error).startswith("grid.yaml: schedule.promote: ")
+    assert "score, predicted" in str(error) and "'extrapolated'" in str(error)
+
+
+PREDICTED = HalvingSchedule(metric="val/dice_mean", min_epochs=3, eta=2, max_epochs=12, promote="predicted")
+# At rung 3 (eta 2: ⌊4/2⌋ = 2 go on): fast and steady lead on the score reached (0.70, 0.69); slow follows the
+# pow3 law 0.9 − 0.7/t (0.200, 0.550, 0.667; 0.842 at epoch 12: the best end); flat stays at 0.40.
+CURVES = {0.1: [0.70, 0.70, 0.70], 0.2: [0.69, 0.69, 0.69], 0.3: [0.9 - 0.7 / t for t in (1, 2, 3)],
+          0.4: [0.40, 0.40, 0.40]}
+
+
+@pytest.fixture
+def predicted_sweep(tmp_path):
+    """4 configurations (lr) × 1 fold, rungs 3, 6, 12, ``promote: predicted``; each run paused at epoch 3 with
+    its validation curve in progress.json."""
+    scheduler = ScriptedScheduler()
+    with SweepState(sweep_db_path(tmp_path)) as state:
+        records = [RunRecord(run_id=f"lr={lr}", run_dir=str(run_dir_path(tmp_path, f"lr={lr}")),
+                             params={"optim.lr": lr, "data.fold": 0},
+                             config={"data": {"fold": 0}, "optim": {"lr": lr}, "trainer": {"max_epochs": 12}},
+                             submit={"cluster": "local", "parameters": {}, "stop_at_epoch": 3}, max_retries=1)
+                   for lr in CURVES]
+        state.add_runs(records)
+        set_schedule(state, PREDICTED)
+        scheduler.submit(state, records, SubmitSpec("local"), jobs_folder(tmp_path))
+    monitor = SweepMonitor(tmp_path, sources=[scheduler], submit=scheduler.submit)
+    sweep = type("Sweep", (), {"dir": tmp_path, "scheduler": scheduler, "monitor": monitor})
+    for lr, curve in CURVES.items():
+        _stop(sweep, f"lr={lr}", 3, curve[-1])
+        progress = run_dir_path(tmp_path, f"lr={lr}") / "progress.json"
+        written = json.loads(progress.read_text())
+        written["val_curve"] = [[epoch, {"mean": value}] for epoch, value in zip((1, 2, 3), curve)]
+        progress.write_text(json.dumps(written))
+    yield sweep
+    monitor.close()
+
+
+def test_the_predicted_rule_promotes_the_late_bloomer_and_the_summary_shows_predictions(predicted_sweep):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from brats_ugrip.sweeps.monitor import print_halving
+
+    report = predicted_sweep.monitor.poll()
+    assert any(note.startswith('promoted {"optim.lr": 0.1} from epoch 3 (score 0.7000, predicted 0.7000 at epoch 12)')
+               for note in report.notes), report.notes
+    promoted = {config for config, *_ in _rows(predicted_sweep, "promotions")}
+    assert promoted == {'{"optim.lr": 0.1}', '{"optim.lr": 0.3}'}  # the leader and the late bloomer, not lr=0.2
+    assert set(report.resubmitted) == {"lr=0.1", "lr=0.3"}
+    assert _run(predicted_sweep, "lr=0.3").submit["stop_at_epoch"] == 6
+    predictions = {row[0]: row for row in _rows(predicted_sweep, "predictions")}
+    assert len(predictions) == 4 and all(row[1] == 0 and row[4] == 3 for row in predictions.values())
+    assert predictions['{"optim.lr": 0.1}'][2] == pytest.approx(0.70)  # flat: its level
+    assert predictions['{"optim.lr": 0.3}'][2] > 0.70  # rising: above the flat leader
+    assert predicted_sweep.monitor.poll().resubmitted == {}  # nothing twice; the same predictions again
+    assert {row[0]: row[2] for row in _rows(predicted_sweep, "predictions")} == {k: v[2] for k, v in
+                                                                                predictions.items()}
+    halving = halving_report(predicted_sweep.monitor.state)
+    assert {c.config: c.predicted for c in halving.configs}['{"optim.lr": 0.1}'] == {3: pytest.approx(0.70)}
+    assert "predicted at max_epochs" in halving.lines()[0]
+    out = StringIO()
+    print_halving(halving, Console(file=out, width=250))
+    text = out.getvalue()
+    assert "predicted at 12" in text and "3: 0.7000" in text and "3: 0.4000" in text

@@ -70,6 +70,9 @@ def test_tiny_segresnet_run_writes_a_complete_run_directory(segresnet_run):
     progress = read_progress(run_dir)
     assert progress["status"] == "completed" and progress["epoch"] == 2 and progress["max_epochs"] == 2
     assert progress["step"] == 4 and progress["host"] and progress["finished_at"] and progress["started_at"]
+    # every validation, in order (what promote: predicted extrapolates); the last one is val_metrics
+    assert [e for e, _ in progress["val_curve"]] == sorted({e for e, _ in progress["val_curve"]})
+    assert progress["val_curve"] and progress["val_curve"][-1][1] == pytest.approx(progress["val_metrics"])
     assert 0 <= progress["best_val_dice"] <= 1 and progress["best_epoch"] in (1, 2)
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == {**config.to_dict(), "run_dir": str(run_dir)}
 

@@ -25,7 +25,12 @@ Tables (created on first use: an older ``sweep.db`` gains them when a monitor of
 
 - ``rung_scores(run_id, rung, epochs, score, recorded_at)``: ``rung`` is the rung's index, ``epochs`` its epoch
   count, ``score`` NULL when the run had no validation there;
-- ``promotions(config, rung, score, promoted_at)``: ``config`` is the JSON of the configuration's parameters.
+- ``promotions(config, rung, score, promoted_at)``: ``config`` is the JSON of the configuration's parameters;
+- ``predictions(config, rung, predicted, last, points, method, recorded_at)``: with ``promote: predicted``, what
+  each configuration at a rung was ranked on in the latest pass (the score predicted at ``max_epochs`` from the
+  fold-mean of its runs' ``progress.json`` ``val_curve`` up to the rung; a run without one contributes its rung
+  scores), so ``--summary`` shows why a configuration went on or stayed. Every input is cut at the rung's
+  epoch, so a pass after a restart computes the same values.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from brats_ugrip.sweeps.halving import HalvingSchedule, config_scores, promotions
+from brats_ugrip.sweeps.halving import HalvingSchedule, config_scores, predicted_ranking, predicted_scores, promotions
 from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader, _gpus
 from brats_ugrip.sweeps.state import RunRecord, RunState, SweepState
 
@@ -58,6 +63,16 @@ CREATE TABLE IF NOT EXISTS promotions (
     rung INTEGER NOT NULL,
     score REAL,
     promoted_at REAL NOT NULL,
+    PRIMARY KEY (config, rung)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    config TEXT NOT NULL,
+    rung INTEGER NOT NULL,
+    predicted REAL,
+    last REAL,
+    points INTEGER NOT NULL,
+    method TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
     PRIMARY KEY (config, rung)
 )
 """
@@ -166,13 +181,15 @@ def promote(state: SweepState, notes: list[str]) -> list[tuple[RunRecord, str]]:
         for k, rung in enumerate(schedule.rungs[:-1]):
             fold_scores = {(config_key(by_id[r["run_id"]]), fold_of(by_id[r["run_id"]])): r["score"]
                            for r in rows if r["rung"] == k and r["run_id"] in by_id}
-            scores = config_scores(fold_scores)
+            scores, predicted = _ranked_scores(db, schedule, k, fold_scores, runs, reader)
+            reached = config_scores(fold_scores)
             closed = lower_closed and not any(stop <= rung for stop in [*in_flight, *continuing.values()])
-            for config in promotions(scores, promoted.get(k, set()), schedule.eta, closed):
-                db.execute("INSERT OR IGNORE INTO promotions VALUES (?, ?, ?, ?)", (config, k, scores[config],
+            for config in promotions(scores, promoted.get(k, set()), schedule.eta, closed, reached):
+                db.execute("INSERT OR IGNORE INTO promotions VALUES (?, ?, ?, ?)", (config, k, reached[config],
                                                                                    time.time()))
                 promoted.setdefault(k, set()).add(config)
-                notes.append(f"promoted {config} from epoch {rung} (score {scores[config]:.4f})")
+                guess = f", predicted {predicted[config]:.4f} at epoch {schedule.max_epochs}" if predicted else ""
+                notes.append(f"promoted {config} from epoch {rung} (score {reached[config]:.4f}{guess})")
             for run_id, run_rung in at_rung.items():
                 if run_rung == k and config_key(by_id[run_id]) in promoted.get(k, set()):
                     continuing[run_id] = schedule.rungs[k + 1]
@@ -180,6 +197,43 @@ def promote(state: SweepState, notes: list[str]) -> list[tuple[RunRecord, str]]:
             lower_closed = closed
     return [(state.get_run(run_id), f"promoted at epoch {schedule.rungs[at_rung[run_id]]}: continues from last.ckpt "
                                     f"to epoch {stop}") for run_id, stop in continuing.items()]
+
+
+def fold_curve(run: RunRecord, metric: str, reader: ProgressReader, rung_points: dict[int, float]) -> dict[int, float]:
+    """A run's validation curve, epoch → ``metric``: its progress file's ``val_curve``, completed by its recorded
+    rung scores (the points a run trained before ``val_curve`` existed still has)."""
+    name = metric.removeprefix("val/dice_")
+    progress, _ = reader.read(run.run_dir)
+    curve = dict(rung_points)
+    for entry in (progress or {}).get("val_curve") or []:
+        if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], dict):
+            value = entry[1].get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                curve[entry[0]] = float(value)
+    return curve
+
+
+def _ranked_scores(db: sqlite3.Connection, schedule: HalvingSchedule, k: int, fold_scores: dict[tuple[str, Any], float],
+                   runs: list[RunRecord], reader: ProgressReader) -> tuple[dict[str, float], dict[str, float]]:
+    """What rung ``k`` ranks on under the schedule's rule, and each configuration's predicted score (none for the
+    plain rule); the predictions are recorded in ``predictions`` (replacing the previous pass's)."""
+    if schedule.promote == "score":
+        return config_scores(fold_scores), {}
+    points: dict[str, dict[int, float]] = {}
+    for row in db.execute("SELECT run_id, epochs, score FROM rung_scores WHERE score IS NOT NULL"):
+        points.setdefault(row["run_id"], {})[row["epochs"]] = row["score"]
+    wanted = set(fold_scores)
+    curves = {}
+    for run in {run.run_id: run for run in runs}.values():
+        key = (config_key(run), fold_of(run))
+        if key in wanted:
+            curves[key] = fold_curve(run, schedule.metric, reader, points.get(run.run_id, {}))
+    predictions = predicted_scores(fold_scores, curves, schedule.rungs[k], schedule.max_epochs)
+    for config, prediction in predictions.items():
+        db.execute("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (config, k, prediction.value, prediction.last, prediction.n_points, prediction.method, time.time()))
+    values = {config: p.value for config, p in predictions.items()}
+    return predicted_ranking(values, config_scores(fold_scores)), values
 
 
 # --- report -------------------------------------------------------------------------------------------------
@@ -195,6 +249,7 @@ class ConfigRung:
     folds_scored: int
     promoted_from: list[int] = field(default_factory=list)
     states: dict[str, int] = field(default_factory=dict)
+    predicted: dict[int, float] = field(default_factory=dict)  # rung epochs → predicted score at max_epochs
 
 
 @dataclass
@@ -217,7 +272,8 @@ class HalvingReport:
         cost = (f"GPU-hours {self.gpu_hours:.2f} of {self.full_grid_gpu_hours:.2f} for the full grid "
                 f"({self.gpu_hours / self.full_grid_gpu_hours:.0%})" if self.full_grid_gpu_hours else
                 f"GPU-hours {self.gpu_hours:.2f} (full grid: no epoch timed yet)")
-        head = (f"halving: rungs {self.schedule.rungs} (eta {self.schedule.eta}, {self.schedule.metric}) · "
+        rule = ", ranked on the score predicted at max_epochs" if self.schedule.promote == "predicted" else ""
+        head = (f"halving: rungs {self.schedule.rungs} (eta {self.schedule.eta}, {self.schedule.metric}{rule}) · "
                 f"{promoted} promotions · {len(self.paused)} paused · {cost}")
         leaders = ", ".join(f"{c.config} @{c.rung_epochs}: {c.score:.4f}" for c in top[:3] if c.score is not None)
         return [head] + ([f"halving leaders: {leaders}"] if leaders else [])
@@ -252,6 +308,9 @@ def halving_report(state: SweepState, reader: ProgressReader | None = None) -> H
     for row in state._db.execute("SELECT config, rung FROM promotions ORDER BY rung"):
         if row["config"] in configs:
             configs[row["config"]].promoted_from.append(schedule.rungs[row["rung"]])
+    for row in state._db.execute("SELECT config, rung, predicted FROM predictions ORDER BY rung"):
+        if row["config"] in configs and row["predicted"] is not None:
+            configs[row["config"]].predicted[schedule.rungs[row["rung"]]] = row["predicted"]
     spent, full = _gpu_hours(runs, reader)
     return HalvingReport(schedule, sorted(configs.values(), key=lambda c: (-(c.rung_epochs or 0),
                                                                          -(c.score if c.score is not None else -1))),
