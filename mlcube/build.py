@@ -386,6 +386,10 @@ def build_package(model: str | os.PathLike[str], challenge: str, out: str | os.P
     return PackageLayout(out)
 
 
+def image_name(layout: PackageLayout) -> str:
+    return yaml.safe_load(layout.mlcube_yaml.read_text())["docker"]["image"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python mlcube/build.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,8 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"one of {', '.join(CHALLENGES)}")
     parser.add_argument("--out", required=True, help="package folder to write (e.g. build/mlcube)")
     parser.add_argument("--image", help="Docker image name (default brats-ugrip/<challenge>:<version>)")
-    parser.add_argument("--base-image", help=f"CUDA PyTorch base image (default {default_base_image()}); its torch "
-                        "should be the pinned one")
+    parser.add_argument("--base-image", help=f"base image holding the pinned torch (default {default_base_image()}, "
+                        "CUDA; brats-ugrip-base:cpu from mlcube/base_image.py needs no registry)")
     parser.add_argument("--accelerator-count", type=int, default=1, help="GPUs the task asks for (0: CPU only)")
     parser.add_argument("--author", default="brats-ugrip", help="author name in mlcube.yaml")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -406,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = sorted(p.name for p in layout.additional_files.glob("*.safetensors"))
     console.print(f"built {layout.root} ({len(models)} model(s): {', '.join(models)})\n"
                   f"  check:  python mlcube/check.py {layout.root} --data CASES [--labels REFERENCES]\n"
-                  f"  image:  docker build -t {yaml.safe_load(layout.mlcube_yaml.read_text())['docker']['image']} "
+                  f"  image:  docker build --network none -t {image_name(layout)} "
                   f"{layout.project}", highlight=False)
     return 0
 
