@@ -35,14 +35,14 @@ if command -v docker >/dev/null && answers; then
 fi
 
 if [[ $EUID -ne 0 ]]; then
-    die "no Docker engine answers and starting one needs root; start Docker yourself (sudo systemctl start docker)" \
-        "and make sure \`docker info\` works for $(id -un) (e.g. sudo usermod -aG docker $(id -un)), or run this as root"
+    die "no Docker engine answers and starting one needs root; start Docker yourself (sudo systemctl start docker) \
+and make sure \`docker info\` works for $(id -un) (e.g. sudo usermod -aG docker $(id -un)), or run this as root"
 fi
 mkdir -p "$STATE_DIR"
 
 if ! command -v dockerd >/dev/null; then
-    command -v apt-get >/dev/null || die "dockerd is not installed and there is no apt-get; install Docker Engine" \
-        "(https://docs.docker.com/engine/install/) and run this again"
+    command -v apt-get >/dev/null ||
+        die "dockerd is not installed and there is no apt-get; install Docker Engine (https://docs.docker.com/engine/install/)"
     say "installing Debian's docker.io"
     # Keep invoke-rc.d from starting the daemon during the install (no systemd here): this script starts it.
     own_policy=
@@ -54,8 +54,7 @@ if ! command -v dockerd >/dev/null; then
     fi
     export DEBIAN_FRONTEND=noninteractive
     { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io; } >"$STATE_DIR/apt.log" 2>&1 ||
-        die "apt-get install docker.io failed; check the apt sources and the network to the Debian mirror" \
-            "$STATE_DIR/apt.log"
+        die "apt-get install docker.io failed; check the apt sources and the network to the Debian mirror" "$STATE_DIR/apt.log"
     if [[ -n $own_policy ]]; then
         rm -f /usr/sbin/policy-rc.d
         trap - EXIT
@@ -85,7 +84,10 @@ pid=$(cat "$PID_FILE" 2>/dev/null || true)
 if [[ -n $pid ]] && alive "$pid"; then
     # Ours, started earlier, but not answering (yet): give it the same time to come up.
     deadline=$((SECONDS + 60))
-    until answers; do ((SECONDS < deadline)) || die "dockerd ($pid) runs but \`docker info\` does not answer; kill $pid and run this again" "$LOG"; sleep 0.5; done
+    until answers; do
+        ((SECONDS < deadline)) || die "dockerd ($pid) runs but \`docker info\` does not answer; kill $pid and run this again" "$LOG"
+        sleep 0.5
+    done
 elif [[ -S /var/run/docker.sock ]] && pgrep -x dockerd >/dev/null; then
     die "a dockerd not started by this script runs but does not answer; check it (docker info) or stop it first" "$LOG"
 else
@@ -93,8 +95,8 @@ else
     if ! start_dockerd overlay2; then
         say "overlay2 did not start (see $LOG); falling back to the vfs storage driver"
         sleep 1
-        start_dockerd vfs || die "dockerd did not start with overlay2 or vfs; it needs root with CAP_SYS_ADMIN" \
-            "(a privileged container or a VM) and cgroups; read the log below" "$LOG"
+        start_dockerd vfs || die "dockerd did not start with overlay2 or vfs; it needs root with CAP_SYS_ADMIN \
+(a privileged container or a VM) and cgroups; read the log below" "$LOG"
     fi
 fi
 say "engine answers: $(docker info --format '{{.ServerVersion}}, storage {{.Driver}}' 2>/dev/null)" \

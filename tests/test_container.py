@@ -187,3 +187,15 @@ def test_check_runs_the_image_and_compares_with_the_in_process_run(packages, cas
     assert all(c.passed for c in checks), [(c.name, c.detail) for c in checks if not c.passed]
     assert results["container = in-process"].detail == "2 label maps identical voxel for voxel"
     assert results["container run"].detail.startswith("docker run --network none -u 0:0 exited 0")
+
+
+def test_engine_script_reports_a_running_engine_and_says_what_to_do_without_root(base_image):
+    script = Path(__file__).resolve().parents[1] / "mlcube" / "container_engine.sh"
+    code, lines = run_logged(["bash", str(script)], 120)
+    assert code == 0 and lines[-1].startswith("[docker-dev] engine answers: "), lines
+    if shutil.which("runuser") is None:
+        pytest.skip("runuser (util-linux) is not installed")
+    code, lines = run_logged(["runuser", "-u", "nobody", "--", "bash", str(script)], 120)
+    assert code == 1 and len(lines) == 1, lines  # the socket is root's: nobody can neither reach nor start an engine
+    assert lines[0].startswith("[docker-dev] ERROR: no Docker engine answers and starting one needs root")
+    assert "sudo usermod -aG docker nobody" in lines[0]
