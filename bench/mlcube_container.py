@@ -82,8 +82,24 @@ def host_run(layout: PackageLayout, data: Path, root: Path) -> dict:
     container = load_yaml(layout.container_config)[0]
     volumes = prepare_volumes(layout, container, data, root / "host")
     arguments = host_arguments(infer_command(container), container, volumes)
-    env = {**sandbox_env(root), "PYTHONPATH": ""}
+    env = {**sandbox_env(root / "host"), "PYTHONPATH": ""}
     return timed_run([sys.executable, "-s", str(SANDBOX), str(layout.entrypoint), *arguments], env=env, cwd=root)
+
+
+def alternating_runs(layout: PackageLayout, root: Path, repeat: int) -> tuple[dict, dict]:
+    """Both runs ``repeat`` times, in alternating order (container first, then host first ...), so that a change of
+    the machine's load between runs weighs on both; per run kind, the medians of the figures over the repeats."""
+    runs: dict[str, list[dict]] = {"container": [], "host": []}
+    for i in range(repeat):
+        for kind in ("container", "host") if i % 2 == 0 else ("host", "container"):
+            work = root / f"{kind}-{i}"
+            (work / "out").mkdir(parents=True)
+            runs[kind].append(timed_run(docker_run_argv(layout, root / "data", work / "out")) if kind == "container"
+                              else host_run(layout, root / "data", work))
+    return tuple({key: round(statistics.median(r[key] for r in runs[kind]), 2)
+                  for key in ("first_case_s", "startup_s", "case_s_mean")}
+                 | {"case_s": [s for r in runs[kind] for s in r["case_s"]], "repeats": repeat}
+                 for kind in ("container", "host"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -94,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--roi", type=int, nargs=3, default=(128, 128, 128))
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--base-image", default=DEFAULT_NAME)
+    parser.add_argument("--repeat", type=int, default=2, help="runs of each kind, alternating (medians reported)")
     args = parser.parse_args(argv)
     problem = engine_problem()
     if problem:
@@ -114,9 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "docker build")
         build_s = round(time.perf_counter() - start, 1)
         size = int(run_tool(["docker", "image", "inspect", "-f", "{{.Size}}", IMAGE], "docker inspect").stdout)
-        (root / "out").mkdir()
-        container = timed_run(docker_run_argv(layout, root / "data", root / "out"))
-        host = host_run(layout, root / "data", root)
+        container, host = alternating_runs(layout, root, args.repeat)
     result = {"bench": "mlcube_container", "base_image": args.base_image, "base_build_s": base_s,
               "image_build_s": build_s, "image_gb": round(size / 1e9, 2), "shape": list(args.size),
               "model": f"segresnet init_filters={args.init_filters}", "roi": list(args.roi), "overlap": args.overlap,

@@ -19,7 +19,9 @@ The task: every folder ``data_path/<ID>/`` is a case ``<ID>-{t1c,t1n,t2f,t2w}.ni
 images (MedPerf's evaluators match predictions by the ``NNNNN-NNN`` number in the name). A case with a missing or
 unreadable modality, modalities of different geometry, or an id without that number is reported and skipped; the
 others are still written. Runs on the GPU when there is one, else on the CPU; needs no network and writes nothing
-but the predictions.
+but the predictions. It runs as whatever user the container is given (MedPerf: ``-u <uid>:<gid>``; MLCube: the
+image's uid 1000): a package file that user cannot read, or an output folder it cannot write, stops the task
+with one line naming the path and what to do (exit 2), never a traceback.
 """
 from __future__ import annotations
 
