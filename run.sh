@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # brats-ugrip: one entry for setup, the demo and the tests, on a fresh machine with only its system python3.
 #   bash run.sh demo    set up, then run the embedded demo (phantoms → sweep → soup → MLCube check) on CPU
-#   bash run.sh test    set up, start the single-node SLURM dev cluster, run the test suite
+#   bash run.sh test    set up, start the single-node SLURM dev cluster and a Docker engine, run the test suite
 #   bash run.sh setup   only install the dependencies (idempotent)
 # Installs go into the active virtual environment or conda env; otherwise into ./.venv, made here with the system
 # python3 (PEP 668 forbids pip installs into a distribution's interpreter).
@@ -78,6 +78,18 @@ demo() {
          "ensemble in $out/ensemble, MLCube in $out/mlcube"
 }
 
+ensure_mlcube_runner() {
+    # MLCube's runner (PyPI mlcube + mlcube-docker, as MedPerf's MLCube form uses) in its own venv: its pins
+    # (omegaconf, click ...) are not the project's. The container tests find it through BRATS_UGRIP_MLCUBE.
+    local venv=.cache/mlcube-venv
+    if [[ ! -x $venv/bin/mlcube ]]; then
+        echo "setup: installing mlcube==0.0.9 mlcube-docker==0.0.9 into $venv"
+        $PYTHON -m venv "$venv" && "$venv/bin/python" -m pip install -q mlcube==0.0.9 mlcube-docker==0.0.9 ||
+            { rm -rf "$venv"; return 1; }
+    fi
+    export BRATS_UGRIP_MLCUBE=$PWD/$venv/bin/mlcube
+}
+
 tests() {
     # tmux drives the monitor's screen test (a real terminal); install it when apt can.
     if ! command -v tmux >/dev/null && command -v apt-get >/dev/null; then
@@ -85,6 +97,10 @@ tests() {
     fi
     if [[ ${BRATS_UGRIP_NO_SLURM:-0} != 1 ]]; then
         bash slurm/dev-cluster/start.sh || echo "run.sh: the SLURM dev cluster did not start; @slurm tests will skip"
+    fi
+    if [[ ${BRATS_UGRIP_NO_CONTAINER:-0} != 1 ]]; then
+        bash mlcube/container_engine.sh || echo "run.sh: no Docker engine; @container tests will skip"
+        ensure_mlcube_runner || echo "run.sh: mlcube unavailable; the \`mlcube run\` container tests will skip"
     fi
     # Lint and import order first (ruff, configured in pyproject.toml): seconds, and a failure says where.
     $PYTHON -m ruff check . || { echo "run.sh: ruff found problems (fix them, or ruff check --fix for import order)"; return 1; }

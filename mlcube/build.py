@@ -13,8 +13,11 @@ writes MedPerf's model layout, one build for both submission forms:
     OUT/container_config.yaml                MedPerf container form (2025+): the same task, volumes under
                                              /mlcommons/volumes
     OUT/project/                             Docker build context: Dockerfile (CUDA PyTorch base, non-root),
-                                             requirements.txt (pinned), mlcube.py (typer app), runtime.py and the
-                                             brats_ugrip modules it imports
+                                             requirements.txt (pinned), wheelhouse/ (every requirement but torch,
+                                             as wheels: the build needs no network), mlcube.py (typer app),
+                                             runtime.py and the brats_ugrip modules it imports
+
+Every file of the package is readable by any user (files 0644, folders 0755): the container may run as any uid.
 
 A checkpoint (a run's best.ckpt, a soup) is packaged as an ensemble of one with its own inference settings and
 threshold; an ensemble spec (``ensembling/``) as it is. Check the result without Docker with
@@ -51,6 +54,8 @@ from brats_ugrip.mlcube.schema import (
     PackageLayout,
     validate_package,
 )
+from brats_ugrip.mlcube.wheelhouse import REQUIREMENTS as WHEELHOUSE_REQUIREMENTS
+from brats_ugrip.mlcube.wheelhouse import WHEELHOUSE, write_wheelhouse
 from brats_ugrip.sweeps.layout import RUNS_DIR
 
 CHALLENGES: tuple[str, ...] = (*LESIONWISE_PRESETS, "brats2025")
@@ -216,15 +221,25 @@ def default_base_image() -> str:
     return f"pytorch/pytorch:{importlib.metadata.version('torch').split('+')[0]}-cuda12.8-cudnn9-runtime"
 
 
-def dockerfile_text(base_image: str, challenge: str) -> str:
+def dockerfile_text(base_image: str, challenge: str, torch_version: str) -> str:
+    """The Dockerfile: nothing in it reaches the network (``docker build --network none`` works), so any base that
+    holds torch ``torch_version`` will do; another torch fails the build with what to do."""
+    mismatch = (f"the base image holds torch %s; this package was built and checked with torch {torch_version}: "
+                "pick a base image holding it (mlcube/build.py --base-image)")
+    check = (f"import sys, torch; v = torch.__version__; sys.exit(0 if v.split('+')[0] == '{torch_version}' "
+             f"else '{mismatch}' % v)")
     return f"""\
 # brats-ugrip model package ({challenge}), built by mlcube/build.py. See mlcube/README.md.
-# A CUDA PyTorch runtime; requirements.txt pins what the package was built and checked with.
+# The base holds torch (a CUDA PyTorch runtime, or the CPU base of mlcube/base_image.py); every other requirement
+# is installed from wheelhouse/ without an index: the build needs no network.
 FROM {base_image}
 
 # Nothing is downloaded at run time (MedPerf runs models with --network none). Any cache a library wants goes to /tmp,
-# writable for whatever user MedPerf runs the container as (it passes -u <uid>:<gid>).
+# writable for whatever user MedPerf runs the container as (it passes -u <uid>:<gid>). That uid has no entry in
+# /etc/passwd: USER and LOGNAME answer getpass.getuser(), which MONAI calls on import (it raises KeyError without).
 ENV LANG=C.UTF-8 \\
+    USER=brats \\
+    LOGNAME=brats \\
     PYTHONDONTWRITEBYTECODE=1 \\
     PYTHONUNBUFFERED=1 \\
     PIP_NO_CACHE_DIR=1 \\
@@ -233,11 +248,17 @@ ENV LANG=C.UTF-8 \\
     XDG_CACHE_HOME=/tmp/.cache \\
     HF_HUB_OFFLINE=1
 
-COPY requirements.txt {CONTAINER_PROJECT}/requirements.txt
-RUN python3 -m pip install --no-cache-dir -r {CONTAINER_PROJECT}/requirements.txt
+COPY {WHEELHOUSE} /tmp/{WHEELHOUSE}
+RUN python3 -c "{check}" \\
+    && python3 -m pip install --no-cache-dir --no-index --no-deps --find-links /tmp/{WHEELHOUSE} \\
+        -r /tmp/{WHEELHOUSE}/{WHEELHOUSE_REQUIREMENTS} \\
+    && rm -rf /tmp/{WHEELHOUSE}
 
-COPY . {CONTAINER_PROJECT}
+# The code only (the wheelhouse is not needed at run time).
+COPY requirements.txt mlcube.py runtime.py {CONTAINER_PROJECT}/
+COPY brats_ugrip {CONTAINER_PROJECT}/brats_ugrip
 RUN python3 -m compileall -q {CONTAINER_PROJECT} \\
+    && chmod -R a+rX {CONTAINER_PROJECT} \\
     && useradd --uid 1000 --no-create-home --shell /usr/sbin/nologin brats
 USER 1000
 WORKDIR {CONTAINER_PROJECT}
@@ -247,8 +268,9 @@ ENTRYPOINT ["python3", "{CONTAINER_PROJECT}/mlcube.py"]
 
 
 def write_project(project: Path, base_image: str, challenge: str) -> list[str]:
-    """``project/``: the entry point, the runtime, the brats_ugrip modules they import, requirements and
-    Dockerfile. Returns the pinned requirements."""
+    """``project/``: the entry point, the runtime, the brats_ugrip modules they import, requirements, the
+    wheelhouse of every requirement but torch (``mlcube/wheelhouse.py``) and the Dockerfile. Returns the pinned
+    requirements."""
     project.mkdir(parents=True)
     for name, source in PROJECT_SOURCES.items():
         shutil.copy2(source, project / name)
@@ -258,8 +280,23 @@ def write_project(project: Path, base_image: str, challenge: str) -> list[str]:
         shutil.copy2(source, project / relative)
     requirements = pinned_requirements([*PROJECT_SOURCES.values(), *library.values()])
     atomic_write_text(project / "requirements.txt", "\n".join(requirements) + "\n")
-    atomic_write_text(project / "Dockerfile", dockerfile_text(base_image, challenge))
+    write_wheelhouse(project, requirements)
+    torch_version = next(pin.split("==")[1] for pin in requirements if pin.startswith("torch=="))
+    atomic_write_text(project / "Dockerfile", dockerfile_text(base_image, challenge, torch_version))
     return requirements
+
+
+def publish_modes(root: Path) -> None:
+    """Make every folder 0755 and every file 0644 (0755 when executable): readable by whatever user runs the
+    container (MedPerf passes ``-u <uid>:<gid>``, MLCube runs the image's uid 1000), whatever this machine's umask
+    and the temporary files' 0600 were."""
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o755)
+        else:
+            path.chmod(0o755 if path.stat().st_mode & 0o111 else 0o644)
 
 
 # --- the two descriptions of the task -----------------------------------------------------------------------------
@@ -339,6 +376,7 @@ def build_package(model: str | os.PathLike[str], challenge: str, out: str | os.P
             "MedPerf model container (2025+ form, MedPerf's model_container template), built by brats-ugrip "
             "mlcube/build.py.\nParameters: mlcube/workspace/parameters.yaml; additional files: "
             "mlcube/workspace/additional_files/.", container_config(image, accelerator_count)))
+        publish_modes(staging)
         problems = validate_package(staging)
         if problems:
             raise BratsUgripError("the built package does not validate:\n" + "\n".join(problems))
@@ -350,6 +388,10 @@ def build_package(model: str | os.PathLike[str], challenge: str, out: str | os.P
     return PackageLayout(out)
 
 
+def image_name(layout: PackageLayout) -> str:
+    return yaml.safe_load(layout.mlcube_yaml.read_text())["docker"]["image"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python mlcube/build.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -358,8 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"one of {', '.join(CHALLENGES)}")
     parser.add_argument("--out", required=True, help="package folder to write (e.g. build/mlcube)")
     parser.add_argument("--image", help="Docker image name (default brats-ugrip/<challenge>:<version>)")
-    parser.add_argument("--base-image", help=f"CUDA PyTorch base image (default {default_base_image()}); its torch "
-                        "should be the pinned one")
+    parser.add_argument("--base-image", help=f"base image holding the pinned torch (default {default_base_image()}, "
+                        "CUDA; brats-ugrip-base:cpu from mlcube/base_image.py needs no registry)")
     parser.add_argument("--accelerator-count", type=int, default=1, help="GPUs the task asks for (0: CPU only)")
     parser.add_argument("--author", default="brats-ugrip", help="author name in mlcube.yaml")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -370,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     models = sorted(p.name for p in layout.additional_files.glob("*.safetensors"))
     console.print(f"built {layout.root} ({len(models)} model(s): {', '.join(models)})\n"
                   f"  check:  python mlcube/check.py {layout.root} --data CASES [--labels REFERENCES]\n"
-                  f"  image:  docker build -t {yaml.safe_load(layout.mlcube_yaml.read_text())['docker']['image']} "
+                  f"  image:  docker build --network none -t {image_name(layout)} "
                   f"{layout.project}", highlight=False)
     return 0
 

@@ -15,6 +15,12 @@
 4. With ``--labels`` (``<ID>/<ID>-seg.nii.gz`` or ``<ID>-seg.nii.gz``), scores the predictions with the package's
    challenge metrics (``brats_ugrip.metrics.evaluate_dirs``); a case without prediction scores as the worst case.
 
+With ``--container [IMAGE]`` (default: the package's image, built with ``docker build --network none -t IMAGE
+OUT/project``), it also runs the image as MedPerf does (``docker run --rm --network none -u <uid>:<gid>``, the
+volumes of ``container_config.yaml``, inputs read-only; ``mlcube/container.py``) on the same read-only copies, and
+checks that the container's predictions are the same files with the same labels, voxel for voxel, as the
+in-process run's, with the same exit code.
+
 Prints a summary table; exit code 0 when every check passed, 1 otherwise, 2 when the arguments are unusable.
 """
 from __future__ import annotations
@@ -147,6 +153,48 @@ def run_entrypoint(layout: PackageLayout, arguments: list[str], root: Path, time
         timer.cancel()
 
 
+def container_checks(layout: PackageLayout, data: Path, expected: Path, expected_code: int, image: str | None,
+                     root: Path, timeout: float) -> list[Check]:
+    """Run the image on ``data`` as MedPerf does and compare its predictions with ``expected`` (the in-process
+    run's, which exited ``expected_code``) file by file and voxel by voxel."""
+    from brats_ugrip.mlcube.base_image import engine_problem, image_exists
+    from brats_ugrip.mlcube.container import docker_run_argv, package_image, run_logged
+
+    image = image or package_image(layout)
+    problem = engine_problem()
+    if problem is None and not image_exists(image):
+        problem = f"image {image} not found; build it with docker build --network none -t {image} {layout.project}"
+    if problem:
+        return [Check("container run", False, problem)]
+    predictions = root / "container-predictions"
+    predictions.mkdir()
+    argv = docker_run_argv(layout, data, predictions, image)
+    console.print(f"[bold]running[/] {' '.join(argv)}", highlight=False, soft_wrap=True)
+    code, lines = run_logged(argv, timeout)
+    for line in lines:
+        console.print(f"  │ {line}", highlight=False, markup=False, soft_wrap=True)
+    run_check = Check("container run", code == expected_code, f"docker run --network none -u {os.getuid()}:"
+                      f"{os.getgid()} exited {code}" + ("" if code == expected_code else
+                                                         f", the in-process run {expected_code}"))
+    return [run_check, compare_predictions(expected, predictions)]
+
+
+def compare_predictions(expected: Path, found: Path) -> Check:
+    """The same ``<ID>.nii.gz`` files in both folders, each with identical labels and affine."""
+    names = sorted(p.name for p in expected.iterdir()), sorted(p.name for p in found.iterdir())
+    if names[0] != names[1]:
+        return Check("container = in-process", False, f"files differ: in-process {names[0]}, container {names[1]}")
+    different = []
+    for name in names[0]:
+        a, b = load_nifti(expected / name), load_nifti(found / name)
+        same = a.shape == b.shape and np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj))
+        if not same or not np.allclose(a.affine, b.affine, atol=1e-6):
+            different.append(name)
+    return Check("container = in-process", not different and bool(names[0]),
+                 f"{len(names[0])} label maps identical voxel for voxel" if not different and names[0] else
+                 f"differ: {different}" if different else "no predictions to compare")
+
+
 # --- the checks ---------------------------------------------------------------------------------------------------
 
 
@@ -235,8 +283,10 @@ def score_check(predictions: Path, labels: Path, scheme: str, metrics: str) -> C
 
 def check_package(package: str | os.PathLike[str], data: str | os.PathLike[str],
                   labels: str | os.PathLike[str] | None = None, metrics: str | None = None, timeout: float = 3600,
-                  keep: str | os.PathLike[str] | None = None) -> list[Check]:
-    """Every check of the module docstring, in order. The work folder is removed unless ``keep`` names one."""
+                  keep: str | os.PathLike[str] | None = None, in_container: bool = False,
+                  image: str | None = None) -> list[Check]:
+    """Every check of the module docstring, in order (the container's with ``in_container``, running ``image`` or the
+    package's). The work folder is removed unless ``keep`` names one."""
     # Absolute paths: the task runs with its working directory inside the sandbox.
     layout, data = PackageLayout(Path(package).resolve()), Path(data).resolve()
     if not data.is_dir():
@@ -267,6 +317,8 @@ def check_package(package: str | os.PathLike[str], data: str | os.PathLike[str],
                             f"the task wrote into its inputs: {sorted({path for path, _ in changed})[:5]}"))
         predictions = volumes["output_path"]
         checks += output_checks(volumes["data_path"], predictions, scheme, exit_code)
+        if in_container:
+            checks += container_checks(layout, volumes["data_path"], predictions, exit_code, image, root, timeout)
         if labels is not None:
             checks.append(score_check(predictions, Path(labels), scheme, metrics or parameters.get("challenge")
                                       or "regions"))
@@ -307,9 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="metric set for --labels (default: the package's challenge)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the infer task may run (default 3600)")
     parser.add_argument("--keep", help="work folder to keep (volumes, predictions) instead of a temporary one")
+    parser.add_argument("--container", nargs="?", const="", metavar="IMAGE", help="also run the built image as "
+                        "MedPerf does and compare its labels with the in-process run's (default: the package's image)")
     args = parser.parse_args(argv)
 
-    return report(check_package(args.package, args.data, args.labels, args.metrics, args.timeout, args.keep))
+    return report(check_package(args.package, args.data, args.labels, args.metrics, args.timeout, args.keep,
+                                in_container=args.container is not None, image=args.container or None))
 
 
 if __name__ == "__main__":

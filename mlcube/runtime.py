@@ -19,7 +19,9 @@ The task: every folder ``data_path/<ID>/`` is a case ``<ID>-{t1c,t1n,t2f,t2w}.ni
 images (MedPerf's evaluators match predictions by the ``NNNNN-NNN`` number in the name). A case with a missing or
 unreadable modality, modalities of different geometry, or an id without that number is reported and skipped; the
 others are still written. Runs on the GPU when there is one, else on the CPU; needs no network and writes nothing
-but the predictions.
+but the predictions. It runs as whatever user the container is given (MedPerf: ``-u <uid>:<gid>``; MLCube: the
+image's uid 1000): a package file that user cannot read, or an output folder it cannot write, stops the task
+with one line naming the path and what to do (exit 2), never a traceback.
 """
 from __future__ import annotations
 
@@ -71,12 +73,36 @@ def save_packaged_model(path: str | os.PathLike[str], model: nn.Module, meta: di
     return path
 
 
+def who() -> str:
+    """The user this process runs as, as ``docker run -u`` names it."""
+    return f"uid {os.getuid()}, gid {os.getgid()}"
+
+
+def require_readable(path: Path) -> None:
+    """A file the package needs but this user cannot read is a one-line error saying what to do (the container may
+    run as any uid: MedPerf passes ``-u <uid>:<gid>``, MLCube runs the image's uid 1000)."""
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f"{path}: not readable by this container's user ({who()}); make the package's files "
+                              "readable by any user (chmod -R a+rX on the additional files and parameters.yaml), "
+                              "or rebuild it with mlcube/build.py, which does")
+
+
+def require_writable(folder: Path) -> None:
+    """The output folder must take new files from this user: a one-line error saying what to do otherwise."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: the output folder is not writable by this container's user ({who()}); make it "
+                        "writable for that user (chown it, or chmod a+rwx), or run the container as its owner "
+                        "(docker run -u $(id -u):$(id -g); with mlcube run: -Pdocker.cpu_args=\"-u $(id -u):$(id -g)\")")
+
+
 def load_packaged_member(path: Path, inference: dict[str, Any], key: str, device: torch.device) -> LoadedMember:
     """Load a packaged model (see the module docstring) with the spec's inference settings, checking its hash."""
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         raise CheckpointError(f"{key}: {path.name} or {sidecar.name} is missing from additional_files ({path.parent}); "
                               "the weights ship as the additional files of the package, rebuild it with mlcube/build.py")
+    require_readable(sidecar)
+    require_readable(path)
     try:
         record = json.loads(sidecar.read_text())
     except json.JSONDecodeError as error:
@@ -111,6 +137,8 @@ class Parameters:
     @classmethod
     def load(cls, parameters_file: str | os.PathLike[str], additional_files: str | os.PathLike[str]) -> Parameters:
         path = Path(parameters_file)
+        if path.is_file():
+            require_readable(path)
         values = read_yaml(path, what="parameters file")
         if not isinstance(values, dict):
             raise ConfigError("<root>", "expected a mapping: an ensemble spec (models, thresholds ...) and challenge",
@@ -201,6 +229,7 @@ def run_infer(data_path: str | os.PathLike[str], parameters_file: str | os.PathL
     output_path = Path(output_path)
     if not output_path.is_dir():
         raise DataError(f"{output_path}: output folder not found")
+    require_writable(output_path)
     cases = input_cases(data_path)
     if not cases:
         raise DataError(f"{data_path}: no case folders; expected <ID>/<ID>-t1c.nii.gz, -t1n, -t2f, -t2w")
@@ -226,6 +255,10 @@ def infer(data_path: str, parameters_file: str, output_path: str, additional_fil
         return run_infer(data_path, parameters_file, output_path, additional_files).exit_code
     except BratsUgripError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_PACKAGE
+    except PermissionError as error:  # one the checks above did not foresee: still one line, never a traceback
+        print(f"error: {error.filename or error}: permission denied for this container's user ({who()}); make the "
+              "package readable and the output folder writable for that user", file=sys.stderr)
         return EXIT_BAD_PACKAGE
     finally:
         log.removeHandler(handler)

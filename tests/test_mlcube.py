@@ -2,7 +2,9 @@
 compatibility check (the infer task in a sandboxed subprocess, outputs checked and scored)."""
 import copy
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +198,52 @@ def test_package_validation_cross_checks_the_two_forms(package, tmp_path):
 
 
 # --- build and packaged runtime -----------------------------------------------------------------------------------
+
+
+def test_package_files_are_readable_by_any_user_whatever_the_umask(tmp_path):
+    soup = tiny_checkpoint(tmp_path / "soup.ckpt", 0)
+    umask = os.umask(0o077)  # a user whose files nobody else may read: the package must still be readable by all
+    try:
+        layout = build_package(soup, "brats2024-ssa", tmp_path / "build", accelerator_count=0)
+    finally:
+        os.umask(umask)
+    paths = [layout.root, *layout.root.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o755}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o644}
+
+
+def test_build_context_installs_without_network(package):
+    project = package.project
+    dockerfile = (project / "Dockerfile").read_text()
+    assert "--no-index" in dockerfile and "pip install" in dockerfile and "http" not in dockerfile.replace(
+        "https://", "")  # no URL to fetch from
+    pins = (project / "wheelhouse" / "requirements.txt").read_text().split()
+    names = {pin.split("==")[0] for pin in pins}
+    # torch comes with the base image; typer's colorama is for Windows only (its marker), the image is Linux
+    assert "torch" not in names and "colorama" not in names
+    assert {"monai", "numpy", "typer", "rich", "safetensors", "nibabel", "pyyaml"} <= names
+    wheels = {p.name.split("-")[0].lower().replace("_", "-") for p in (project / "wheelhouse").glob("*.whl")}
+    assert wheels == names  # one wheel per pin, nothing to resolve
+    assert all(p.name.endswith(("-none-any.whl", "manylinux_2_17_x86_64.whl", "x86_64.whl"))
+               for p in (project / "wheelhouse").glob("*.whl"))
+
+
+def test_unreadable_weights_and_unwritable_output_are_one_line_errors(package, cases, tmp_path, monkeypatch, capsys):
+    data, _ = cases
+    denied: set[str] = set()
+    real_access = os.access
+    # As root os.access grants everything: deny what a container's other uid could not read or write.
+    monkeypatch.setattr(runtime.os, "access", lambda path, mode: str(path) not in denied and real_access(path, mode))
+    weights = package.additional_files / "model-0.safetensors"
+    denied.add(str(weights))
+    (tmp_path / "out").mkdir()
+    assert runtime.infer(str(data), str(package.parameters), str(tmp_path / "out"), str(package.additional_files)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {weights}: not readable by this container's user (uid ")
+    denied = {str(tmp_path / "out")}
+    assert runtime.infer(str(data), str(package.parameters), str(tmp_path / "out"), str(package.additional_files)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'out'}: the output folder is not writable")
 
 
 def test_build_refuses_bad_arguments(package, tmp_path):
