@@ -34,6 +34,7 @@ class ReportRow:
     model: str
     dice: dict[str, float]
     hd95: dict[str, float] | None = None
+    per_case: dict[str, dict[str, float]] | None = None
 
 
 @dataclass
@@ -143,12 +144,13 @@ def write_report(directory: str | os.PathLike[str], title: str, tables: Sequence
 
 def test_scores(tables: Sequence[ScoreTable]) -> dict[str, Any] | None:
     """The test table for the soup's metadata, labelled as the report labels it: ``{"label": heading, "notice":
-    line or None, "cases": n, "models": {model: {"dice": .., "hd95": ..}}}``; None without test cases."""
+    line or None, "cases": n, "models": {model: {"dice": .., "hd95": .., "per_case": {case_id: scores}}}}``
+    (``per_case`` is what a comparison ranks and resamples); None without test cases."""
     table = next((t for t in tables if t.kind == "test"), None)
     if table is None:
         return None
     return {"label": table.heading, "notice": table.notice, "cases": table.n_cases, "where": table.cases,
-            "models": {row.model: {"dice": row.dice, "hd95": row.hd95} for row in table.rows}}
+            "models": {row.model: {"dice": row.dice, "hd95": row.hd95, "per_case": row.per_case} for row in table.rows}}
 
 
 def print_summary(tables: Sequence[ScoreTable], soup: Path, report: Path) -> None:
