@@ -178,6 +178,20 @@ def _pyplot() -> Any:
     return plt
 
 
+def as_given(values: list[Any], given: list[Any]) -> list[Any]:
+    """``values`` as the grid gave them: pandas turns ``None`` into NaN and ints of a column with NaN into floats
+    (``10`` → ``10.0``); each value is mapped back to the grid's value it stands for."""
+    def original(value: Any) -> Any:
+        for candidate in given:
+            if candidate is None and isinstance(value, float) and math.isnan(value):
+                return None
+            if (isinstance(candidate, (int, float)) and not isinstance(candidate, bool)
+                    and isinstance(value, (int, float)) and value == candidate):
+                return candidate
+        return value
+    return [original(v) for v in values]
+
+
 def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
@@ -271,10 +285,15 @@ def plot_learning_curves(sweep_dir: str | os.PathLike[str], runs: list[RunRecord
         style = _LINE_STYLES[folds.index(run.config.get("data", {}).get("fold")) % len(_LINE_STYLES)]
         for axes, column in ((loss_axes, "train_loss"), (dice_axes, "val_dice")):
             points = log[log[column].notna()]
+            # A run that validated once has no line to draw: its one point must show as a point.
             axes.plot(points["epoch"], points[column], color=colour, linestyle=style, linewidth=1.4,
-                      marker="." if len(points) < 30 else None)
+                      marker="o" if len(points) < 3 else ("." if len(points) < 30 else None), markersize=5)
+    last_epoch = max(int(log["epoch"].max()) for log in logs.values() if len(log))
     for axes, ylabel, title in ((loss_axes, "training loss (epoch mean)", "training loss"),
                                 (dice_axes, DICE_LABEL, "validation Dice")):
+        # Both panels span all epochs trained, so validation at one epoch is a point on the run's time axis,
+        # not an axis of its own around that epoch.
+        axes.set_xlim(0.5, last_epoch + 0.5)
         axes.set_xlabel("epoch")
         axes.set_ylabel(ylabel)
         axes.set_title(title)
@@ -324,18 +343,18 @@ class SweepReport:
     compute: pd.DataFrame | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     best: str | None = None
+    ties: list[str] = field(default_factory=list)
 
 
 def _best_section(report: SweepReport) -> list[str]:
+    from brats_ugrip.sweeps.report_ties import best_and_ties, markdown_lines
+
     folds = report.folds
     if folds is None or not len(folds):
         return ["No run has a validation Dice yet."]
-    best = folds.iloc[0]
-    report.best = str(best["configuration"])
-    spread = f" ± {best['sd']:.4f}" if not math.isnan(best["sd"]) else ""
-    return [f"**Best configuration: `{report.best}`**, validation mean Dice {best['mean']:.4f}{spread} "
-            f"(mean ± sd over {int(best['n_folds'])} folds; chosen among the configurations validated on the most "
-            "folds).", "", "Configuration × fold (validation mean Dice of each run's best checkpoint, as in "
+    best = best_and_ties(folds)
+    report.best, report.ties = best.name, best.ties
+    return [*markdown_lines(best), "Configuration × fold (validation mean Dice of each run's best checkpoint, as in "
             "`results.csv`), best first:", "", markdown_table(folds)]
 
 
@@ -367,6 +386,8 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
               "Per fold, the mean over the runs with that value; then mean ± sd over folds." if summary.per_value
               else "No parameter besides the fold varies, or no run has a validation Dice yet."]
     for key, frame in summary.per_value.items():
+        frame = frame.copy()
+        frame[key] = as_given(list(frame[key]), [r.params.get(key) for r in runs if key in r.params])
         table = frame.rename(columns={"std": "sd"})[[key, "mean", "sd", "n_folds"]].astype({"n_folds": int})
         table[key] = [format_value(v) if not isinstance(v, str) else v for v in table[key]]
         path = plot_parameter(key, frame, name, folder / f"dice_vs_{key}.png")

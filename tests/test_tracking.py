@@ -232,7 +232,14 @@ def test_report_numbers_are_results_csv_numbers(report_sweep):
     assert folds["init_filters=16 lr=0.01"]["mean"] == f"{(0.85 + 0.81) / 2:.4f}"
     assert folds["init_filters=16 lr=0.001"]["n_folds"] == "1"
     # The 0.95 of a configuration that failed on fold 1 does not beat 0.83 over both folds.
-    assert "Best configuration: `init_filters=16 lr=0.01`**, validation mean Dice 0.8300 ± 0.0283" in text
+    # Two folds, 0.85 and 0.81: a bootstrap resample's mean is 0.81, 0.83 or 0.85 (probability 1/4, 1/2, 1/4), so
+    # the 95 % interval is [0.81, 0.85]; 8/0.01 gives [0.76, 0.80] and 8/0.001 [0.60, 0.70]: no overlap, no tie
+    # (16/0.001 ran on one fold only and is not compared).
+    assert ("Best configuration: `init_filters=16 lr=0.01`**, validation mean Dice 0.8300 over 2 folds, 95 % "
+            "interval [0.8100, 0.8500]") in text
+    assert "No configuration's interval overlaps the best's" in text
+    # sd of (0.85, 0.81) = 0.04 / √2; the configurations' sds are 0.0283, 0.0283, 0.0707: median 0.0283.
+    assert ("sd over folds is 0.0283 (range 0.8100–0.8500); median sd of all configurations 0.0283") in text
 
     per_lr = {row["optim.lr"]: row for row in _markdown_rows(text, "### `optim.lr`")}
     fold_means = [(0.80 + 0.85) / 2, (0.76 + 0.81) / 2]  # per fold, the mean over the runs with lr = 0.01
