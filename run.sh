@@ -79,9 +79,14 @@ demo() {
 }
 
 tests() {
-    # tmux drives the monitor's screen test (a real terminal); install it when apt can.
-    if ! command -v tmux >/dev/null && command -v apt-get >/dev/null; then
-        (apt-get update -qq && apt-get install -y -qq --no-install-recommends tmux >/dev/null) || echo "run.sh: tmux unavailable"
+    # tmux drives the monitor's screen test (a real terminal) and headless Chromium renders the HTML sweep report;
+    # install them when apt can (the tests that need them skip, saying why, otherwise).
+    local wanted=()
+    command -v tmux >/dev/null || wanted+=(tmux)
+    command -v chromium >/dev/null || wanted+=(chromium)
+    if [[ ${#wanted[@]} -gt 0 ]] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${wanted[@]}" >/dev/null) || echo "run.sh: ${wanted[*]} unavailable"
     fi
     if [[ ${BRATS_UGRIP_NO_SLURM:-0} != 1 ]]; then
         bash slurm/dev-cluster/start.sh || echo "run.sh: the SLURM dev cluster did not start; @slurm tests will skip"

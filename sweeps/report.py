@@ -1,4 +1,5 @@
-"""The sweep report: ``SWEEP_DIR/report/`` (``report.md`` and PNGs), written by ``sweeps/monitor.py SWEEP_DIR
+"""The sweep report: ``SWEEP_DIR/report/`` (``report.md``, PNGs, and ``report.html``: the same, self-contained,
+figures inline; :mod:`brats_ugrip.sweeps.report_html`), written by ``sweeps/monitor.py SWEEP_DIR
 --summary`` from ``sweep.db`` and the run directories alone (no W&B, no network).
 
 What it answers, and from what:
@@ -344,6 +345,7 @@ class SweepReport:
     failures: list[dict[str, Any]] = field(default_factory=list)
     best: str | None = None
     ties: list[str] = field(default_factory=list)
+    html: Path | None = None
 
 
 def _best_section(report: SweepReport) -> list[str]:
@@ -404,6 +406,9 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
               ["No run has logged an epoch yet."])
     lines += ["", *_compute_section(report.compute), "", *_failure_section(report.failures)]
     atomic_write_text(report.path, "\n".join(lines) + "\n")
+    from brats_ugrip.sweeps.report_html import write_html
+
+    report.html = write_html(report.path, f"Sweep {name}")
     return report
 
 

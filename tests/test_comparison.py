@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from brats_ugrip.comparison import Candidate, compare, markdown, paired_bootstrap, sign_flip_p_value
 from brats_ugrip.errors import DataError
@@ -99,3 +100,26 @@ def test_lesionwise_metrics_preferred_and_refusals():
         compare([Candidate("x", rows)])
     with pytest.raises(DataError, match="not a candidate"):
         compare([Candidate("x", rows), Candidate("y", rows)], baseline="z")
+
+
+def test_greedy_step_gains_and_the_significant_gain_rule():
+    from brats_ugrip.souping.gains import GainTracker
+    from brats_ugrip.souping.soups import greedy_soup
+
+    def per_case(values):
+        return {f"c{i}": {"dice_TC": v, "dice_WT": v, "dice_ET": v} for i, v in enumerate(values)}
+
+    tracker = GainTracker(per_case([0.5, 0.5, 0.5]), resamples=500)
+    # +0.1 on every case: the interval collapses onto 0.1, above 0 → kept by the rule.
+    gain = tracker.measure(per_case([0.6, 0.6, 0.6]))
+    assert gain.gain == pytest.approx(0.1) and gain.interval.low == pytest.approx(0.1) and tracker.significant()
+    tracker.kept(True)
+    # Against the new current soup (0.6): −0.1, +0.1, 0 → mean 0; every one of the 8 sign patterns is as extreme.
+    gain = tracker.measure(per_case([0.5, 0.7, 0.6]))
+    assert gain.gain == pytest.approx(0.0) and gain.p_value == 1.0 and not tracker.significant()
+
+    # greedy_soup with a keep rule: the rule decides, not the ≥ comparison (which would keep both).
+    states = [{"w": torch.tensor([float(i)])} for i in range(3)]
+    decisions = iter([True, False])
+    result = greedy_soup(lambda i: states[i], [0.9, 0.8, 0.7], lambda s: 1.0, keep=lambda cand, best: next(decisions))
+    assert result.kept == [0, 1] and [s.kept for s in result.steps] == [True, True, False]

@@ -372,8 +372,10 @@ def test_greedy_command_reuses_stored_scores_and_writes_a_loadable_soup(ingredie
     model, meta = load_model(out)
     soup = meta["soup"]
     assert soup["method"] == "greedy"
-    # Scores read from the checkpoints: N−1 candidate evaluations and 1 for the uniform soup, nothing else.
-    assert soup["selection"]["evaluations"] == {"selection": 3}
+    # Scores read from the checkpoints: N−1 candidate evaluations, 1 for the uniform soup, and 1 for the best
+    # ingredient's per-case scores (each step's gain interval needs them; its checkpoint holds only its mean).
+    assert soup["selection"]["evaluations"] == {"selection": 4}
+    assert len(soup["gains"]) == 2 and not soup["significant_gain"]
     assert all(i["score_source"] == "metadata" for i in soup["ingredients"])
     kept = [i for i in soup["ingredients"] if i["kept"]]
     assert len(kept) == soup["kept"] >= 1
@@ -382,6 +384,8 @@ def test_greedy_command_reuses_stored_scores_and_writes_a_loadable_soup(ingredie
         assert model(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
     report = (tmp_path / "soup_report" / "report.md").read_text()
     assert "selection scores" in report and "not test scores" in report and "Test scores" not in report
+    assert "## Greedy steps (selection cases)" in report and "gain [95 % CI]" in report
+    assert "1 for the best ingredient's per-case scores" in report
     assert (tmp_path / "soup_report" / "greedy.png").stat().st_size > 0
     csv = (tmp_path / "soup_report" / "report.csv").read_text().splitlines()
     assert csv[0].startswith("scores,cases,n_cases,model,dice_ET") and len(csv) == 4

@@ -299,3 +299,61 @@ def test_slurm_sweep_runs_log_offline_grouped_and_tagged(tmp_path, phantom_dir, 
                                             "group": "ssa_lr", "job_type": None,
                                             "tags": [f"optim.lr={lr}", f"data.fold={fold}"],
                                             "varied": ["optim.lr", "data.fold"]}
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                  "--hide-scrollbars")
+# Written into the page by the page itself once it has loaded: how many tables, and each image's decoded size.
+RENDER_CHECK = """<script>
+window.addEventListener('load', () => {
+  const out = document.createElement('pre'); out.id = 'render-check';
+  out.textContent = JSON.stringify({tables: document.querySelectorAll('table').length,
+    images: [...document.images].map(i => [i.naturalWidth, i.naturalHeight])});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (bash run.sh test installs Debian's chromium when it can)")
+    return found
+
+
+def test_html_report_is_self_contained_and_renders_in_chromium(report_sweep, tmp_path):
+    import html as html_module
+    import re
+    import subprocess
+
+    import matplotlib.image
+
+    from brats_ugrip.sweeps.report import write_report
+
+    with SweepState(sweep_db_path(report_sweep)) as state:
+        report = write_report(report_sweep, state)
+    page = report.html.read_text()
+    assert report.html == report_sweep / "report" / "report.html"
+    # Self-contained: every figure inline, nothing fetched from anywhere.
+    assert page.count('<img src="data:image/png;base64,') == len(report.figures) == 4
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page) and "<table>" in page
+
+    browser = _chromium()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", RENDER_CHECK + "</body>"))
+    common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="render-check">(.*?)</pre>', dom, re.S)
+    assert found, f"the page did not finish loading in Chromium: {dom[:500]!r}"
+    rendered = json.loads(html_module.unescape(found.group(1)))
+    assert rendered["tables"] >= 5  # best configuration, two parameters, compute, failed runs
+    assert len(rendered["images"]) == 4 and all(w > 0 and h > 0 for w, h in rendered["images"])
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([*common, "--window-size=1200,1600", f"--screenshot={shot}", report.html.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.std() > 0.05  # not a blank page: text, tables and figures drawn
