@@ -44,6 +44,8 @@ CURVES_PNG = "learning_curves.png"
 HEATMAP_PNG = "heatmap.png"
 DICE_LABEL = "validation mean Dice (TC, WT, ET)"
 _LINE_STYLES = ("-", "--", ":", "-.")
+SHORT_LABEL = 32
+"""Configuration names longer than this are shown as C1, C2, … in figures, with a key."""
 _UNSUCCESSFUL = (RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT)
 
 
@@ -212,10 +214,13 @@ def plot_parameter(key: str, per_value: pd.DataFrame, sweep_name: str, path: Pat
         x = list(range(len(frame)))
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
     sd = frame["std"].fillna(0.0)
-    axes.errorbar(x, frame["mean"], yerr=sd, marker="o", capsize=4, linewidth=1.5, label="mean ± sd over folds")
+    # Categories (none, 10, names) have no order between them: points without a connecting line.
+    axes.errorbar(x, frame["mean"], yerr=sd, marker="o", capsize=4, linewidth=1.5 if numeric else 0,
+                  label="mean ± sd over folds")
     for xi, mean, n in zip(x, frame["mean"], frame["n_folds"]):
-        axes.annotate(f"{mean:.3f}\n({int(n)} folds)", (xi, mean), textcoords="offset points", xytext=(8, -4),
-                      fontsize=8)
+        axes.annotate(f"{mean:.3f}\n({int(n)} fold{'s' if int(n) != 1 else ''})", (xi, mean),
+                      textcoords="offset points", xytext=(8, -3), va="top", fontsize=8)
+    axes.margins(x=0.2, y=0.2)  # room for the labels beside the first and last points
     if numeric and min(x) > 0 and max(x) / min(x) >= 10:  # learning rates, weight decays: steps by factors
         axes.set_xscale("log")
     if not numeric:
@@ -300,8 +305,15 @@ def plot_learning_curves(sweep_dir: str | os.PathLike[str], runs: list[RunRecord
         axes.set_title(title)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colours(i % colours.N), linewidth=2, label=label)
+    # Long configuration names would squeeze the panels: the legend then shows C1, C2, … and a key under the
+    # figure maps each to its configuration and run ids.
+    short = max(len(label) for label in labels) > SHORT_LABEL
+    handles = [Line2D([], [], color=colours(i % colours.N), linewidth=2, label=f"C{i + 1}" if short else label)
                for i, label in enumerate(labels[:20])]
+    if short:
+        ids = {label: [r.run_id for r in runs if config_label(r.params, keys) == label] for label in labels}
+        key = "\n".join(f"C{i + 1:<3} {label}   (runs: {', '.join(ids[label])})" for i, label in enumerate(labels[:20]))
+        figure.text(0.01, 0.0, "key:\n" + key, family="monospace", fontsize=7.5, va="top", ha="left")
     if len(folds) > 1:
         handles += [Line2D([], [], color="grey", linestyle=_LINE_STYLES[i % len(_LINE_STYLES)], label=f"fold {f}")
                     for i, f in enumerate(folds)]
@@ -369,6 +381,8 @@ def _figure_line(report: SweepReport, path: Path | None, alt: str) -> list[str]:
 
 def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: float | None = None) -> SweepReport:
     """Write ``SWEEP_DIR/report/report.md`` and its figures (see the module docstring)."""
+    import pandas as pd
+
     sweep_dir = Path(sweep_dir)
     folder = report_dir(sweep_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -389,7 +403,9 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
               else "No parameter besides the fold varies, or no run has a validation Dice yet."]
     for key, frame in summary.per_value.items():
         frame = frame.copy()
-        frame[key] = as_given(list(frame[key]), [r.params.get(key) for r in runs if key in r.params])
+        # object dtype: a list [None, 10] put back into a column would be made NaN and 10.0 again.
+        frame[key] = pd.Series(as_given(list(frame[key]), [r.params.get(key) for r in runs if key in r.params]),
+                               index=frame.index, dtype=object)
         table = frame.rename(columns={"std": "sd"})[[key, "mean", "sd", "n_folds"]].astype({"n_folds": int})
         table[key] = [format_value(v) if not isinstance(v, str) else v for v in table[key]]
         path = plot_parameter(key, frame, name, folder / f"dice_vs_{key}.png")

@@ -67,14 +67,17 @@ def _interval_text(interval: Interval | None) -> str:
 
 def markdown_lines(best: BestConfiguration) -> list[str]:
     """The section's sentences: best, interval, ties, spread, and how the intervals were computed."""
+    interval = (f", 95 % interval {_interval_text(best.interval)}" if best.interval is not None
+                else " (one fold: no interval)")
     lines = [f"**Best configuration: `{best.name}`**, validation mean Dice {best.mean:.4f} over {best.n_folds} "
-             f"fold{'s' if best.n_folds != 1 else ''}, 95 % interval {_interval_text(best.interval)} (chosen among "
-             "the configurations validated on the most folds).", ""]
-    if best.ties:
-        why = ("one fold gives no interval, so no configuration can be told apart from it" if best.interval is None
-               else "their intervals overlap the best's")
-        lines += [f"**Ties** ({why}): " + ", ".join(f"`{name}` {_interval_text(best.intervals[name])}"
-                                                   for name in best.ties) + ".", ""]
+             f"fold{'s' if best.n_folds != 1 else ''}{interval}; chosen among the configurations validated on the "
+             "most folds.", ""]
+    if best.ties and best.interval is None:
+        lines += ["**Ties** (one fold gives no interval, so no configuration can be told apart from it): "
+                  + ", ".join(f"`{name}`" for name in best.ties) + ".", ""]
+    elif best.ties:
+        lines += ["**Ties** (their intervals overlap the best's): " + ", ".join(
+            f"`{name}` {_interval_text(best.intervals[name])}" for name in best.ties) + ".", ""]
     else:
         lines += ["No configuration's interval overlaps the best's: it is ahead on these folds.", ""]
     if best.n_folds > 1:

@@ -52,20 +52,25 @@ def test_means_medians_baseline_and_permutation_by_hand():
 
 
 def test_named_baseline_and_verdicts():
-    shifted = Candidate("up", {case: {"dice_ET": 0.5 + 0.05, "hd95_ET": 1.0} for case in CASES})
-    base = Candidate("base", {case: {"dice_ET": 0.5, "hd95_ET": 1.0} for case in CASES})
-    same = Candidate("same", {case: {"dice_ET": 0.5, "hd95_ET": 1.0} for case in CASES}, kind="soup")
+    six = [f"c{i}" for i in range(6)]
+    shifted = Candidate("up", {case: {"dice_ET": 0.5 + 0.05, "hd95_ET": 1.0} for case in six})
+    base = Candidate("base", {case: {"dice_ET": 0.5, "hd95_ET": 1.0} for case in six})
+    same = Candidate("same", {case: {"dice_ET": 0.5, "hd95_ET": 1.0} for case in six}, kind="soup")
     result = compare([base, shifted, same], baseline="base", resamples=500)
     up = result.result("up")
-    # A constant difference: every resample's mean is that constant, so the interval collapses onto it.
+    # A constant difference: every resample's mean is that constant, so the interval collapses onto it; only the
+    # 2 uniform of the 64 sign patterns are as extreme: p = 2/64 < 0.05, so the verdict is "better".
     assert up.interval.low == pytest.approx(0.05) and up.interval.high == pytest.approx(0.05)
-    assert up.verdict == "better than base"
+    assert up.p_value == pytest.approx(2 / 64) and up.verdict == "better than the baseline"
     assert result.result("same").interval.low == 0.0 == result.result("same").interval.high
-    assert result.result("same").verdict == "not distinguishable on 5 cases"
+    assert result.result("same").verdict == "not distinguishable on 6 cases"
     assert result.result("same").p_value == 1.0  # every sign pattern of zeros is as extreme as zero
     table = markdown(result, "Test")
-    assert "not distinguishable on 5 cases" in table and "500 resamples, seed 0" in table
+    assert "not distinguishable on 6 cases" in table and "500 resamples, seed 0" in table
     assert "+0.0500 [+0.0500, +0.0500]" in table
+    # The same constant gain on 5 cases: interval [0.05, 0.05] above 0, but p = 2/32 ≥ 0.05 → undecided.
+    five = [Candidate(c.name, {k: v for k, v in c.scores.items() if k != "c5"}, c.kind) for c in (base, shifted)]
+    assert compare(five, baseline="base", resamples=500).result("up").verdict == "not distinguishable on 5 cases"
 
 
 def test_bootstrap_closed_forms():

@@ -33,3 +33,11 @@ def test_one_fold_makes_every_configuration_a_tie():
     assert best.interval is None and best.ties == ["b"]
     text = "\n".join(markdown_lines(best))
     assert "one fold gives no interval" in text and "Fold-to-fold spread: unknown" in text
+
+
+def test_values_printed_as_the_grid_gave_them():
+    from brats_ugrip.sweeps.report import as_given
+
+    # pandas turns finetune.freeze.all_but_last: [null, 10] into NaN and 10.0; the report prints none and 10.
+    assert as_given([float("nan"), 10.0], [None, None, 10]) == [None, 10]
+    assert as_given([0.001, "segresnet"], [0.001, "segresnet"]) == [0.001, "segresnet"]

@@ -467,6 +467,12 @@ def test_soups_report_on_the_test_split_by_default(phantom_dir, tmp_path):
     assert set(result.meta["cases"]["init"]) == {c.case_id for c in train + val}  # the soup records them too
     assert result.report["markdown"].read_text().startswith("# Greedy soup")
     assert "share the initialisation init-a" in result.report["markdown"].read_text()
+    from brats_ugrip.candidates import from_soup  # the per-case test scores a comparison ranks
+
+    candidates, stored = from_soup(tmp_path / "greedy.ckpt")
+    assert stored["label"] == test.heading and len(candidates) == 3
+    assert all(set(c.scores) == {case.case_id for case in datalist.test} for c in candidates)
+    assert [c.kind for c in candidates] == ["single", "soup", "soup"]
 
     seen = case_record(train + datalist.test[:1], val)  # one test case leaked into an ingredient's training
     _write(folder / "run1.ckpt", _finetuned(base, 1, 0.05), config=config, cases=seen)
