@@ -74,8 +74,15 @@ demo() {
     $PYTHON mlcube/build.py --model "$out/soup.ckpt" --challenge brats2023-gli --out "$out/mlcube" --force
     $PYTHON synthetic/phantom.py --out "$out/submission" --cases 3 --size 64 --seed 7 --prefix BraTS-GLI
     $PYTHON mlcube/check.py "$out/mlcube" --data "$out/submission" --labels "$out/submission"
-    echo "demo: done — test table in $out/test_table.md, soup reports next to $out/soup.ckpt and $out/uniform.ckpt," \
-         "ensemble in $out/ensemble, MLCube in $out/mlcube"
+    echo "demo: done — test table in $out/test_table.md (BraTS ranks, intervals, a verdict per candidate)," \
+         "soup reports next to $out/soup.ckpt and $out/uniform.ckpt, ensemble in $out/ensemble, MLCube in $out/mlcube"
+    echo "demo: sweep report $out/finetune/report/report.md, the same self-contained in $out/finetune/report/report.html"
+    echo "demo: figures:"
+    local figure
+    for figure in "$out"/finetune/report/*.png "$out"/soup_report/greedy.png; do
+        [[ -f $figure ]] && echo "  $figure"
+    done
+    return 0
 }
 
 tests() {

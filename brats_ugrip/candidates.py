@@ -25,6 +25,13 @@ from brats_ugrip.errors import DataError
 _NOT_SCORES = {"case_id", "prediction_missing"}
 
 
+def _existing(path: str | os.PathLike[str], what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    return path
+
+
 def labelled(cases: Sequence[Case]) -> list[Case]:
     """The cases, checked to all have a reference segmentation (a comparison needs labels)."""
     missing = [case.case_id for case in cases if case.label is None]
@@ -59,7 +66,7 @@ def from_model(name: str, source: str | os.PathLike[str], cases: Sequence[Case],
     from brats_ugrip.inference import predict_cases
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source, out = Path(source), Path(work) / name
+    source, out = _existing(source, "checkpoint or ensemble spec"), Path(work) / name
     if source.suffix in (".yaml", ".yml", ".json"):
         from brats_ugrip.ensembling.predict import Ensemble
         from brats_ugrip.ensembling.spec import EnsembleSpec
@@ -100,6 +107,7 @@ def from_soup(path: str | os.PathLike[str]) -> tuple[list[Candidate], dict[str, 
     table's record (``label``, ``where``, ``notice``)."""
     from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
 
+    path = _existing(path, "soup checkpoint")
     meta = checkpoint_meta(load_checkpoint(path, mmap=True), path)
     test = (meta.get("soup") or {}).get("test")
     if not test or "models" not in test:
@@ -110,7 +118,10 @@ def from_soup(path: str | os.PathLike[str]) -> tuple[list[Candidate], dict[str, 
 
 def from_fit_report(path: str | os.PathLike[str], name: str | None = None) -> tuple[Candidate, dict[str, Any]]:
     """The fitted ensemble's test scores from ``<spec>.fit.json`` (``ensembling/cli.py --fit``), and its fit record."""
-    report = json.loads(Path(path).read_text())
+    try:
+        report = json.loads(_existing(path, "ensemble fit report").read_text())
+    except ValueError as error:
+        raise DataError(f"{path}: not a JSON fit report ({error})") from error
     record = report.get("fit") or {}
     if not report.get("test"):
         raise DataError(f"{path}: the ensemble fit report holds no test scores; fit on a datalist with a test split")
@@ -121,7 +132,7 @@ def from_fit_report(path: str | os.PathLike[str], name: str | None = None) -> tu
 
 def from_csv(name: str, path: str | os.PathLike[str], kind: str = "other") -> Candidate:
     """Per-case scores from a CSV with a ``case_id`` column (``brats-ugrip evaluate --out``'s file)."""
-    with open(path, newline="") as handle:
+    with open(_existing(path, "scores CSV"), newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or "case_id" not in rows[0]:
         raise DataError(f"{path}: expected a CSV with a case_id column and one row per case")

@@ -70,3 +70,5 @@ def test_command_writes_the_table(tmp_path, capsys):
     assert "exact over all 8 sign patterns" in table
     with pytest.raises(DataError, match="at least two"):
         main(["--scores", f"a={tmp_path / 'a.csv'}"])
+    with pytest.raises(DataError, match="scores CSV not found"):  # exit code 2 through cli.run, no traceback
+        main(["--scores", f"a={tmp_path / 'a.csv'}", "--scores", f"b={tmp_path / 'missing.csv'}"])
