@@ -366,6 +366,19 @@ def ingredient_dir(datalist_path, tmp_path_factory):
     return folder
 
 
+def test_significant_gain_keeps_only_steps_whose_interval_is_above_zero(ingredient_dir, tmp_path):
+    out = tmp_path / "soup.ckpt"
+    assert greedy_cli.main(["--ckpts", str(ingredient_dir), "--out", str(out), "--no-hd95", "--device", "cpu",
+                            "--significant-gain"]) == 0
+    soup = load_model(out)[1]["soup"]
+    assert soup["significant_gain"] is True and len(soup["gains"]) == 2
+    # The rule, step by step: an ingredient after the first stays exactly when its gain's lower bound is > 0.
+    kept_after_first = [soup["ingredients"][index]["kept"] for index in soup["order"]][1:]  # in the order tried
+    assert kept_after_first == [gain["low"] is not None and gain["low"] > 0 for gain in soup["gains"]]
+    report = (tmp_path / "soup_report" / "report.md").read_text()
+    assert "the step's gain interval above 0 (--significant-gain)" in report
+
+
 def test_greedy_command_reuses_stored_scores_and_writes_a_loadable_soup(ingredient_dir, tmp_path):
     out = tmp_path / "soup.ckpt"
     assert greedy_cli.main(["--ckpts", str(ingredient_dir), "--out", str(out), "--no-hd95", "--device", "cpu"]) == 0
