@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import rankdata
 
 from brats_ugrip.errors import DataError
 
@@ -122,6 +121,10 @@ def lower_is_better(metric: str) -> bool:
 def brats_ranks(values: np.ndarray, metrics: Sequence[str]) -> np.ndarray:
     """Ranks ``(candidates, cases, metrics)`` of scores of the same shape: 1 = best per case and metric, ties share
     the mean rank, NaN ranks last (a missing prediction is the worst, as the challenges score it)."""
+    # scipy.stats is imported here, not at the top: commands' --help imports this module and must stay fast
+    # (and scipy.stats probes for torch, which --help never imports).
+    from scipy.stats import rankdata
+
     signed = np.array(values, dtype=np.float64)
     for m, metric in enumerate(metrics):
         if not lower_is_better(metric):
