@@ -492,3 +492,20 @@ def test_soups_report_on_the_test_split_by_default(phantom_dir, tmp_path):
     path.rename(tmp_path / "moved.json")
     with pytest.raises(DataError, match=datalist.test[0].case_id):
         uniform_soup_from_checkpoints(folder, datalist=str(tmp_path / "moved.json"), device="cpu", progress=False)
+
+
+def test_compare_command_predicts_checkpoints_and_ranks_them(ingredient_dir, datalist_path, tmp_path):
+    """``brats-ugrip compare --ckpt``: each checkpoint predicts the labelled cases into --work, then is scored and
+    ranked; the table names the cases, the method and a verdict for every candidate but the baseline."""
+    from brats_ugrip.tools.compare import main as compare_main
+
+    out = tmp_path / "table.md"
+    assert compare_main(["--cases", str(datalist_path), "--section", "training", "--resamples", "200",
+                         "--ckpt", f"a={ingredient_dir / 'run0.ckpt'}", "--ckpt", f"b={ingredient_dir / 'run2.ckpt'}",
+                         "--work", str(tmp_path / "work"), "--device", "cpu", "--out", str(out)]) == 0
+    n = len(Datalist.load(datalist_path).training)
+    assert len(list((tmp_path / "work" / "a").glob("*.nii.gz"))) == n
+    table = out.read_text()
+    assert f"Comparison on {n} cases" in table and "200 resamples, seed 0" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and sum("| baseline |" in row for row in rows) == 1
