@@ -74,8 +74,15 @@ demo() {
     $PYTHON mlcube/build.py --model "$out/soup.ckpt" --challenge brats2023-gli --out "$out/mlcube" --force
     $PYTHON synthetic/phantom.py --out "$out/submission" --cases 3 --size 64 --seed 7 --prefix BraTS-GLI
     $PYTHON mlcube/check.py "$out/mlcube" --data "$out/submission" --labels "$out/submission"
-    echo "demo: done — test table in $out/test_table.md, soup reports next to $out/soup.ckpt and $out/uniform.ckpt," \
-         "ensemble in $out/ensemble, MLCube in $out/mlcube"
+    echo "demo: done — test table in $out/test_table.md (BraTS ranks, intervals, a verdict per candidate)," \
+         "soup reports next to $out/soup.ckpt and $out/uniform.ckpt, ensemble in $out/ensemble, MLCube in $out/mlcube"
+    echo "demo: sweep report $out/finetune/report/report.md, the same self-contained in $out/finetune/report/report.html"
+    echo "demo: figures:"
+    local figure
+    for figure in "$out"/finetune/report/*.png "$out"/soup_report/greedy.png; do
+        [[ -f $figure ]] && echo "  $figure"
+    done
+    return 0
 }
 
 ensure_mlcube_runner() {
@@ -91,9 +98,14 @@ ensure_mlcube_runner() {
 }
 
 tests() {
-    # tmux drives the monitor's screen test (a real terminal); install it when apt can.
-    if ! command -v tmux >/dev/null && command -v apt-get >/dev/null; then
-        (apt-get update -qq && apt-get install -y -qq --no-install-recommends tmux >/dev/null) || echo "run.sh: tmux unavailable"
+    # tmux drives the monitor's screen test (a real terminal) and headless Chromium renders the HTML sweep report;
+    # install them when apt can (the tests that need them skip, saying why, otherwise).
+    local wanted=()
+    command -v tmux >/dev/null || wanted+=(tmux)
+    command -v chromium >/dev/null || wanted+=(chromium)
+    if [[ ${#wanted[@]} -gt 0 ]] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${wanted[@]}" >/dev/null) || echo "run.sh: ${wanted[*]} unavailable"
     fi
     if [[ ${BRATS_UGRIP_NO_SLURM:-0} != 1 ]]; then
         bash slurm/dev-cluster/start.sh || echo "run.sh: the SLURM dev cluster did not start; @slurm tests will skip"

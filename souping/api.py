@@ -21,11 +21,12 @@ from typing import Any
 from brats_ugrip.checkpoints import save_model_checkpoint
 from brats_ugrip.heldout import HeldOutScore
 from brats_ugrip.progress import progress_task
+from brats_ugrip.souping.gains import GainTracker, gain_record
 from brats_ugrip.souping.ingredients import Ingredients, load_ingredients, shared_base_note
 from brats_ugrip.souping.report import ScoreTable, test_scores, write_report
 from brats_ugrip.souping.scoring import Scores, SoupSession, soup_meta
 from brats_ugrip.souping.soup_cli import SoupData, report_dir
-from brats_ugrip.souping.soups import GreedySoup, StateDict, greedy_soup, uniform_soup
+from brats_ugrip.souping.soups import GreedySoup, StateDict, greedy_soup, rank, uniform_soup
 
 
 @dataclass
@@ -70,10 +71,37 @@ def _finish(result: SoupResult, out: str | os.PathLike[str] | None, report: str 
     return result
 
 
+def _run_greedy(session: SoupSession, ingredients: Ingredients, scores: list[Scores], strict: bool,
+                significant: bool) -> tuple[GreedySoup, list[HeldOutScore], GainTracker]:
+    """The greedy soup, its candidates' selection scores, and each step's gain with its interval. The first
+    ingredient is scored case by case when its checkpoint held only its mean (one evaluation more)."""
+    first = rank([s.dice["mean"] for s in scores])[0]
+    per_case = scores[first].per_case or Scores.of(session.score(ingredients[first].state_dict())).per_case
+    tracker = GainTracker(per_case)
+    candidates: list[HeldOutScore] = []
+
+    def evaluate(state: StateDict) -> float:
+        candidates.append(session.score(session.prepare(state)))
+        tracker.measure(dict(zip(candidates[-1].case_ids, candidates[-1].per_case)))
+        return candidates[-1].mean
+
+    # on_step runs after the decision: the tracker's current soup follows the soup that greedy_soup keeps.
+    greedy = greedy_soup(lambda i: ingredients[i].state_dict(), [s.dice["mean"] for s in scores], evaluate,
+                         strict=strict, on_step=lambda step: tracker.kept(step.kept),
+                         keep=(lambda candidate, best: tracker.significant()) if significant else None)
+    return greedy, candidates, tracker
+
+
+def _rule(strict: bool, significant: bool) -> str:
+    if significant:
+        return "the step's gain interval above 0 (--significant-gain)"
+    return f"{'>' if strict else '≥'} the current soup (Model soups' rule)"
+
+
 def greedy_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
                                  report: str | os.PathLike[str] | None = None, strict: bool = False,
-                                 rescore: bool = False, hd95: bool = True, progress: bool = True,
-                                 **data: Any) -> SoupResult:
+                                 significant: bool = False, rescore: bool = False, hd95: bool = True,
+                                 progress: bool = True, **data: Any) -> SoupResult:
     """Greedy soup (*Model soups* Recipe 1) of the checkpoints in a folder, selected on the held-out fold.
 
     Args:
@@ -81,6 +109,8 @@ def greedy_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: st
         out: write the soup checkpoint there (and the report next to it, ``<stem>_report/``); None writes nothing.
         report: the report's folder instead.
         strict: keep an ingredient only if the score rises (``>``; default ``≥``).
+        significant: keep an ingredient only if the step's gain interval lies above 0 (off by default; see
+            :mod:`brats_ugrip.souping.gains`).
         rescore: recompute ingredient scores even when their checkpoints hold them for these cases and settings.
         hd95: HD95 in the report's tables.
         data: :class:`~brats_ugrip.souping.soup_cli.SoupData` fields.
@@ -92,15 +122,9 @@ def greedy_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: st
     with progress_task("held-out evaluations", sum(s is None for s in stored) + n, visible=progress) as task:
         session.on_evaluation = task.advance
         scores = session.ingredient_scores(stored)
-        candidates: list[HeldOutScore] = []
-
-        def evaluate(state: StateDict) -> float:
-            candidates.append(session.score(session.prepare(state)))
-            return candidates[-1].mean
-
-        greedy = greedy_soup(lambda i: ingredients[i].state_dict(), [s.dice["mean"] for s in scores], evaluate,
-                             strict=strict)
+        greedy, candidates, tracker = _run_greedy(session, ingredients, scores, strict, significant)
         best = greedy.steps[0].index
+        per_case_note = ", 1 for the best ingredient's per-case scores" if scores[best].per_case is None else ""
         kept_scores = [c for c, step in zip(candidates, greedy.steps[1:]) if step.kept]
         greedy_score = Scores.of(kept_scores[-1]) if kept_scores else scores[best]
         greedy_state = session.prepare(greedy.state_dict)
@@ -117,20 +141,22 @@ def greedy_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: st
         task.set_total(task.completed + report_evaluations)
         tables = session.compare(models, hd95)
 
+    gains = [None, *tracker.gains]
     meta = soup_meta(ingredients, "greedy", best, greedy.kept, scores, greedy_score, session, strict=strict,
-                     order=[step.index for step in greedy.steps], test=test_scores(tables))
+                     significant_gain=significant, order=[step.index for step in greedy.steps], test=test_scores(tables),
+                     gains=[gain_record(g) for g in tracker.gains])
     reused = sum(s is not None for s in stored)
     kept = [ingredients[i].name for i in greedy.kept]
-    notes = [f"Greedy soup kept {len(kept)} of {n} ingredients ({', '.join(kept)}); rule: "
-             f"{'>' if strict else '≥'} the current soup.",
+    notes = [f"Greedy soup kept {len(kept)} of {n} ingredients ({', '.join(kept)}); rule: {_rule(strict, significant)}.",
+             f"Step gains: {tracker.method} (selection cases: optimistic).",
              shared_base_note(ingredients),
-             _evaluation_note(n, reused, f"{greedy.evaluations} greedy candidates, 1 uniform soup on the selection "
-                              f"cases; {report_evaluations} for the report ("
+             _evaluation_note(n, reused, f"{greedy.evaluations} greedy candidates, 1 uniform soup"
+                              f"{per_case_note} on the selection cases; {report_evaluations} for the report ("
                               f"{'test cases' if session.test is not None else 'HD95 on the selection cases'})."),
              *session.notes, *(f"Skipped unreadable checkpoint {path.name}." for path, _ in ingredients.skipped)]
     result = SoupResult(greedy_state, meta, kept, tables, notes, greedy=greedy)
     return _finish(result, out, report, f"Greedy soup of {checkpoints}", steps=greedy.steps,
-                   names=[i.name for i in ingredients], uniform_score=uniform_score.dice["mean"])
+                   names=[i.name for i in ingredients], uniform_score=uniform_score.dice["mean"], gains=gains)
 
 
 def uniform_soup_from_checkpoints(checkpoints: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,

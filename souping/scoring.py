@@ -46,13 +46,15 @@ class Scores:
     dice: dict[str, float]
     hd95: dict[str, float] | None = None
     source: str = "evaluated"
+    per_case: dict[str, dict[str, float]] | None = None
+    """``{case_id: {dice_TC, ..., hd95_ET}}`` when evaluated here (a comparison needs the cases, not the means)."""
 
     @classmethod
     def of(cls, score: HeldOutScore) -> Scores:
-        return cls(score.dice, score.hd95)
+        return cls(score.dice, score.hd95, per_case=dict(zip(score.case_ids, score.per_case)))
 
     def row(self, model: str) -> ReportRow:
-        return ReportRow(model, self.dice, self.hd95)
+        return ReportRow(model, self.dice, self.hd95, self.per_case)
 
 
 def _settings(ingredients: Ingredients) -> InferenceConfig:

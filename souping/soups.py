@@ -112,7 +112,8 @@ def rank(scores: Sequence[float]) -> list[int]:
 
 
 def greedy_soup(load: Callable[[int], StateDict], scores: Sequence[float], evaluate: Callable[[StateDict], float],
-                strict: bool = False, on_step: Callable[[GreedyStep], None] | None = None) -> GreedySoup:
+                strict: bool = False, on_step: Callable[[GreedyStep], None] | None = None,
+                keep: Callable[[float, float], bool] | None = None) -> GreedySoup:
     """Greedy soup, Recipe 1: start from the best ingredient; try the others from best to worst, keeping each one
     whose addition scores **≥** the current soup (``strict``: **>**).
 
@@ -124,6 +125,8 @@ def greedy_soup(load: Callable[[int], StateDict], scores: Sequence[float], evalu
         scores: each ingredient's own held-out score (higher is better).
         evaluate: the held-out score of a state dict.
         on_step: called after each step (e.g. to advance a progress bar).
+        keep: ``keep(candidate score, current score)`` decides instead of the ≥ / > rule (e.g. the
+            ``--significant-gain`` rule of :mod:`brats_ugrip.souping.gains`, which looks at the cases).
     """
     if not scores:
         raise ValueError("a soup needs at least one ingredient")
@@ -136,7 +139,10 @@ def greedy_soup(load: Callable[[int], StateDict], scores: Sequence[float], evalu
         ingredient = load(index)
         candidate = float(evaluate(soup.mean(extra=ingredient)))
         result.evaluations += 1
-        kept = candidate > best if strict else candidate >= best
+        if keep is not None:
+            kept = bool(keep(candidate, best))
+        else:
+            kept = candidate > best if strict else candidate >= best
         if kept:
             soup.add(ingredient)
             best = candidate

@@ -366,14 +366,29 @@ def ingredient_dir(datalist_path, tmp_path_factory):
     return folder
 
 
+def test_significant_gain_keeps_only_steps_whose_interval_is_above_zero(ingredient_dir, tmp_path):
+    out = tmp_path / "soup.ckpt"
+    assert greedy_cli.main(["--ckpts", str(ingredient_dir), "--out", str(out), "--no-hd95", "--device", "cpu",
+                            "--significant-gain"]) == 0
+    soup = load_model(out)[1]["soup"]
+    assert soup["significant_gain"] is True and len(soup["gains"]) == 2
+    # The rule, step by step: an ingredient after the first stays exactly when its gain's lower bound is > 0.
+    kept_after_first = [soup["ingredients"][index]["kept"] for index in soup["order"]][1:]  # in the order tried
+    assert kept_after_first == [gain["low"] is not None and gain["low"] > 0 for gain in soup["gains"]]
+    report = (tmp_path / "soup_report" / "report.md").read_text()
+    assert "the step's gain interval above 0 (--significant-gain)" in report
+
+
 def test_greedy_command_reuses_stored_scores_and_writes_a_loadable_soup(ingredient_dir, tmp_path):
     out = tmp_path / "soup.ckpt"
     assert greedy_cli.main(["--ckpts", str(ingredient_dir), "--out", str(out), "--no-hd95", "--device", "cpu"]) == 0
     model, meta = load_model(out)
     soup = meta["soup"]
     assert soup["method"] == "greedy"
-    # Scores read from the checkpoints: N−1 candidate evaluations and 1 for the uniform soup, nothing else.
-    assert soup["selection"]["evaluations"] == {"selection": 3}
+    # Scores read from the checkpoints: N−1 candidate evaluations, 1 for the uniform soup, and 1 for the best
+    # ingredient's per-case scores (each step's gain interval needs them; its checkpoint holds only its mean).
+    assert soup["selection"]["evaluations"] == {"selection": 4}
+    assert len(soup["gains"]) == 2 and not soup["significant_gain"]
     assert all(i["score_source"] == "metadata" for i in soup["ingredients"])
     kept = [i for i in soup["ingredients"] if i["kept"]]
     assert len(kept) == soup["kept"] >= 1
@@ -382,6 +397,8 @@ def test_greedy_command_reuses_stored_scores_and_writes_a_loadable_soup(ingredie
         assert model(torch.zeros(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
     report = (tmp_path / "soup_report" / "report.md").read_text()
     assert "selection scores" in report and "not test scores" in report and "Test scores" not in report
+    assert "## Greedy steps (selection cases)" in report and "gain [95 % CI]" in report
+    assert "1 for the best ingredient's per-case scores" in report
     assert (tmp_path / "soup_report" / "greedy.png").stat().st_size > 0
     csv = (tmp_path / "soup_report" / "report.csv").read_text().splitlines()
     assert csv[0].startswith("scores,cases,n_cases,model,dice_ET") and len(csv) == 4
@@ -463,9 +480,32 @@ def test_soups_report_on_the_test_split_by_default(phantom_dir, tmp_path):
     assert set(result.meta["cases"]["init"]) == {c.case_id for c in train + val}  # the soup records them too
     assert result.report["markdown"].read_text().startswith("# Greedy soup")
     assert "share the initialisation init-a" in result.report["markdown"].read_text()
+    from brats_ugrip.candidates import from_soup  # the per-case test scores a comparison ranks
+
+    candidates, stored = from_soup(tmp_path / "greedy.ckpt")
+    assert stored["label"] == test.heading and len(candidates) == 3
+    assert all(set(c.scores) == {case.case_id for case in datalist.test} for c in candidates)
+    assert [c.kind for c in candidates] == ["single", "soup", "soup"]
 
     seen = case_record(train + datalist.test[:1], val)  # one test case leaked into an ingredient's training
     _write(folder / "run1.ckpt", _finetuned(base, 1, 0.05), config=config, cases=seen)
     path.rename(tmp_path / "moved.json")
     with pytest.raises(DataError, match=datalist.test[0].case_id):
         uniform_soup_from_checkpoints(folder, datalist=str(tmp_path / "moved.json"), device="cpu", progress=False)
+
+
+def test_compare_command_predicts_checkpoints_and_ranks_them(ingredient_dir, datalist_path, tmp_path):
+    """``brats-ugrip compare --ckpt``: each checkpoint predicts the labelled cases into --work, then is scored and
+    ranked; the table names the cases, the method and a verdict for every candidate but the baseline."""
+    from brats_ugrip.tools.compare import main as compare_main
+
+    out = tmp_path / "table.md"
+    assert compare_main(["--cases", str(datalist_path), "--section", "training", "--resamples", "200",
+                         "--ckpt", f"a={ingredient_dir / 'run0.ckpt'}", "--ckpt", f"b={ingredient_dir / 'run2.ckpt'}",
+                         "--work", str(tmp_path / "work"), "--device", "cpu", "--out", str(out)]) == 0
+    n = len(Datalist.load(datalist_path).training)
+    assert len(list((tmp_path / "work" / "a").glob("*.nii.gz"))) == n
+    table = out.read_text()
+    assert f"Comparison on {n} cases" in table and "200 resamples, seed 0" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert len(rows) == 2 and sum("| baseline |" in row for row in rows) == 1

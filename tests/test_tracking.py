@@ -233,7 +233,14 @@ def test_report_numbers_are_results_csv_numbers(report_sweep):
     assert folds["init_filters=16 lr=0.01"]["mean"] == f"{(0.85 + 0.81) / 2:.4f}"
     assert folds["init_filters=16 lr=0.001"]["n_folds"] == "1"
     # The 0.95 of a configuration that failed on fold 1 does not beat 0.83 over both folds.
-    assert "Best configuration: `init_filters=16 lr=0.01`**, validation mean Dice 0.8300 ± 0.0283" in text
+    # Two folds, 0.85 and 0.81: a bootstrap resample's mean is 0.81, 0.83 or 0.85 (probability 1/4, 1/2, 1/4), so
+    # the 95 % interval is [0.81, 0.85]; 8/0.01 gives [0.76, 0.80] and 8/0.001 [0.60, 0.70]: no overlap, no tie
+    # (16/0.001 ran on one fold only and is not compared).
+    assert ("Best configuration: `init_filters=16 lr=0.01`**, validation mean Dice 0.8300 over 2 folds, 95 % "
+            "interval [0.8100, 0.8500]") in text
+    assert "No configuration's interval overlaps the best's" in text
+    # sd of (0.85, 0.81) = 0.04 / √2; the configurations' sds are 0.0283, 0.0283, 0.0707: median 0.0283.
+    assert ("sd over folds is 0.0283 (range 0.8100–0.8500); median sd of all configurations 0.0283") in text
 
     per_lr = {row["optim.lr"]: row for row in _markdown_rows(text, "### `optim.lr`")}
     fold_means = [(0.80 + 0.85) / 2, (0.76 + 0.81) / 2]  # per fold, the mean over the runs with lr = 0.01
@@ -293,3 +300,61 @@ def test_slurm_sweep_runs_log_offline_grouped_and_tagged(tmp_path, phantom_dir, 
                                             "group": "ssa_lr", "job_type": None,
                                             "tags": [f"optim.lr={lr}", f"data.fold={fold}"],
                                             "varied": ["optim.lr", "data.fold"]}
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
+                  "--hide-scrollbars")
+# Written into the page by the page itself once it has loaded: how many tables, and each image's decoded size.
+RENDER_CHECK = """<script>
+window.addEventListener('load', () => {
+  const out = document.createElement('pre'); out.id = 'render-check';
+  out.textContent = JSON.stringify({tables: document.querySelectorAll('table').length,
+    images: [...document.images].map(i => [i.naturalWidth, i.naturalHeight])});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    import shutil
+
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.skip("chromium is not installed (bash run.sh test installs Debian's chromium when it can)")
+    return found
+
+
+def test_html_report_is_self_contained_and_renders_in_chromium(report_sweep, tmp_path):
+    import html as html_module
+    import re
+    import subprocess
+
+    import matplotlib.image
+
+    from brats_ugrip.sweeps.monitoring.report import write_report
+
+    with SweepState(sweep_db_path(report_sweep)) as state:
+        report = write_report(report_sweep, state)
+    page = report.html.read_text()
+    assert report.html == report_sweep / "report" / "report.html"
+    # Self-contained: every figure inline, nothing fetched from anywhere.
+    assert page.count('<img src="data:image/png;base64,') == len(report.figures) == 4
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page) and "<table>" in page
+
+    browser = _chromium()
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", RENDER_CHECK + "</body>"))
+    common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="render-check">(.*?)</pre>', dom, re.S)
+    assert found, f"the page did not finish loading in Chromium: {dom[:500]!r}"
+    rendered = json.loads(html_module.unescape(found.group(1)))
+    assert rendered["tables"] >= 5  # best configuration, two parameters, compute, failed runs
+    assert len(rendered["images"]) == 4 and all(w > 0 and h > 0 for w, h in rendered["images"])
+
+    shot = tmp_path / "shot.png"
+    subprocess.run([*common, "--window-size=1200,1600", f"--screenshot={shot}", report.html.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.std() > 0.05  # not a blank page: text, tables and figures drawn

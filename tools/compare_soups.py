@@ -1,36 +1,28 @@
-"""One table of test scores: the best single ingredient, the uniform soup, the greedy soup and the fitted ensemble.
+"""One table of test scores: the best single ingredient, the uniform soup, the greedy soup and the fitted ensemble,
+ranked and compared as BraTS does (:mod:`brats_ugrip.comparison`).
 
     python tools/compare_soups.py --greedy soup.ckpt --uniform uniform.ckpt --ensemble ensemble.fit.json [--out T.md]
+        [--baseline NAME] [--resamples N] [--seed S]
 
-Reads the scores the soup commands stored in their checkpoints (``soup.test``) and the ensemble fit report
-(``ensembling/cli.py --fit``'s ``<spec>.fit.json``): nothing is recomputed. The best single ingredient is the one
-selection ranked first (on the validation fold), scored on the test cases by the greedy soup command. All of them
-must have been scored on the same test cases, none of which any model trained or validated on; otherwise the
-command refuses to put them in one table.
+Reads the per-case test scores the soup commands stored in their checkpoints (``soup.test``) and the ensemble fit
+report (``ensembling/cli.py --fit``'s ``<spec>.fit.json``): nothing is recomputed. The best single ingredient is the
+one selection ranked first (on the validation fold), scored on the test cases by the greedy soup command. All of
+them must have been scored on the same test cases, none of which any model trained or validated on; otherwise the
+command refuses to put them in one table. The table gives each candidate's BraTS mean rank, mean (median) Dice and
+HD95 per region, the difference to the best single ingredient with its bootstrap interval, a permutation p-value
+and a verdict ("not distinguishable on N cases" when the interval spans 0). ``brats-ugrip compare`` does the same
+for any candidates.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.cli import run
+from brats_ugrip.comparison import DEFAULT_RESAMPLES, DEFAULT_SEED, Candidate, compare, markdown
 from brats_ugrip.errors import DataError
-
-REGIONS = ("ET", "TC", "WT", "mean")
-
-
-def _soup_test(path: Path) -> dict[str, Any]:
-    from brats_ugrip.checkpoints import checkpoint_meta, load_checkpoint
-
-    meta = checkpoint_meta(load_checkpoint(path, mmap=True), path)
-    test = (meta.get("soup") or {}).get("test")
-    if not test or "models" not in test:
-        raise DataError(f"{path}: holds no test scores; soup on a datalist with a test split (or pass --test-fold)")
-    return test
 
 
 def _check_same_cases(where: dict[str, str], notices: dict[str, str | None]) -> None:
@@ -42,38 +34,23 @@ def _check_same_cases(where: dict[str, str], notices: dict[str, str | None]) -> 
         raise DataError(f"the models were tested on different cases: {where}")
 
 
-def comparison_rows(greedy: dict[str, Any], uniform: dict[str, Any],
-                    fit: dict[str, Any]) -> list[tuple[str, dict, dict]]:
-    """``(model, dice, hd95)`` per row: best single ingredient, uniform soup, greedy soup, ensemble."""
-    record = fit.get("fit") or {}
-    if not fit.get("test"):
-        raise DataError("the ensemble fit report holds no test scores; fit on a datalist with a test split")
-    greedy_models, uniform_models = greedy["models"], uniform["models"]
-    best = next(name for name in greedy_models if name.startswith("best ingredient"))
-    soup = next(name for name in greedy_models if name.startswith("greedy soup"))
-    uniform_name = next(name for name in uniform_models if name.startswith("uniform soup"))
+def soup_candidates(greedy_ckpt: Path, uniform_ckpt: Path, fit_report: Path) -> tuple[list[Candidate], str]:
+    """The four candidates (best single ingredient, uniform soup, greedy soup, ensemble) and the test table's label;
+    refuses scores from different or seen test cases."""
+    from brats_ugrip.candidates import from_fit_report, from_soup
+
+    greedy_models, greedy = from_soup(greedy_ckpt)
+    uniform_models, uniform = from_soup(uniform_ckpt)
+    ensemble, record = from_fit_report(fit_report)
     _check_same_cases({"greedy": greedy["where"], "uniform": uniform["where"],
                        "ensemble": f"{record.get('test_cases_from')}, {record.get('test_cases')} cases"},
                       {"greedy": greedy.get("notice"), "uniform": uniform.get("notice"),
                        "ensemble": record.get("test_notice")})
-    n = len(record.get("single_model_scores") or [])
-    return [(f"best single ingredient ({best.split('(', 1)[1].rstrip(')')})", *_pair(greedy_models[best])),
-            (uniform_name, *_pair(uniform_models[uniform_name])),
-            (soup, *_pair(greedy_models[soup])),
-            (f"ensemble (fitted per channel, {n} models)", fit["test"]["dice"], fit["test"].get("hd95") or {})]
-
-
-def _pair(scores: dict[str, Any]) -> tuple[dict, dict]:
-    return scores["dice"], scores.get("hd95") or {}
-
-
-def markdown(rows: list[tuple[str, dict, dict]], label: str) -> str:
-    header = ["model", *(f"Dice {r}" for r in REGIONS), *(f"HD95 {r} (mm)" for r in REGIONS)]
-    lines = [f"{label}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, dice, hd95 in rows:
-        cells = [f"{dice[r]:.4f}" for r in REGIONS] + [f"{hd95[r]:.2f}" if r in hd95 else "—" for r in REGIONS]
-        lines.append("| " + " | ".join([model, *cells]) + " |")
-    return "\n".join(lines) + "\n"
+    best = next(c for c in greedy_models if c.name.startswith("best ingredient"))
+    soup = next(c for c in greedy_models if c.name.startswith("greedy soup"))
+    uniform_soup = next(c for c in uniform_models if c.name.startswith("uniform soup"))
+    best = Candidate(f"best single ingredient ({best.name.split('(', 1)[1].rstrip(')')})", best.scores, "single")
+    return [best, uniform_soup, soup, ensemble], greedy["label"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,13 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--uniform", required=True, type=Path, help="uniform soup checkpoint (souping/uniform.py --out)")
     parser.add_argument("--ensemble", required=True, type=Path, help="the ensemble's fit report (<spec>.fit.json)")
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--baseline", help="candidate the differences are taken to (default: the best single ingredient)")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap and permutation resamples")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the resampling")
     args = parser.parse_args(argv)
     for path in (args.greedy, args.uniform, args.ensemble):
         if not path.is_file():
             parser.error(f"{path}: not found")
-    greedy, uniform = _soup_test(args.greedy), _soup_test(args.uniform)
-    fit = json.loads(args.ensemble.read_text())
-    table = markdown(comparison_rows(greedy, uniform, fit), greedy["label"])
+    candidates, label = soup_candidates(args.greedy, args.uniform, args.ensemble)
+    comparison = compare(candidates, args.baseline, resamples=args.resamples, seed=args.seed)
+    table = markdown(comparison, label)
     print(table)
     if args.out:
         atomic_write_text(args.out, table)

@@ -1,4 +1,5 @@
-"""The sweep report: ``SWEEP_DIR/report/`` (``report.md`` and PNGs), written by ``sweeps/monitor.py SWEEP_DIR
+"""The sweep report: ``SWEEP_DIR/report/`` (``report.md``, PNGs, and ``report.html``: the same, self-contained,
+figures inline; :mod:`brats_ugrip.sweeps.monitoring.report_html`), written by ``sweeps/monitor.py SWEEP_DIR
 --summary`` from ``sweep.db`` and the run directories alone (no W&B, no network).
 
 What it answers, and from what:
@@ -44,6 +45,8 @@ CURVES_PNG = "learning_curves.png"
 HEATMAP_PNG = "heatmap.png"
 DICE_LABEL = "validation mean Dice (TC, WT, ET)"
 _LINE_STYLES = ("-", "--", ":", "-.")
+SHORT_LABEL = 32
+"""Configuration names longer than this are shown as C1, C2, … in figures, with a key."""
 _UNSUCCESSFUL = (RunState.FAILED, RunState.CANCELLED, RunState.TIMEOUT)
 
 
@@ -175,6 +178,20 @@ def _pyplot() -> Any:
     return plt
 
 
+def as_given(values: list[Any], given: list[Any]) -> list[Any]:
+    """``values`` as the grid gave them: pandas turns ``None`` into NaN and ints of a column with NaN into floats
+    (``10`` → ``10.0``); each value is mapped back to the grid's value it stands for."""
+    def original(value: Any) -> Any:
+        for candidate in given:
+            if candidate is None and isinstance(value, float) and math.isnan(value):
+                return None
+            if (isinstance(candidate, (int, float)) and not isinstance(candidate, bool)
+                    and isinstance(value, (int, float)) and value == candidate):
+                return candidate
+        return value
+    return [original(v) for v in values]
+
+
 def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
@@ -194,10 +211,13 @@ def plot_parameter(key: str, per_value: pd.DataFrame, sweep_name: str, path: Pat
         x = list(range(len(frame)))
     figure, axes = plt.subplots(figsize=(6.5, 4.2))
     sd = frame["std"].fillna(0.0)
-    axes.errorbar(x, frame["mean"], yerr=sd, marker="o", capsize=4, linewidth=1.5, label="mean ± sd over folds")
+    # Categories (none, 10, names) have no order between them: points without a connecting line.
+    axes.errorbar(x, frame["mean"], yerr=sd, marker="o", capsize=4, linewidth=1.5 if numeric else 0,
+                  label="mean ± sd over folds")
     for xi, mean, n in zip(x, frame["mean"], frame["n_folds"]):
-        axes.annotate(f"{mean:.3f}\n({int(n)} folds)", (xi, mean), textcoords="offset points", xytext=(8, -4),
-                      fontsize=8)
+        axes.annotate(f"{mean:.3f}\n({int(n)} fold{'s' if int(n) != 1 else ''})", (xi, mean),
+                      textcoords="offset points", xytext=(8, -3), va="top", fontsize=8)
+    axes.margins(x=0.2, y=0.2)  # room for the labels beside the first and last points
     if numeric and min(x) > 0 and max(x) / min(x) >= 10:  # learning rates, weight decays: steps by factors
         axes.set_xscale("log")
     if not numeric:
@@ -268,17 +288,29 @@ def plot_learning_curves(sweep_dir: str | os.PathLike[str], runs: list[RunRecord
         style = _LINE_STYLES[folds.index(run.config.get("data", {}).get("fold")) % len(_LINE_STYLES)]
         for axes, column in ((loss_axes, "train_loss"), (dice_axes, "val_dice")):
             points = log[log[column].notna()]
+            # A run that validated once has no line to draw: its one point must show as a point.
             axes.plot(points["epoch"], points[column], color=colour, linestyle=style, linewidth=1.4,
-                      marker="." if len(points) < 30 else None)
+                      marker="o" if len(points) < 3 else ("." if len(points) < 30 else None), markersize=5)
+    last_epoch = max(int(log["epoch"].max()) for log in logs.values() if len(log))
     for axes, ylabel, title in ((loss_axes, "training loss (epoch mean)", "training loss"),
                                 (dice_axes, DICE_LABEL, "validation Dice")):
+        # Both panels span all epochs trained, so validation at one epoch is a point on the run's time axis,
+        # not an axis of its own around that epoch.
+        axes.set_xlim(0.5, last_epoch + 0.5)
         axes.set_xlabel("epoch")
         axes.set_ylabel(ylabel)
         axes.set_title(title)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-    handles = [Line2D([], [], color=colours(i % colours.N), linewidth=2, label=label)
+    # Long configuration names would squeeze the panels: the legend then shows C1, C2, … and a key under the
+    # figure maps each to its configuration and run ids.
+    short = max(len(label) for label in labels) > SHORT_LABEL
+    handles = [Line2D([], [], color=colours(i % colours.N), linewidth=2, label=f"C{i + 1}" if short else label)
                for i, label in enumerate(labels[:20])]
+    if short:
+        ids = {label: [r.run_id for r in runs if config_label(r.params, keys) == label] for label in labels}
+        key = "\n".join(f"C{i + 1:<3} {label}   (runs: {', '.join(ids[label])})" for i, label in enumerate(labels[:20]))
+        figure.text(0.01, 0.0, "key:\n" + key, family="monospace", fontsize=7.5, va="top", ha="left")
     if len(folds) > 1:
         handles += [Line2D([], [], color="grey", linestyle=_LINE_STYLES[i % len(_LINE_STYLES)], label=f"fold {f}")
                     for i, f in enumerate(folds)]
@@ -321,18 +353,19 @@ class SweepReport:
     compute: pd.DataFrame | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
     best: str | None = None
+    ties: list[str] = field(default_factory=list)
+    html: Path | None = None
 
 
 def _best_section(report: SweepReport) -> list[str]:
+    from brats_ugrip.sweeps.monitoring.report_ties import best_and_ties, markdown_lines
+
     folds = report.folds
     if folds is None or not len(folds):
         return ["No run has a validation Dice yet."]
-    best = folds.iloc[0]
-    report.best = str(best["configuration"])
-    spread = f" ± {best['sd']:.4f}" if not math.isnan(best["sd"]) else ""
-    return [f"**Best configuration: `{report.best}`**, validation mean Dice {best['mean']:.4f}{spread} "
-            f"(mean ± sd over {int(best['n_folds'])} folds; chosen among the configurations validated on the most "
-            "folds).", "", "Configuration × fold (validation mean Dice of each run's best checkpoint, as in "
+    best = best_and_ties(folds)
+    report.best, report.ties = best.name, best.ties
+    return [*markdown_lines(best), "Configuration × fold (validation mean Dice of each run's best checkpoint, as in "
             "`results.csv`), best first:", "", markdown_table(folds)]
 
 
@@ -345,6 +378,8 @@ def _figure_line(report: SweepReport, path: Path | None, alt: str) -> list[str]:
 
 def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: float | None = None) -> SweepReport:
     """Write ``SWEEP_DIR/report/report.md`` and its figures (see the module docstring)."""
+    import pandas as pd
+
     sweep_dir = Path(sweep_dir)
     folder = report_dir(sweep_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -364,6 +399,10 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
               "Per fold, the mean over the runs with that value; then mean ± sd over folds." if summary.per_value
               else "No parameter besides the fold varies, or no run has a validation Dice yet."]
     for key, frame in summary.per_value.items():
+        frame = frame.copy()
+        # object dtype: a list [None, 10] put back into a column would be made NaN and 10.0 again.
+        frame[key] = pd.Series(as_given(list(frame[key]), [r.params.get(key) for r in runs if key in r.params]),
+                               index=frame.index, dtype=object)
         table = frame.rename(columns={"std": "sd"})[[key, "mean", "sd", "n_folds"]].astype({"n_folds": int})
         table[key] = [format_value(v) if not isinstance(v, str) else v for v in table[key]]
         path = plot_parameter(key, frame, name, folder / f"dice_vs_{key}.png")
@@ -380,6 +419,9 @@ def write_report(sweep_dir: str | os.PathLike[str], state: SweepState, now: floa
               ["No run has logged an epoch yet."])
     lines += ["", *_compute_section(report.compute), "", *_failure_section(report.failures)]
     atomic_write_text(report.path, "\n".join(lines) + "\n")
+    from brats_ugrip.sweeps.monitoring.report_html import write_html
+
+    report.html = write_html(report.path, f"Sweep {name}")
     return report
 
 
