@@ -40,9 +40,9 @@ class SacctError(BratsUgripError):
 class SacctRecord:
     """One line of sacct: one start of a job (a requeued job has several).
 
-    ``state`` is sacct's first word (``CANCELLED by 0`` → ``CANCELLED``); times are Unix seconds (None when sacct
-    says ``Unknown``); ``node`` is None before the job got one; ``submit`` is when the controller accepted this
-    job (or its requeue).
+    ``state`` is sacct's first word (``CANCELLED by 0`` → ``CANCELLED``), ``cancelled_by`` the uid after "by";
+    times are Unix seconds (None when sacct says ``Unknown``); ``node`` is None before the job got one;
+    ``submit`` is when the controller accepted this job (or its requeue).
     """
 
     job_id: str
@@ -54,6 +54,7 @@ class SacctRecord:
     end: float | None = None
     reason: str | None = None
     submit: float | None = None
+    cancelled_by: str | None = None
 
 
 def _time(text: str) -> float | None:
@@ -63,6 +64,12 @@ def _time(text: str) -> float | None:
         return datetime.fromisoformat(text).timestamp()  # sacct prints the cluster's local time
     except ValueError:
         return None
+
+
+def _cancelled_by(state: str) -> str | None:
+    """The uid in ``CANCELLED by 1000`` (who ran scancel), else None."""
+    words = state.split()
+    return words[2] if len(words) == 3 and words[1] == "by" else None
 
 
 def expand_task_ids(spec: str) -> list[int]:
@@ -97,7 +104,7 @@ def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
             node=None if node in ("", "None assigned") else node,
             elapsed_s=int(elapsed) if elapsed.isdigit() else 0, exit_code=exit_code or None,
             start=_time(start), end=_time(end), reason=None if reason in ("", "None") else reason,
-            submit=_time(submit),
+            submit=_time(submit), cancelled_by=_cancelled_by(state),
         )
         (compressed if _ARRAY_RANGE.match(job_id) else records.setdefault(job_id, [])).append(record)
     for record in compressed:

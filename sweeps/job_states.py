@@ -17,12 +17,13 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct, records_since
+from brats_ugrip.slurm.squeue import query_pending_reasons
 from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
 
 
@@ -71,6 +72,19 @@ SCHEDULER_STATES: dict[str, JobPhase] = {
     "REVOKED": JobPhase.FAILED,     # federation: run by a sibling cluster, unknown here
     "SPECIAL_EXIT": JobPhase.FAILED,
 }
+
+
+HOLD_REASONS: dict[str, str] = {
+    # sacct's (and squeue's) Reason of a pending job that waits for a release, not for resources.
+    "JobHeldUser": "held by its user (scontrol hold)",
+    "JobHeldAdmin": "held by an administrator",
+}
+
+
+def hold_reason(reason: str | None) -> str | None:
+    """What a pending job's Reason says when the job is held (it starts only after ``scontrol release``), else
+    None: a held job is still queued, so the monitor follows it and never resubmits it."""
+    return HOLD_REASONS.get((reason or "").strip())
 
 
 def job_phase(state: str) -> JobPhase:
@@ -159,19 +173,23 @@ class JobStateSource(Protocol):
 
 
 class SlurmJobStates:
-    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``.
+    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``; when sacct reports pending
+    jobs, one ``squeue`` asks the controller why they wait (a hold shows only there: ``slurm/squeue.py``).
 
     Args:
         timeout_s: how long sacct may take.
         query: the sacct query (job ids, timeout → records by job id); the benchmark feeds it a recorded answer.
+        pending_reasons: the squeue query (pending job ids, timeout → reason by job id).
     """
 
     cluster = "slurm"
 
     def __init__(self, timeout_s: float = 60,
-                 query: Callable[[Iterable[str], float], dict[str, list[SacctRecord]]] = query_sacct):
+                 query: Callable[[Iterable[str], float], dict[str, list[SacctRecord]]] = query_sacct,
+                 pending_reasons: Callable[[Iterable[str], float], dict[str, str]] = query_pending_reasons):
         self.timeout_s = timeout_s
         self.query = query
+        self.pending_reasons = pending_reasons
 
     def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         statuses = {}
@@ -188,9 +206,21 @@ class SlurmJobStates:
                 started_at=starts[0] if starts else None,
                 ended_at=latest.end, exit_code=latest.exit_code,
                 requeues=sum(r.state in ("REQUEUED", "PREEMPTED") for r in history[:-1]) + (latest.state == "REQUEUED"),
-                reason=latest.reason,
+                reason=f"by uid {latest.cancelled_by}" if latest.cancelled_by else latest.reason,
             )
-        return statuses
+        return self._with_pending_reasons(statuses)
+
+    def _with_pending_reasons(self, statuses: dict[str, JobStatus]) -> dict[str, JobStatus]:
+        """Pending jobs get the controller's current reason (sacct's is the one it last sent to accounting)."""
+        pending = [job_id for job_id, status in statuses.items() if status.state == "PENDING"]
+        if not pending:
+            return statuses
+        try:
+            reasons = self.pending_reasons(pending, self.timeout_s)
+        except SacctError:  # only the reason is missing: sacct's state stands
+            return statuses
+        return {job_id: replace(status, reason=reasons[job_id]) if job_id in reasons else status
+                for job_id, status in statuses.items()}
 
     def cancel(self, job_ids: list[str]) -> None:
         if not job_ids:

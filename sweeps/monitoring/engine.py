@@ -53,6 +53,7 @@ from brats_ugrip.sweeps.job_states import (
     SlurmJobStates,
     StatesUnavailable,
     counts_as_failure,
+    hold_reason,
     interruption_word,
     last_line,
     was_preempted,
@@ -70,7 +71,13 @@ from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.lock import MonitorError, SweepLock
 from brats_ugrip.sweeps.monitoring.collect import collect_run, is_collected, write_results
 from brats_ugrip.sweeps.monitoring.promotion import STOP_KEY, ended_paused, halving_report, promote
-from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader, SweepSnapshot, build_snapshot
+from brats_ugrip.sweeps.monitoring.snapshot import (
+    HELD_NOTE,
+    ProgressReader,
+    SweepSnapshot,
+    build_snapshot,
+    record_states_unavailable,
+)
 from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState
 from brats_ugrip.sweeps.throttle import runs_to_release
 
@@ -192,6 +199,9 @@ class SweepMonitor:
                 statuses.update(source.statuses(jobs, submitted))
             except StatesUnavailable as error:  # keep what the database says; conclude nothing about these jobs
                 report.notes.append(f"{cluster}: {error}")
+                record_states_unavailable(self.state, cluster, time.time())
+            else:
+                record_states_unavailable(self.state, cluster, None)
         return statuses
 
     def _apply(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus,
@@ -209,7 +219,8 @@ class SweepMonitor:
             else:
                 target = RunState.REQUEUED if phase == JobPhase.REQUEUED else RunState.RUNNING
             started_at = attempt.started_at or (status.started_at or now if target == RunState.RUNNING else None)
-            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at)
+            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at,
+                        **_held_fields(run, status, phase))
             return None
 
         return self._apply_final(run, attempt, status, phase, report)
@@ -231,8 +242,11 @@ class SweepMonitor:
                            COMPLETED_WORD if trusted else scheduler_state, ended_at, note)
             return None
         if phase == JobPhase.CANCELLED:
+            who = f"by the user ({status.reason}, scancel)" if (status.reason or "").startswith("by uid") else \
+                "outside the monitor (scancel, or the job was killed)"
             self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
-                        reason=run.reason or "cancelled outside the monitor (scancel, or the job was killed)")
+                        reason=run.reason or f"cancelled {who}: not retried on its own; `monitor.py SWEEP_DIR "
+                                             f"--retry {run.run_id}` resumes it from last.ckpt")
             return None
         tail = error_tail(attempt.log_path)
         job_error = outcome if outcome is not None and not outcome.succeeded else None
@@ -484,6 +498,18 @@ class SweepMonitor:
                 for run_id in submitted:
                     self.state.update_run(run_id, reason="resubmitted with monitor.py --retry")
         return submitted
+
+
+def _held_fields(run: RunRecord, status: JobStatus, phase: JobPhase) -> dict[str, Any]:
+    """The run's reason while its job is held (``scontrol hold``): it waits for a release, not for resources, and
+    stays the scheduler's (never resubmitted); the note goes once the hold is released."""
+    held = hold_reason(status.reason) if phase == JobPhase.QUEUED else None
+    if held is not None:
+        return {"reason": f"{HELD_NOTE}: {held} ({status.reason}); it starts after `scontrol release "
+                          f"{status.job_id}`"}
+    if (run.reason or "").startswith(HELD_NOTE):
+        return {"reason": None}
+    return {}
 
 
 def _submitted_jobs(jobs_folder: Path, since: float) -> Iterator[tuple[str, str]]:
