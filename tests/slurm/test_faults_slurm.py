@@ -270,3 +270,52 @@ def test_held_pending_task_is_shown_held_and_never_resubmitted(slurm_cluster, ma
     assert released.attempts == 1 and released.reason is None
     assert len(_submissions(sbatch_log)) == 1
     _assert_sweep_sound(sweep)
+
+
+# --- 2 and 7. the controller SIGKILLed, and the monitor with it -----------------------------------------------
+
+
+def _start_monitor(sweep: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "a") as handle:  # a file, not a pipe: nothing blocks on unread output
+        return subprocess.Popen([sys.executable, str(REPO / "sweeps" / "monitor.py"), str(sweep), "--interval", "2"],
+                                stdout=handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+
+
+CONTROLLER_DOWN_S = 30
+
+
+def test_controller_and_monitor_killed_mid_sweep(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+    """While a 2-run sweep trains and its monitor (``monitor.py``) follows it, slurmctld and the monitor are both
+    SIGKILLed. The jobs go on under their slurmstepd; the controller is restarted after CONTROLLER_DOWN_S with its
+    saved state, then the monitor. Both runs complete in their one attempt: nothing failed, nothing resubmitted,
+    no epoch trained twice."""
+    run_dir_of_cluster = _dev_cluster_run_dir()
+    grid = make_grid("ctld_kill", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": 4})
+    sweep = slurm_job_dir / "sweep"
+    jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
+    log = slurm_job_dir / "monitor.log"
+    monitor = _start_monitor(sweep, log)
+    with SweepState(sweep_db_path(sweep)) as state:
+        run_dirs = [Path(state.get_run(run_id).run_dir) for run_id in jobs]
+        _wait(lambda: all(r.state == RunState.RUNNING for r in state.runs()), "both runs RUNNING")
+    _wait(lambda: any(_epochs_in(last_checkpoint(d)) >= 1 for d in run_dirs), "a first checkpoint", poll_s=0.2)
+    assert monitor.poll() is None, log.read_text()
+    try:
+        _kill_daemon("slurmctld")
+        monitor.send_signal(signal.SIGKILL)
+        monitor.wait()
+        time.sleep(CONTROLLER_DOWN_S)
+        assert (run_dir_of_cluster / "slurmctld.pid").exists()  # killed, not stopped: its pid file stays
+    finally:
+        _start_cluster()  # slurmctld again, from its saved state (StateSaveLocation)
+    code = _start_monitor(sweep, log).wait(timeout=WAIT_S)
+    assert code == 0, log.read_text()[-3000:]
+    with SweepState(sweep_db_path(sweep)) as state:
+        runs = state.runs()
+    assert {r.run_id: (r.state, r.attempts) for r in runs} == {run_id: (RunState.COMPLETED, 1) for run_id in jobs}
+    assert all(r.metrics["epochs"] == 4 and r.reason is None for r in runs), [(r.run_id, r.reason) for r in runs]
+    for run_id, job in jobs.items():
+        assert slurm_cluster.state(job.job_id) == "COMPLETED"
+    assert len(_submissions(sbatch_log)) == 1
+    _assert_sweep_sound(sweep)
