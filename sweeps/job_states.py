@@ -114,6 +114,12 @@ def was_preempted(state: str) -> bool:
     return state.split(" ")[0].rstrip("+") == "PREEMPTED"
 
 
+def may_be_requeued(state: str) -> bool:
+    """A job ended by its node (NODE_FAIL): SLURM requeues such a batch job (``JobRequeue=1``, its default), and
+    accounting may hear of the requeue seconds after the failure, so the failure is not final at once."""
+    return state.split(" ")[0].rstrip("+") == "NODE_FAIL"
+
+
 def interruption_word(state: str) -> str:
     """The word recorded for an attempt interrupted without a requeue: PREEMPTED, or TIMEOUT for the clock."""
     return "PREEMPTED" if was_preempted(state) else "TIMEOUT"
@@ -133,6 +139,8 @@ class JobStatus:
         started_at: its first start (Unix seconds); ended_at: its end, once final.
         requeues: how many times it was requeued (timeouts, preemptions) so far.
         reason: the scheduler's explanation (e.g. sacct's Reason, a local job's exit), if any.
+        requeued_after: what ended the start before the latest one when that was a failure the scheduler
+            requeued the job after (``NODE_FAIL on node3``), else None.
     """
 
     job_id: str
@@ -143,6 +151,7 @@ class JobStatus:
     exit_code: str | None = None
     requeues: int = 0
     reason: str | None = None
+    requeued_after: str | None = None
 
     @property
     def phase(self) -> JobPhase:
@@ -198,15 +207,21 @@ class SlurmJobStates:
             history = records_since(history, (submitted or {}).get(job_id))
             if not history:
                 continue
-            latest = history[-1]
+            # A record before the latest is a start that ended with a requeue: a timeout or preemption
+            # (REQUEUED, PREEMPTED) or a failure SLURM requeues after (NODE_FAIL with JobRequeue=1); an earlier
+            # COMPLETED is an older job under the same id (without our submit time to tell them apart).
+            latest, earlier = history[-1], history[:-1]
             starts = [r.start for r in history if r.start is not None]
             statuses[job_id] = JobStatus(
                 job_id=job_id, state=latest.state, node=latest.node or next((r.node for r in reversed(history)
                                                                              if r.node), None),
                 started_at=starts[0] if starts else None,
                 ended_at=latest.end, exit_code=latest.exit_code,
-                requeues=sum(r.state in ("REQUEUED", "PREEMPTED") for r in history[:-1]) + (latest.state == "REQUEUED"),
+                requeues=sum(job_phase(r.state) in (JobPhase.REQUEUED, JobPhase.FAILED) for r in earlier)
+                + (latest.state == "REQUEUED"),
                 reason=f"by uid {latest.cancelled_by}" if latest.cancelled_by else latest.reason,
+                requeued_after=next((f"{r.state} on {r.node or 'an unknown node'}" for r in reversed(earlier)
+                                     if job_phase(r.state) == JobPhase.FAILED), None),
             )
         return self._with_pending_reasons(statuses)
 

@@ -56,6 +56,7 @@ from brats_ugrip.sweeps.job_states import (
     hold_reason,
     interruption_word,
     last_line,
+    may_be_requeued,
     was_preempted,
 )
 from brats_ugrip.sweeps.jobs import (
@@ -73,6 +74,7 @@ from brats_ugrip.sweeps.monitoring.collect import collect_run, is_collected, wri
 from brats_ugrip.sweeps.monitoring.promotion import STOP_KEY, ended_paused, halving_report, promote
 from brats_ugrip.sweeps.monitoring.snapshot import (
     HELD_NOTE,
+    REQUEUED_AFTER_NOTE,
     ProgressReader,
     SweepSnapshot,
     build_snapshot,
@@ -83,6 +85,9 @@ from brats_ugrip.sweeps.throttle import runs_to_release
 
 PREEMPTED_GRACE_S = 120.0
 """A job PREEMPTED this long ago without a new record was not requeued by SLURM: resume it ourselves."""
+NODE_FAIL_GRACE_S = 60.0
+"""A job NODE_FAILed this long ago without a new record was not requeued by SLURM: a failure, retried by us.
+Sooner, resubmitting would race SLURM's own requeue and run the same run twice."""
 SubmitFunction = Callable[..., dict[str, Any]]
 
 
@@ -212,6 +217,10 @@ class SweepMonitor:
         preempted_long_ago = (was_preempted(scheduler_state) and status.ended_at is not None
                               and now - status.ended_at > PREEMPTED_GRACE_S)
         phase = JobPhase.INTERRUPTED if preempted_long_ago else status.phase
+        awaiting_requeue = (may_be_requeued(scheduler_state) and status.ended_at is not None
+                            and now - status.ended_at <= NODE_FAIL_GRACE_S)
+        if awaiting_requeue:
+            phase = JobPhase.REQUEUED
         if phase.is_active:
             if phase == JobPhase.QUEUED:
                 target = RunState.REQUEUED if status.requeues else (
@@ -219,8 +228,12 @@ class SweepMonitor:
             else:
                 target = RunState.REQUEUED if phase == JobPhase.REQUEUED else RunState.RUNNING
             started_at = attempt.started_at or (status.started_at or now if target == RunState.RUNNING else None)
-            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at,
-                        **_held_fields(run, status, phase))
+            fields = _held_fields(run, status, phase)
+            cause = status.requeued_after or (f"{scheduler_state} on {status.node or 'an unknown node'}"
+                                              if awaiting_requeue else None)
+            if cause and not fields:  # the dashboard names the node and the cause
+                fields = {"reason": f"{REQUEUED_AFTER_NOTE} {cause}: resumes from last.ckpt"}
+            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at, **fields)
             return None
 
         return self._apply_final(run, attempt, status, phase, report)

@@ -28,6 +28,8 @@ from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepSt
 STALLED = "STALLED"
 AWAITING_ACCOUNTING = "finished, awaiting accounting"
 """The label of an active run whose job's own files say it finished, before the scheduler's record says so."""
+REQUEUED_AFTER_NOTE = "requeued by the scheduler after"
+"""How the reason of a run whose job SLURM requeued after a failure (NODE_FAIL) starts."""
 HELD_NOTE = "held"
 """How the reason of a run whose job is held starts (the engine writes it, the view reads it)."""
 UNAVAILABLE_KEY = "states_unavailable_since"
@@ -126,8 +128,8 @@ class RunView:
             return AWAITING_ACCOUNTING
         if self.held:
             return f"{self.state} (held)"
-        if self.state == RunState.REQUEUED.value:
-            return "TIMEOUT→REQUEUED"
+        if self.state == RunState.REQUEUED.value:  # requeued on a failure (node), else on the clock or a preemption
+            return "REQUEUED" if (self.reason or "").startswith(REQUEUED_AFTER_NOTE) else "TIMEOUT→REQUEUED"
         if self.stalled:
             return f"{self.state} {STALLED}"
         return self.state

@@ -319,3 +319,63 @@ def test_controller_and_monitor_killed_mid_sweep(slurm_cluster, make_grid, slurm
         assert slurm_cluster.state(job.job_id) == "COMPLETED"
     assert len(_submissions(sbatch_log)) == 1
     _assert_sweep_sound(sweep)
+
+
+# --- 3. the node set DOWN --------------------------------------------------------------------------------------
+
+
+NODE = "localhost"
+
+
+def _node_state() -> str:
+    return subprocess.run(["sinfo", "-h", "-n", NODE, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+
+
+def test_node_down_requeues_and_runs_resume_from_last_ckpt(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+    """The node is set DOWN while both runs of a sweep train (each with an epoch in last.ckpt), then back in
+    service. SLURM ends the jobs NODE_FAIL and requeues them; the monitor shows them REQUEUED with the node and
+    the cause, submits nothing itself, and both runs resume from their last.ckpt (the second start begins at the
+    epochs the first one finished, or later) and complete within max_retries."""
+    _dev_cluster_run_dir()
+    max_epochs = 5
+    grid = make_grid("node_down", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": max_epochs}, max_retries=1)
+    sweep = slurm_job_dir / "sweep"
+    jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
+    monitor = SweepMonitor(sweep)
+    try:
+        run_dirs = {run_id: Path(monitor.state.get_run(run_id).run_dir) for run_id in jobs}
+        _wait(lambda: all(_epochs_in(last_checkpoint(d)) >= 1 for d in run_dirs.values()), "a checkpoint each",
+              poll_s=0.2)
+        done_before = {run_id: _epochs_in(last_checkpoint(d)) for run_id, d in run_dirs.items()}
+        assert all(epochs < max_epochs for epochs in done_before.values()), done_before
+        subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=down", "reason=issue29 fault test"],
+                       check=True)
+        seen = {}  # each run's row when a poll first found it REQUEUED (the runs need not be requeued together)
+        try:
+            def requeued() -> bool:
+                monitor.poll()
+                seen.update({v.run_id: v for v in monitor.snapshot().runs
+                             if v.state == RunState.REQUEUED.value and v.run_id not in seen})
+                return len(seen) == len(jobs)
+
+            _wait(requeued, "both runs REQUEUED", timeout_s=120, poll_s=1.0)
+            views = list(seen.values())
+        finally:
+            if _node_state().startswith("down"):  # ReturnToService=2 may have put it back already
+                subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=resume"], check=False)
+    finally:
+        monitor.close()
+    for view in views:
+        assert view.label == "REQUEUED", view.label
+        assert view.reason == f"requeued by the scheduler after NODE_FAIL on {NODE}: resumes from last.ckpt"
+    assert len(_submissions(sbatch_log)) == 1  # SLURM requeued them: the monitor submitted nothing
+
+    final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
+    assert final == {run_id: RunState.COMPLETED for run_id in jobs}, final
+    with SweepState(sweep_db_path(sweep)) as state:
+        runs = state.runs()
+    for run in runs:
+        assert 1 <= run.attempts <= run.max_retries + 1 and run.metrics["epochs"] == max_epochs
+        starts = read_job_info(run.run_dir)["starts"]
+        assert len(starts) >= 2 and starts[-1]["start_epoch"] >= done_before[run.run_id], starts
+    _assert_sweep_sound(sweep)
