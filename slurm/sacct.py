@@ -23,9 +23,11 @@ from datetime import datetime
 
 from brats_ugrip.errors import BratsUgripError
 
-SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason", "Submit")
+SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason", "Submit",
+                "DerivedExitCode")
 _REQUIRED_FIELDS = 8
-"""Lines without the trailing ``Submit`` (an older recorded answer) still parse; their records match any time."""
+"""Lines without the trailing ``Submit`` and ``DerivedExitCode`` (an older recorded answer) still parse; their
+records match any time."""
 SUBMIT_CLOCK_SLACK_S = 5.0
 """How much earlier than our recorded submission sacct's ``Submit`` may be and still be ours: the launcher notes
 the time just before ``sbatch``, but its clock and the controller's may differ by a little."""
@@ -55,6 +57,8 @@ class SacctRecord:
     reason: str | None = None
     submit: float | None = None
     cancelled_by: str | None = None
+    derived_exit_code: str | None = None
+    """``code:signal`` of the job's steps (``0:9``: a step was SIGKILLed), when sacct gives it."""
 
 
 def _time(text: str) -> float | None:
@@ -99,12 +103,13 @@ def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
                              f"{'|'.join(SACCT_FIELDS)}): {line!r}")
         job_id, state, node, elapsed, exit_code, start, end, reason = fields[:_REQUIRED_FIELDS]
         submit = fields[_REQUIRED_FIELDS] if len(fields) > _REQUIRED_FIELDS else ""
+        derived = fields[_REQUIRED_FIELDS + 1] if len(fields) > _REQUIRED_FIELDS + 1 else ""
         record = SacctRecord(
             job_id=job_id, state=(state.split() or ["UNKNOWN"])[0],
             node=None if node in ("", "None assigned") else node,
             elapsed_s=int(elapsed) if elapsed.isdigit() else 0, exit_code=exit_code or None,
             start=_time(start), end=_time(end), reason=None if reason in ("", "None") else reason,
-            submit=_time(submit), cancelled_by=_cancelled_by(state),
+            submit=_time(submit), cancelled_by=_cancelled_by(state), derived_exit_code=derived or None,
         )
         (compressed if _ARRAY_RANGE.match(job_id) else records.setdefault(job_id, [])).append(record)
     for record in compressed:

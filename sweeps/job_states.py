@@ -120,6 +120,17 @@ def may_be_requeued(state: str) -> bool:
     return state.split(" ")[0].rstrip("+") == "NODE_FAIL"
 
 
+def killed_by_signal(derived_exit_code: str | None) -> str | None:
+    """The cause sacct's ``DerivedExitCode`` (``code:signal`` of the job's steps) names when a step died of a
+    signal: ``0:9`` → killed by SIGKILL (the kernel's OOM killer, or ``kill -9``); None for a clean exit."""
+    code, _, number = (derived_exit_code or "").partition(":")
+    if not number.isdigit() or int(number) == 0:
+        return None
+    name = signal.Signals(int(number)).name if int(number) in signal.valid_signals() else f"signal {number}"
+    why = " (out of memory: the kernel's OOM killer, or kill -9)" if int(number) == signal.SIGKILL else ""
+    return f"its process was killed by {name}{why}"
+
+
 def interruption_word(state: str) -> str:
     """The word recorded for an attempt interrupted without a requeue: PREEMPTED, or TIMEOUT for the clock."""
     return "PREEMPTED" if was_preempted(state) else "TIMEOUT"
@@ -219,7 +230,8 @@ class SlurmJobStates:
                 ended_at=latest.end, exit_code=latest.exit_code,
                 requeues=sum(job_phase(r.state) in (JobPhase.REQUEUED, JobPhase.FAILED) for r in earlier)
                 + (latest.state == "REQUEUED"),
-                reason=f"by uid {latest.cancelled_by}" if latest.cancelled_by else latest.reason,
+                reason=f"by uid {latest.cancelled_by}" if latest.cancelled_by else (
+                    killed_by_signal(latest.derived_exit_code) or latest.reason),
                 requeued_after=next((f"{r.state} on {r.node or 'an unknown node'}" for r in reversed(earlier)
                                      if job_phase(r.state) == JobPhase.FAILED), None),
             )

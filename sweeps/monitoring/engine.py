@@ -16,7 +16,7 @@ restarted (or two monitors at once) finishes the work and never submits a run tw
 Policy per attempt (scheduler state → run):
 
 - PENDING/RUNNING/REQUEUED… → SUBMITTED or RETRYING / RUNNING / REQUEUED (a job that was requeued is REQUEUED
-  until it runs again);
+  until it runs again); a held pending job (squeue's reason ``JobHeld…``) is shown held and left to the scheduler;
 - COMPLETED → COMPLETED, with training's result as metrics, then the best checkpoint is collected;
 - FAILED, OUT_OF_MEMORY, NODE_FAIL… → resubmitted while the run's failed attempts ≤ ``max_retries`` (RETRYING,
   the reason on the dashboard), else FAILED with the reason; the error tail of the log is kept per attempt;
@@ -25,7 +25,13 @@ Policy per attempt (scheduler state → run):
   (one epoch does not fit the time limit, and retrying would not change that);
 - PREEMPTED → REQUEUED while SLURM requeues the job; still PREEMPTED after ``PREEMPTED_GRACE_S``, it was not
   requeued and is resumed like a TIMEOUT;
-- CANCELLED → CANCELLED. Other runs are never touched by a run's failure.
+- NODE_FAIL → REQUEUED for ``NODE_FAIL_GRACE_S``: SLURM requeues such a job and accounting hears of it seconds
+  later (resubmitting sooner would run the run twice); after the grace without a new record, a failure as above;
+- CANCELLED → CANCELLED (by the user, from outside: never retried on its own; ``--retry`` resumes it). Other runs
+  are never touched by a run's failure.
+
+A scheduler that cannot be asked (sacct failing: slurmdbd down) changes nothing: the poll notes it, and
+``sweep.db`` keeps since when (the snapshot shows it once, and each finished run as awaiting accounting).
 """
 from __future__ import annotations
 

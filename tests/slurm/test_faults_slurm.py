@@ -379,3 +379,57 @@ def test_node_down_requeues_and_runs_resume_from_last_ckpt(slurm_cluster, make_g
         starts = read_job_info(run.run_dir)["starts"]
         assert len(starts) >= 2 and starts[-1]["start_epoch"] >= done_before[run.run_id], starts
     _assert_sweep_sound(sweep)
+
+
+# --- 5. killed for memory ---------------------------------------------------------------------------------------
+
+
+def _memory_enforced() -> bool:
+    """Whether the cluster kills a job over its memory (cgroups constrain RAM only with task/cgroup)."""
+    return "task/cgroup" in _slurm_config("TaskPlugin")
+
+
+def test_cgroup_oom_is_retried_then_failed(slurm_cluster):
+    if not _memory_enforced():
+        pytest.skip(f"no memory enforcement on this cluster (TaskPlugin={_slurm_config('TaskPlugin')}, "
+                    "ProctrackType=proctrack/linuxproc): a job over --mem is not killed, so OUT_OF_MEMORY cannot "
+                    "happen; test_killed_job_is_retried_then_failed kills the job's process instead")
+    pytest.skip("a cgroup-enforcing cluster: the OUT_OF_MEMORY variant is not written yet (issue 29)")
+
+
+def test_killed_job_is_retried_then_failed(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+    """The job's Python process is SIGKILLed (what the kernel's OOM killer does) in each attempt of a run with
+    ``max_retries: 1``: the first kill is retried (resuming from last.ckpt), the second leaves the run FAILED
+    with the cause on the dashboard and no retries left; nothing is submitted beyond max_retries."""
+    grid = make_grid("killed", {"optim.lr": [0.001]}, trainer={"max_epochs": 100}, max_retries=1)
+    sweep = slurm_job_dir / "sweep"
+    (run_id, job), = launch.submit_plan(launch.plan_launch(grid, sweep)).items()
+    monitor = SweepMonitor(sweep)
+    try:
+        run_dir = Path(monitor.state.get_run(run_id).run_dir)
+        for attempt in (1, 2):
+            def started() -> dict | None:
+                monitor.poll()
+                latest = monitor.state.latest_attempt(run_id)
+                info = read_job_info(run_dir) or {}
+                fresh = latest.attempt == attempt and info.get("job_id") == latest.job_id
+                return info if fresh and _epochs_in(last_checkpoint(run_dir)) >= attempt else None
+
+            info = _wait(started, f"attempt {attempt} trains", poll_s=0.5)
+            os.kill(int(info["pid"]), signal.SIGKILL)
+        _wait(lambda: monitor.poll() and monitor.state.get_run(run_id).state.is_final, "the run ends",
+              poll_s=1.0)
+        run = monitor.state.get_run(run_id)
+        attempts = monitor.state.attempts(run_id)
+        once_row = next(v for v in monitor.snapshot().runs if v.run_id == run_id)
+    finally:
+        monitor.close()
+    assert run.state == RunState.FAILED and run.attempts == 2, (run.state, run.reason)
+    assert [a.state for a in attempts] == ["FAILED", "FAILED"], [a.state for a in attempts]
+    assert run.reason.startswith("FAILED (attempt 2): ") and run.reason.endswith("no retries left (1)")
+    assert "its process was killed by SIGKILL (out of memory" in run.reason, run.reason  # sacct's DerivedExitCode 0:9
+    assert once_row.reason == run.reason and once_row.node is not None
+    starts = read_job_info(run_dir)["starts"]
+    assert [s["job_id"] for s in starts] == [a.job_id for a in attempts] and starts[1]["start_epoch"] >= 1
+    assert len(_submissions(sbatch_log)) == 2
+    _assert_sweep_sound(sweep)
