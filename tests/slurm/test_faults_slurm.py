@@ -35,6 +35,7 @@ from brats_ugrip.sweeps.monitoring.snapshot import AWAITING_ACCOUNTING
 from brats_ugrip.sweeps.state import RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 START_SCRIPT = REPO / "slurm" / "dev-cluster" / "start.sh"
 WAIT_S = 300
 
