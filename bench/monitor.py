@@ -126,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             queries.append(len(list(job_ids)))
             return parse_sacct(text)
 
-        monitor = SweepMonitor(sweep_dir, sources=[SlurmJobStates(query=recorded_sacct),
+        # The recorded answer's pending jobs are not the live controller's: no squeue (it would ask for others).
+        monitor = SweepMonitor(sweep_dir, sources=[SlurmJobStates(query=recorded_sacct,
+                                                                  pending_reasons=lambda ids, timeout_s: {}),
                                                    LocalJobStates(layout.jobs_dir(sweep_dir) / "%j")])
         parse_s, _ = timed(lambda: parse_sacct(text), args.repeat)
         start = time.perf_counter()

@@ -23,9 +23,11 @@ from datetime import datetime
 
 from brats_ugrip.errors import BratsUgripError
 
-SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason", "Submit")
+SACCT_FIELDS = ("JobID", "State", "NodeList", "ElapsedRaw", "ExitCode", "Start", "End", "Reason", "Submit",
+                "DerivedExitCode")
 _REQUIRED_FIELDS = 8
-"""Lines without the trailing ``Submit`` (an older recorded answer) still parse; their records match any time."""
+"""Lines without the trailing ``Submit`` and ``DerivedExitCode`` (an older recorded answer) still parse; their
+records match any time."""
 SUBMIT_CLOCK_SLACK_S = 5.0
 """How much earlier than our recorded submission sacct's ``Submit`` may be and still be ours: the launcher notes
 the time just before ``sbatch``, but its clock and the controller's may differ by a little."""
@@ -40,9 +42,9 @@ class SacctError(BratsUgripError):
 class SacctRecord:
     """One line of sacct: one start of a job (a requeued job has several).
 
-    ``state`` is sacct's first word (``CANCELLED by 0`` → ``CANCELLED``); times are Unix seconds (None when sacct
-    says ``Unknown``); ``node`` is None before the job got one; ``submit`` is when the controller accepted this
-    job (or its requeue).
+    ``state`` is sacct's first word (``CANCELLED by 0`` → ``CANCELLED``), ``cancelled_by`` the uid after "by";
+    times are Unix seconds (None when sacct says ``Unknown``); ``node`` is None before the job got one;
+    ``submit`` is when the controller accepted this job (or its requeue).
     """
 
     job_id: str
@@ -54,6 +56,9 @@ class SacctRecord:
     end: float | None = None
     reason: str | None = None
     submit: float | None = None
+    cancelled_by: str | None = None
+    derived_exit_code: str | None = None
+    """``code:signal`` of the job's steps (``0:9``: a step was SIGKILLed), when sacct gives it."""
 
 
 def _time(text: str) -> float | None:
@@ -63,6 +68,12 @@ def _time(text: str) -> float | None:
         return datetime.fromisoformat(text).timestamp()  # sacct prints the cluster's local time
     except ValueError:
         return None
+
+
+def _cancelled_by(state: str) -> str | None:
+    """The uid in ``CANCELLED by 1000`` (who ran scancel), else None."""
+    words = state.split()
+    return words[2] if len(words) == 3 and words[1] == "by" else None
 
 
 def expand_task_ids(spec: str) -> list[int]:
@@ -92,12 +103,13 @@ def parse_sacct(text: str) -> dict[str, list[SacctRecord]]:
                              f"{'|'.join(SACCT_FIELDS)}): {line!r}")
         job_id, state, node, elapsed, exit_code, start, end, reason = fields[:_REQUIRED_FIELDS]
         submit = fields[_REQUIRED_FIELDS] if len(fields) > _REQUIRED_FIELDS else ""
+        derived = fields[_REQUIRED_FIELDS + 1] if len(fields) > _REQUIRED_FIELDS + 1 else ""
         record = SacctRecord(
             job_id=job_id, state=(state.split() or ["UNKNOWN"])[0],
             node=None if node in ("", "None assigned") else node,
             elapsed_s=int(elapsed) if elapsed.isdigit() else 0, exit_code=exit_code or None,
             start=_time(start), end=_time(end), reason=None if reason in ("", "None") else reason,
-            submit=_time(submit),
+            submit=_time(submit), cancelled_by=_cancelled_by(state), derived_exit_code=derived or None,
         )
         (compressed if _ARRAY_RANGE.match(job_id) else records.setdefault(job_id, [])).append(record)
     for record in compressed:

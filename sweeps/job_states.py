@@ -17,12 +17,13 @@ import signal
 import socket
 import subprocess
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct, records_since
+from brats_ugrip.slurm.squeue import query_pending_reasons
 from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
 
 
@@ -73,6 +74,19 @@ SCHEDULER_STATES: dict[str, JobPhase] = {
 }
 
 
+HOLD_REASONS: dict[str, str] = {
+    # sacct's (and squeue's) Reason of a pending job that waits for a release, not for resources.
+    "JobHeldUser": "held by its user (scontrol hold)",
+    "JobHeldAdmin": "held by an administrator",
+}
+
+
+def hold_reason(reason: str | None) -> str | None:
+    """What a pending job's Reason says when the job is held (it starts only after ``scontrol release``), else
+    None: a held job is still queued, so the monitor follows it and never resubmits it."""
+    return HOLD_REASONS.get((reason or "").strip())
+
+
 def job_phase(state: str) -> JobPhase:
     """The phase of a scheduler state word ("CANCELLED by 0" → CANCELLED); unknown words are failures, so a new
     state never leaves a run watched forever."""
@@ -100,6 +114,23 @@ def was_preempted(state: str) -> bool:
     return state.split(" ")[0].rstrip("+") == "PREEMPTED"
 
 
+def may_be_requeued(state: str) -> bool:
+    """A job ended by its node (NODE_FAIL): SLURM requeues such a batch job (``JobRequeue=1``, its default), and
+    accounting may hear of the requeue seconds after the failure, so the failure is not final at once."""
+    return state.split(" ")[0].rstrip("+") == "NODE_FAIL"
+
+
+def killed_by_signal(derived_exit_code: str | None) -> str | None:
+    """The cause sacct's ``DerivedExitCode`` (``code:signal`` of the job's steps) names when a step died of a
+    signal: ``0:9`` → killed by SIGKILL (the kernel's OOM killer, or ``kill -9``); None for a clean exit."""
+    code, _, number = (derived_exit_code or "").partition(":")
+    if not number.isdigit() or int(number) == 0:
+        return None
+    name = signal.Signals(int(number)).name if int(number) in signal.valid_signals() else f"signal {number}"
+    why = " (out of memory: the kernel's OOM killer, or kill -9)" if int(number) == signal.SIGKILL else ""
+    return f"its process was killed by {name}{why}"
+
+
 def interruption_word(state: str) -> str:
     """The word recorded for an attempt interrupted without a requeue: PREEMPTED, or TIMEOUT for the clock."""
     return "PREEMPTED" if was_preempted(state) else "TIMEOUT"
@@ -119,6 +150,8 @@ class JobStatus:
         started_at: its first start (Unix seconds); ended_at: its end, once final.
         requeues: how many times it was requeued (timeouts, preemptions) so far.
         reason: the scheduler's explanation (e.g. sacct's Reason, a local job's exit), if any.
+        requeued_after: what ended the start before the latest one when that was a failure the scheduler
+            requeued the job after (``NODE_FAIL on node3``), else None.
     """
 
     job_id: str
@@ -129,6 +162,7 @@ class JobStatus:
     exit_code: str | None = None
     requeues: int = 0
     reason: str | None = None
+    requeued_after: str | None = None
 
     @property
     def phase(self) -> JobPhase:
@@ -159,19 +193,23 @@ class JobStateSource(Protocol):
 
 
 class SlurmJobStates:
-    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``.
+    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``; when sacct reports pending
+    jobs, one ``squeue`` asks the controller why they wait (a hold shows only there: ``slurm/squeue.py``).
 
     Args:
         timeout_s: how long sacct may take.
         query: the sacct query (job ids, timeout → records by job id); the benchmark feeds it a recorded answer.
+        pending_reasons: the squeue query (pending job ids, timeout → reason by job id).
     """
 
     cluster = "slurm"
 
     def __init__(self, timeout_s: float = 60,
-                 query: Callable[[Iterable[str], float], dict[str, list[SacctRecord]]] = query_sacct):
+                 query: Callable[[Iterable[str], float], dict[str, list[SacctRecord]]] = query_sacct,
+                 pending_reasons: Callable[[Iterable[str], float], dict[str, str]] = query_pending_reasons):
         self.timeout_s = timeout_s
         self.query = query
+        self.pending_reasons = pending_reasons
 
     def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         statuses = {}
@@ -180,17 +218,36 @@ class SlurmJobStates:
             history = records_since(history, (submitted or {}).get(job_id))
             if not history:
                 continue
-            latest = history[-1]
+            # A record before the latest is a start that ended with a requeue: a timeout or preemption
+            # (REQUEUED, PREEMPTED) or a failure SLURM requeues after (NODE_FAIL with JobRequeue=1); an earlier
+            # COMPLETED is an older job under the same id (without our submit time to tell them apart).
+            latest, earlier = history[-1], history[:-1]
             starts = [r.start for r in history if r.start is not None]
             statuses[job_id] = JobStatus(
                 job_id=job_id, state=latest.state, node=latest.node or next((r.node for r in reversed(history)
                                                                              if r.node), None),
                 started_at=starts[0] if starts else None,
                 ended_at=latest.end, exit_code=latest.exit_code,
-                requeues=sum(r.state in ("REQUEUED", "PREEMPTED") for r in history[:-1]) + (latest.state == "REQUEUED"),
-                reason=latest.reason,
+                requeues=sum(job_phase(r.state) in (JobPhase.REQUEUED, JobPhase.FAILED) for r in earlier)
+                + (latest.state == "REQUEUED"),
+                reason=f"by uid {latest.cancelled_by}" if latest.cancelled_by else (
+                    killed_by_signal(latest.derived_exit_code) or latest.reason),
+                requeued_after=next((f"{r.state} on {r.node or 'an unknown node'}" for r in reversed(earlier)
+                                     if job_phase(r.state) == JobPhase.FAILED), None),
             )
-        return statuses
+        return self._with_pending_reasons(statuses)
+
+    def _with_pending_reasons(self, statuses: dict[str, JobStatus]) -> dict[str, JobStatus]:
+        """Pending jobs get the controller's current reason (sacct's is the one it last sent to accounting)."""
+        pending = [job_id for job_id, status in statuses.items() if status.state == "PENDING"]
+        if not pending:
+            return statuses
+        try:
+            reasons = self.pending_reasons(pending, self.timeout_s)
+        except SacctError:  # only the reason is missing: sacct's state stands
+            return statuses
+        return {job_id: replace(status, reason=reasons[job_id]) if job_id in reasons else status
+                for job_id, status in statuses.items()}
 
     def cancel(self, job_ids: list[str]) -> None:
         if not job_ids:

@@ -23,14 +23,14 @@ from rich.console import Group, RenderableType
 from rich.text import Span, Text
 
 from brats_ugrip.errors import BratsUgripError
-from brats_ugrip.sweeps.monitoring.snapshot import STALLED, RunView, SweepSnapshot
+from brats_ugrip.sweeps.monitoring.snapshot import AWAITING_ACCOUNTING, STALLED, RunView, SweepSnapshot
 from brats_ugrip.sweeps.run_ids import format_value, short_keys
 from brats_ugrip.sweeps.state import RunState
 
 STATE_STYLES = {
     "PENDING": "dim", "SUBMITTED": "cyan", "RUNNING": "green", "REQUEUED": "yellow", "TIMEOUT": "yellow",
     "RETRYING": "yellow", "COMPLETED": "bold blue", "FAILED": "bold red", "CANCELLED": "magenta", STALLED: "bold red",
-    "PAUSED": "blue",
+    "PAUSED": "blue", AWAITING_ACCOUNTING: "blue",
 }
 STATE_ORDER = {s: i for i, s in enumerate(("RUNNING", "REQUEUED", "RETRYING", "SUBMITTED", "PENDING", "TIMEOUT",
                                            "FAILED", "CANCELLED", "PAUSED", "COMPLETED"))}
@@ -141,7 +141,8 @@ def dice_text(value: float | None, epoch: int | None = None) -> str:
 
 
 def state_text(run: RunView) -> Text:
-    return Text(run.label, style=STATE_STYLES[STALLED] if run.stalled else STATE_STYLES.get(run.state, ""))
+    style = STATE_STYLES.get(run.shown_state, STATE_STYLES.get(run.state, ""))
+    return Text(run.label, style=STATE_STYLES[STALLED] if run.stalled else style)
 
 
 def header(snapshot: SweepSnapshot, shown: int, total: int) -> Text:
@@ -170,6 +171,9 @@ def header(snapshot: SweepSnapshot, shown: int, total: int) -> Text:
         text.append(f"\n{line}")
     if shown < total:
         text.append(f"\nshowing {shown} of {total} runs", style="dim")
+    for cluster, since in sorted(snapshot.unavailable_since.items()):
+        text.append(f"\n{cluster} accounting unavailable since {time.strftime('%H:%M', time.localtime(since))}: "
+                    "states kept as last known, nothing concluded until it answers", style="bold yellow")
     for note in snapshot.notes:
         text.append(f"\nwarning: {note}", style="yellow")
     return text
@@ -345,7 +349,7 @@ def render(snapshot: SweepSnapshot, options: ViewOptions, height: int | None = N
         return Group(header(snapshot, len(runs), len(snapshot.runs)), compact_table(snapshot, runs, width))
     max_rows = options.max_rows
     if height is not None:
-        fit = max(3, height - HEADER_LINES - len(snapshot.notes) - len(snapshot.halving)
+        fit = max(3, height - HEADER_LINES - len(snapshot.notes) - len(snapshot.halving) - len(snapshot.unavailable_since)
                   - (len(runs) < len(snapshot.runs)))
         max_rows = fit if max_rows is None else min(max_rows, fit)
     shown = len(runs) if max_rows is None or len(runs) <= max_rows else max_rows - 1

@@ -16,7 +16,7 @@ restarted (or two monitors at once) finishes the work and never submits a run tw
 Policy per attempt (scheduler state → run):
 
 - PENDING/RUNNING/REQUEUED… → SUBMITTED or RETRYING / RUNNING / REQUEUED (a job that was requeued is REQUEUED
-  until it runs again);
+  until it runs again); a held pending job (squeue's reason ``JobHeld…``) is shown held and left to the scheduler;
 - COMPLETED → COMPLETED, with training's result as metrics, then the best checkpoint is collected;
 - FAILED, OUT_OF_MEMORY, NODE_FAIL… → resubmitted while the run's failed attempts ≤ ``max_retries`` (RETRYING,
   the reason on the dashboard), else FAILED with the reason; the error tail of the log is kept per attempt;
@@ -25,7 +25,13 @@ Policy per attempt (scheduler state → run):
   (one epoch does not fit the time limit, and retrying would not change that);
 - PREEMPTED → REQUEUED while SLURM requeues the job; still PREEMPTED after ``PREEMPTED_GRACE_S``, it was not
   requeued and is resumed like a TIMEOUT;
-- CANCELLED → CANCELLED. Other runs are never touched by a run's failure.
+- NODE_FAIL → REQUEUED for ``NODE_FAIL_GRACE_S``: SLURM requeues such a job and accounting hears of it seconds
+  later (resubmitting sooner would run the run twice); after the grace without a new record, a failure as above;
+- CANCELLED → CANCELLED (by the user, from outside: never retried on its own; ``--retry`` resumes it). Other runs
+  are never touched by a run's failure.
+
+A scheduler that cannot be asked (sacct failing: slurmdbd down) changes nothing: the poll notes it, and
+``sweep.db`` keeps since when (the snapshot shows it once, and each finished run as awaiting accounting).
 """
 from __future__ import annotations
 
@@ -53,8 +59,10 @@ from brats_ugrip.sweeps.job_states import (
     SlurmJobStates,
     StatesUnavailable,
     counts_as_failure,
+    hold_reason,
     interruption_word,
     last_line,
+    may_be_requeued,
     was_preempted,
 )
 from brats_ugrip.sweeps.jobs import (
@@ -70,12 +78,22 @@ from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.lock import MonitorError, SweepLock
 from brats_ugrip.sweeps.monitoring.collect import collect_run, is_collected, write_results
 from brats_ugrip.sweeps.monitoring.promotion import STOP_KEY, ended_paused, halving_report, promote
-from brats_ugrip.sweeps.monitoring.snapshot import ProgressReader, SweepSnapshot, build_snapshot
+from brats_ugrip.sweeps.monitoring.snapshot import (
+    HELD_NOTE,
+    REQUEUED_AFTER_NOTE,
+    ProgressReader,
+    SweepSnapshot,
+    build_snapshot,
+    record_states_unavailable,
+)
 from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState
 from brats_ugrip.sweeps.throttle import runs_to_release
 
 PREEMPTED_GRACE_S = 120.0
 """A job PREEMPTED this long ago without a new record was not requeued by SLURM: resume it ourselves."""
+NODE_FAIL_GRACE_S = 60.0
+"""A job NODE_FAILed this long ago without a new record was not requeued by SLURM: a failure, retried by us.
+Sooner, resubmitting would race SLURM's own requeue and run the same run twice."""
 SubmitFunction = Callable[..., dict[str, Any]]
 
 
@@ -192,6 +210,9 @@ class SweepMonitor:
                 statuses.update(source.statuses(jobs, submitted))
             except StatesUnavailable as error:  # keep what the database says; conclude nothing about these jobs
                 report.notes.append(f"{cluster}: {error}")
+                record_states_unavailable(self.state, cluster, time.time())
+            else:
+                record_states_unavailable(self.state, cluster, None)
         return statuses
 
     def _apply(self, run: RunRecord, attempt: AttemptRecord, status: JobStatus,
@@ -202,6 +223,10 @@ class SweepMonitor:
         preempted_long_ago = (was_preempted(scheduler_state) and status.ended_at is not None
                               and now - status.ended_at > PREEMPTED_GRACE_S)
         phase = JobPhase.INTERRUPTED if preempted_long_ago else status.phase
+        awaiting_requeue = (may_be_requeued(scheduler_state) and status.ended_at is not None
+                            and now - status.ended_at <= NODE_FAIL_GRACE_S)
+        if awaiting_requeue:
+            phase = JobPhase.REQUEUED
         if phase.is_active:
             if phase == JobPhase.QUEUED:
                 target = RunState.REQUEUED if status.requeues else (
@@ -209,7 +234,12 @@ class SweepMonitor:
             else:
                 target = RunState.REQUEUED if phase == JobPhase.REQUEUED else RunState.RUNNING
             started_at = attempt.started_at or (status.started_at or now if target == RunState.RUNNING else None)
-            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at)
+            fields = _held_fields(run, status, phase)
+            cause = status.requeued_after or (f"{scheduler_state} on {status.node or 'an unknown node'}"
+                                              if awaiting_requeue else None)
+            if cause and not fields:  # the dashboard names the node and the cause
+                fields = {"reason": f"{REQUEUED_AFTER_NOTE} {cause}: resumes from last.ckpt"}
+            self._write(run, attempt, report, target, scheduler_state, status.node, started_at=started_at, **fields)
             return None
 
         return self._apply_final(run, attempt, status, phase, report)
@@ -231,8 +261,11 @@ class SweepMonitor:
                            COMPLETED_WORD if trusted else scheduler_state, ended_at, note)
             return None
         if phase == JobPhase.CANCELLED:
+            who = f"by the user ({status.reason}, scancel)" if (status.reason or "").startswith("by uid") else \
+                "outside the monitor (scancel, or the job was killed)"
             self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
-                        reason=run.reason or "cancelled outside the monitor (scancel, or the job was killed)")
+                        reason=run.reason or f"cancelled {who}: not retried on its own; `monitor.py SWEEP_DIR "
+                                             f"--retry {run.run_id}` resumes it from last.ckpt")
             return None
         tail = error_tail(attempt.log_path)
         job_error = outcome if outcome is not None and not outcome.succeeded else None
@@ -484,6 +517,18 @@ class SweepMonitor:
                 for run_id in submitted:
                     self.state.update_run(run_id, reason="resubmitted with monitor.py --retry")
         return submitted
+
+
+def _held_fields(run: RunRecord, status: JobStatus, phase: JobPhase) -> dict[str, Any]:
+    """The run's reason while its job is held (``scontrol hold``): it waits for a release, not for resources, and
+    stays the scheduler's (never resubmitted); the note goes once the hold is released."""
+    held = hold_reason(status.reason) if phase == JobPhase.QUEUED else None
+    if held is not None:
+        return {"reason": f"{HELD_NOTE}: {held} ({status.reason}); it starts after `scontrol release "
+                          f"{status.job_id}`"}
+    if (run.reason or "").startswith(HELD_NOTE):
+        return {"reason": None}
+    return {}
 
 
 def _submitted_jobs(jobs_folder: Path, since: float) -> Iterator[tuple[str, str]]:

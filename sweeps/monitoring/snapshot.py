@@ -3,6 +3,13 @@ each run's progress file (epoch, best validation Dice, host, GPU), and a :class:
 (counts per state, GPU-hours, the best run) that the dashboard, ``--once`` and ``--json`` render.
 
 Progress files are re-read only when their size or modification time changed (one ``stat`` per run per poll).
+
+While a scheduler cannot be asked (SLURM's accounting down), the monitor concludes nothing and a run keeps the
+state ``sweep.db`` last held; the view then shows what the run's own files prove: a run whose latest job wrote its
+success (``job_results/<job id>.json``, or ``progress.json`` saying completed since that submission) reads
+``finished, awaiting accounting``, counted apart from the state it still holds, and the snapshot carries since
+when each scheduler has been unavailable (``sweep.db`` meta, set at the first failed query, cleared at the first
+answer), so every ``--once``, ``--json`` and dashboard frame says it once.
 """
 from __future__ import annotations
 
@@ -15,9 +22,40 @@ from pathlib import Path
 from typing import Any
 
 from brats_ugrip.sweeps import layout
+from brats_ugrip.sweeps.jobs import read_job_result
 from brats_ugrip.sweeps.state import AttemptRecord, RunRecord, RunState, SweepState
 
 STALLED = "STALLED"
+AWAITING_ACCOUNTING = "finished, awaiting accounting"
+"""The label of an active run whose job's own files say it finished, before the scheduler's record says so."""
+REQUEUED_AFTER_NOTE = "requeued by the scheduler after"
+"""How the reason of a run whose job SLURM requeued after a failure (NODE_FAIL) starts."""
+HELD_NOTE = "held"
+"""How the reason of a run whose job is held starts (the engine writes it, the view reads it)."""
+UNAVAILABLE_KEY = "states_unavailable_since"
+"""``sweep.db`` meta: JSON ``{cluster: first failed query (Unix seconds)}`` while a scheduler cannot be asked."""
+
+
+def states_unavailable_since(state: SweepState) -> dict[str, float]:
+    """Since when each scheduler could not be asked (empty when every one answered its last query)."""
+    try:
+        data = json.loads(state.get_meta(UNAVAILABLE_KEY) or "{}")
+    except ValueError:
+        return {}
+    return {str(k): float(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def record_states_unavailable(state: SweepState, cluster: str, since: float | None) -> None:
+    """Note that ``cluster``'s query failed at ``since`` (the first failure is kept), or answered (None: cleared).
+    Written only when it changes: a poll of a healthy sweep writes nothing."""
+    current = states_unavailable_since(state)
+    if since is None and cluster not in current or since is not None and cluster in current:
+        return
+    if since is None:
+        current.pop(cluster)
+    else:
+        current[cluster] = since
+    state.set_meta(UNAVAILABLE_KEY, json.dumps(current))
 
 
 class ProgressReader:
@@ -71,12 +109,27 @@ class RunView:
     stalled: bool = False
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    awaiting_accounting: bool = False
+
+    @property
+    def held(self) -> bool:
+        return RunState(self.state).is_active and (self.reason or "").startswith(HELD_NOTE)
+
+    @property
+    def shown_state(self) -> str:
+        """The state counted in the header: the run files' word for a finished run the scheduler has not
+        confirmed yet, else the database's."""
+        return AWAITING_ACCOUNTING if self.awaiting_accounting else self.state
 
     @property
     def label(self) -> str:
         """The state as a person reads it: REQUEUED runs were checkpointed on a timeout or a preemption."""
-        if self.state == RunState.REQUEUED.value:
-            return "TIMEOUT→REQUEUED"
+        if self.awaiting_accounting:
+            return AWAITING_ACCOUNTING
+        if self.held:
+            return f"{self.state} (held)"
+        if self.state == RunState.REQUEUED.value:  # requeued on a failure (node), else on the clock or a preemption
+            return "REQUEUED" if (self.reason or "").startswith(REQUEUED_AFTER_NOTE) else "TIMEOUT→REQUEUED"
         if self.stalled:
             return f"{self.state} {STALLED}"
         return self.state
@@ -103,12 +156,15 @@ class SweepSnapshot:
     poll_seconds: float | None = None
     halving: list[str] = field(default_factory=list)
     """Successive halving's summary lines (``sweeps/monitoring/promotion.py``), empty for a plain grid."""
+    unavailable_since: dict[str, float] = field(default_factory=dict)
+    """Schedulers that could not be asked, and since when (Unix seconds)."""
 
     @property
     def counts(self) -> dict[str, int]:
-        """Runs per state (in RunState order), and STALLED for running runs without progress lately."""
-        counter = Counter(r.state for r in self.runs)
-        counts = {s.value: counter[s.value] for s in RunState if counter[s.value]}
+        """Runs per state (in RunState order; finished runs awaiting accounting apart, after them), and STALLED
+        for running runs without progress lately."""
+        counter = Counter(r.shown_state for r in self.runs)
+        counts = {s: counter[s] for s in [*(s.value for s in RunState), AWAITING_ACCOUNTING] if counter[s]}
         stalled = sum(r.stalled for r in self.runs)
         if stalled:
             counts[STALLED] = stalled
@@ -130,6 +186,7 @@ class SweepSnapshot:
             "gpu_hours": round(self.gpu_hours, 4), "job_hours": round(self.job_hours, 4),
             "best": {"run_id": best.run_id, "best_dice": best.best_dice, "best_epoch": best.best_epoch} if best else None,
             "varied_keys": self.varied_keys, "notes": self.notes, "halving": self.halving,
+            "unavailable_since": self.unavailable_since,
             "runs": [{**asdict(r), "label": r.label} for r in self.runs],
         }
 
@@ -189,6 +246,8 @@ def run_view(run: RunRecord, attempt: AttemptRecord | None, progress: dict[str, 
     # Stalled: running, and neither the progress file nor the attempt's start is recent.
     last_sign = max(filter(None, (progress_mtime, started_at)), default=None)
     stalled = state == RunState.RUNNING and last_sign is not None and now - last_sign > stall_s
+    awaiting = state.is_active and attempt is not None and finished_by_files(run, attempt, progress,
+                                                                             progress_mtime)
     best_dice = progress.get("best_val_dice")
     if best_dice is None:
         best_dice = run.metrics.get("best_val_dice")
@@ -200,8 +259,19 @@ def run_view(run: RunRecord, attempt: AttemptRecord | None, progress: dict[str, 
         epoch=epoch, max_epochs=max_epochs, best_dice=best_dice,
         best_epoch=progress.get("best_epoch") or run.metrics.get("best_epoch"), started_at=started_at,
         elapsed_s=elapsed, eta_s=eta, updated_at=progress_mtime, stalled=stalled, reason=run.reason,
-        metrics=run.metrics,
+        metrics=run.metrics, awaiting_accounting=awaiting,
     )
+
+
+def finished_by_files(run: RunRecord, attempt: AttemptRecord, progress: dict[str, Any],
+                      progress_mtime: float | None) -> bool:
+    """Whether the run's files prove that its latest attempt finished training: the job's result file says
+    success, or (no result file yet) ``progress.json``, written since that submission, says completed."""
+    outcome = read_job_result(run.run_dir, attempt.job_id, attempt.attempt)
+    if outcome is not None:
+        return outcome.succeeded
+    written_since = progress_mtime is not None and progress_mtime >= (attempt.submitted_at or 0.0)
+    return written_since and progress.get("status") == "completed"
 
 
 def build_snapshot(sweep_dir: str | os.PathLike[str], state: SweepState, progress: ProgressReader,
@@ -220,5 +290,6 @@ def build_snapshot(sweep_dir: str | os.PathLike[str], state: SweepState, progres
     gpu_hours, job_hours = attempt_hours(state.attempts(), {r.run_id: r for r in runs}, now)
     return SweepSnapshot(sweep_dir=str(sweep_dir), name=state.get_meta("name") or Path(sweep_dir).name, taken_at=now,
                          runs=views, varied_keys=varied_keys(runs), gpu_hours=gpu_hours, job_hours=job_hours,
-                         notes=list(notes or []), halving=list(halving or []))
+                         notes=list(notes or []), halving=list(halving or []),
+                         unavailable_since=states_unavailable_since(state))
 
