@@ -589,6 +589,15 @@ def _trainer(config: RunConfig, run_dir: Path, max_epochs: int, callbacks: list[
     )
 
 
+def _checkpoint_callbacks(checkpoints: Path) -> tuple[ModelCheckpoint, ModelCheckpoint]:
+    """``best.ckpt`` (best validation Dice) and ``last.ckpt`` (every epoch's end, what a resumed run continues from)."""
+    best = ModelCheckpoint(dirpath=checkpoints, filename=Path(BEST_CHECKPOINT).stem, monitor=MONITOR, mode="max",
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=checkpoints, filename=Path(LAST_CHECKPOINT).stem, monitor=None, save_top_k=1,
+                           every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    return best, last
+
+
 def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: str | os.PathLike[str] | None = None,
           callbacks: Sequence[Callback] = (), stop_at_epoch: int | None = None,
           shared_cache: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -640,12 +649,7 @@ def train(config: RunConfig | dict[str, Any] | str | os.PathLike[str], run_dir: 
         datalist, config.data.fold, config.data.scheme, config.data.roi_size, config.data.batch_size,
         cache, config.data.num_workers, config.data.samples_per_case, train_cases=train_cases,
         intensity=config.data.augment_intensity, stage_dir=case_stage_dir())
-    best = ModelCheckpoint(dirpath=checkpoints, filename=Path(BEST_CHECKPOINT).stem, monitor=MONITOR, mode="max",
-                           save_top_k=1,
-                           auto_insert_metric_name=False, enable_version_counter=False)
-    last_callback = ModelCheckpoint(dirpath=checkpoints, filename=Path(LAST_CHECKPOINT).stem, monitor=None,
-                                    save_top_k=1,
-                                    every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    best, last_callback = _checkpoint_callbacks(checkpoints)
     trainer_config = config.trainer
     trainer = _trainer(config, run_dir, min(trainer_config.max_epochs, stop_at_epoch or trainer_config.max_epochs),
                        [DivergenceGuard(), progress, best, last_callback, *callbacks])
