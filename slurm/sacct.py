@@ -136,9 +136,29 @@ def records_since(history: list[SacctRecord], submitted_at: float | None,
     return [r for r in history if r.submit is None or r.submit >= submitted_at - slack_s]
 
 
+def array_ids(job_ids: Iterable[str]) -> list[str]:
+    """The job arrays of ``job_ids`` ("12_3" → "12"), each once, in numeric order: one query covers every task."""
+    return sorted({str(job_id).split("_", 1)[0] for job_id in job_ids}, key=lambda j: (len(j), j))
+
+
+def run_query(command: list[str], timeout_s: float) -> str:
+    """Run a SLURM query command (sacct, squeue) and return its output.
+
+    Raises:
+        SacctError: the command is missing, timed out or failed; its name and stderr's tail say which.
+    """
+    try:
+        answer = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise SacctError(f"{command[0]} could not be run ({error})") from error
+    if answer.returncode != 0:
+        raise SacctError(f"{command[0]} failed (exit {answer.returncode}): {answer.stderr.strip()[-500:]}")
+    return answer.stdout
+
+
 def sacct_command(job_ids: Iterable[str]) -> list[str]:
     """The sacct command line asking about ``job_ids`` (array tasks are asked through their array's id)."""
-    arrays = sorted({str(job_id).split("_", 1)[0] for job_id in job_ids}, key=lambda j: (len(j), j))
+    arrays = array_ids(job_ids)
     return ["sacct", "-X", "-n", "-P", "--duplicates", "-j", ",".join(arrays), "-o", ",".join(SACCT_FIELDS)]
 
 
@@ -153,12 +173,6 @@ def query_sacct(job_ids: Iterable[str], timeout_s: float = 60) -> dict[str, list
     job_ids = list(job_ids)
     if not job_ids:
         return {}
-    command = sacct_command(job_ids)
-    try:
-        answer = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise SacctError(f"sacct could not be run ({error})") from error
-    if answer.returncode != 0:
-        raise SacctError(f"sacct failed (exit {answer.returncode}): {answer.stderr.strip()[-500:]}")
+    output = run_query(sacct_command(job_ids), timeout_s)
     wanted = set(job_ids)
-    return {job_id: history for job_id, history in parse_sacct(answer.stdout).items() if job_id in wanted}
+    return {job_id: history for job_id, history in parse_sacct(output).items() if job_id in wanted}

@@ -7,10 +7,9 @@ It never decides a job's state: sacct does (``slurm/sacct.py``).
 """
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterable
 
-from brats_ugrip.slurm.sacct import SacctError
+from brats_ugrip.slurm.sacct import array_ids, run_query
 
 SQUEUE_FORMAT = "%i|%r"  # job id (array tasks one per line with --array) | reason
 
@@ -27,7 +26,7 @@ def parse_squeue(text: str) -> dict[str, str]:
 
 def squeue_command(job_ids: Iterable[str]) -> list[str]:
     """The squeue command line listing the pending jobs among ``job_ids`` (asked through their array's id)."""
-    arrays = sorted({str(job_id).split("_", 1)[0] for job_id in job_ids}, key=lambda j: (len(j), j))
+    arrays = array_ids(job_ids)
     return ["squeue", "-h", "-r", "-t", "PD", "-j", ",".join(arrays), "-o", SQUEUE_FORMAT]
 
 
@@ -40,12 +39,6 @@ def query_pending_reasons(job_ids: Iterable[str], timeout_s: float = 60) -> dict
     job_ids = list(job_ids)
     if not job_ids:
         return {}
-    try:
-        answer = subprocess.run(squeue_command(job_ids), capture_output=True, text=True, timeout=timeout_s,
-                                check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise SacctError(f"squeue could not be run ({error})") from error
-    if answer.returncode != 0:
-        raise SacctError(f"squeue failed (exit {answer.returncode}): {answer.stderr.strip()[-500:]}")
+    output = run_query(squeue_command(job_ids), timeout_s)
     wanted = set(job_ids)
-    return {job_id: reason for job_id, reason in parse_squeue(answer.stdout).items() if job_id in wanted}
+    return {job_id: reason for job_id, reason in parse_squeue(output).items() if job_id in wanted}
