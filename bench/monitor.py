@@ -30,6 +30,7 @@ from rich.console import Console
 from brats_ugrip.atomic import atomic_write_json
 from brats_ugrip.cli import run
 from brats_ugrip.slurm.sacct import SacctRecord, parse_sacct
+from brats_ugrip.slurm.squeue import ControllerJob
 from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.job_states import LocalJobStates, SlurmJobStates
 from brats_ugrip.sweeps.layout import run_dir_path, sweep_db_path
@@ -126,9 +127,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             queries.append(len(list(job_ids)))
             return parse_sacct(text)
 
-        # The recorded answer's pending jobs are not the live controller's: no squeue (it would ask for others).
+        # The recorded answer's jobs are not the live controller's: no squeue (it would ask about others); the
+        # controller is taken to hold every job asked about, as it would while the array waits.
+        def recorded_controller(job_ids: Iterable[str], timeout_s: float) -> dict[str, ControllerJob]:
+            return {job_id: ControllerJob("PENDING", "JobArrayTaskLimit") for job_id in job_ids}
+
         monitor = SweepMonitor(sweep_dir, sources=[SlurmJobStates(query=recorded_sacct,
-                                                                  pending_reasons=lambda ids, timeout_s: {}),
+                                                                  controller=recorded_controller),
                                                    LocalJobStates(layout.jobs_dir(sweep_dir) / "%j")])
         parse_s, _ = timed(lambda: parse_sacct(text), args.repeat)
         start = time.perf_counter()

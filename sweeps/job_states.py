@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Protocol
 
 from brats_ugrip.slurm.sacct import SacctError, SacctRecord, query_sacct, records_since
-from brats_ugrip.slurm.squeue import query_pending_reasons
+from brats_ugrip.slurm.squeue import ControllerJob, query_controller
 from brats_ugrip.sweeps.jobs import read_job_info, read_job_result
 
 
@@ -192,24 +192,39 @@ class JobStateSource(Protocol):
         ...
 
 
+GONE_WHILE_PENDING = "gone while pending: neither the controller nor accounting holds the job (a scancel of a " \
+    "task that never started)"
+"""The reason of a job concluded CANCELLED because it vanished before it ever started (see SlurmJobStates)."""
+
+
+def _ever_started(run_dir: Path, job_id: str) -> bool:
+    """Whether a start of ``job_id`` is recorded in the run's ``job.json`` (a job writes it before training)."""
+    starts = (read_job_info(run_dir) or {}).get("starts", [])
+    return any(start.get("job_id") == job_id for start in starts)
+
+
 class SlurmJobStates:
-    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``; when sacct reports pending
-    jobs, one ``squeue`` asks the controller why they wait (a hold shows only there: ``slurm/squeue.py``).
+    """SLURM jobs through ``sacct`` (one call per poll for all of them) and ``scancel``. When sacct reports jobs
+    pending, or does not report some at all, one ``squeue`` asks the controller about them (``slurm/squeue.py``):
+    a pending job gets the controller's reason (a hold shows only there), and a job that neither accounting nor
+    the controller holds any more, and that never started (no start of it in its run's ``job.json``), was
+    cancelled while pending (:data:`GONE_WHILE_PENDING`). A job the controller does not answer about, or that
+    started, is left as sacct has it: nothing is concluded from a missing answer.
 
     Args:
-        timeout_s: how long sacct may take.
+        timeout_s: how long sacct (and squeue) may take.
         query: the sacct query (job ids, timeout → records by job id); the benchmark feeds it a recorded answer.
-        pending_reasons: the squeue query (pending job ids, timeout → reason by job id).
+        controller: the squeue query (job ids, timeout → the jobs the controller holds, by id).
     """
 
     cluster = "slurm"
 
     def __init__(self, timeout_s: float = 60,
                  query: Callable[[Iterable[str], float], dict[str, list[SacctRecord]]] = query_sacct,
-                 pending_reasons: Callable[[Iterable[str], float], dict[str, str]] = query_pending_reasons):
+                 controller: Callable[[Iterable[str], float], dict[str, ControllerJob]] = query_controller):
         self.timeout_s = timeout_s
         self.query = query
-        self.pending_reasons = pending_reasons
+        self.controller = controller
 
     def statuses(self, jobs: Mapping[str, Path], submitted: Mapping[str, float] | None = None) -> dict[str, JobStatus]:
         statuses = {}
@@ -235,19 +250,25 @@ class SlurmJobStates:
                 requeued_after=next((f"{r.state} on {r.node or 'an unknown node'}" for r in reversed(earlier)
                                      if job_phase(r.state) == JobPhase.FAILED), None),
             )
-        return self._with_pending_reasons(statuses)
+        return self._with_controller(statuses, jobs)
 
-    def _with_pending_reasons(self, statuses: dict[str, JobStatus]) -> dict[str, JobStatus]:
-        """Pending jobs get the controller's current reason (sacct's is the one it last sent to accounting)."""
-        pending = [job_id for job_id, status in statuses.items() if status.state == "PENDING"]
-        if not pending:
+    def _with_controller(self, statuses: dict[str, JobStatus], jobs: Mapping[str, Path]) -> dict[str, JobStatus]:
+        """The controller's word on jobs sacct reports pending or not at all (see the class docstring)."""
+        asked = [job_id for job_id in jobs if job_id not in statuses or statuses[job_id].state == "PENDING"]
+        if not asked:
             return statuses
         try:
-            reasons = self.pending_reasons(pending, self.timeout_s)
-        except SacctError:  # only the reason is missing: sacct's state stands
+            held = self.controller(asked, self.timeout_s)
+        except SacctError:  # the controller did not answer: sacct's word stands, nothing more is concluded
             return statuses
-        return {job_id: replace(status, reason=reasons[job_id]) if job_id in reasons else status
-                for job_id, status in statuses.items()}
+        merged = dict(statuses)
+        for job_id in asked:
+            if job_id in held:
+                if job_id in statuses:
+                    merged[job_id] = replace(statuses[job_id], reason=held[job_id].reason)
+            elif not _ever_started(jobs[job_id], job_id):
+                merged[job_id] = JobStatus(job_id=job_id, state="CANCELLED", reason=GONE_WHILE_PENDING)
+        return merged
 
     def cancel(self, job_ids: list[str]) -> None:
         if not job_ids:

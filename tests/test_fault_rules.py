@@ -1,10 +1,19 @@
 """The rules behind the SLURM fault handling of issue 29, on hand-worked inputs (no cluster): held reasons, a
-signal in sacct's DerivedExitCode, who cancelled a job, squeue's answer, and the accounting-outage record."""
+signal in sacct's DerivedExitCode, who cancelled a job, squeue's answer, a pending task gone from the
+controller and accounting, and the accounting-outage record."""
 from __future__ import annotations
 
-from brats_ugrip.slurm.sacct import parse_sacct
-from brats_ugrip.slurm.squeue import parse_squeue, squeue_command
-from brats_ugrip.sweeps.job_states import hold_reason, killed_by_signal, may_be_requeued
+import json
+
+from brats_ugrip.slurm.sacct import SacctError, parse_sacct
+from brats_ugrip.slurm.squeue import ControllerJob, parse_squeue, squeue_command
+from brats_ugrip.sweeps.job_states import (
+    GONE_WHILE_PENDING,
+    SlurmJobStates,
+    hold_reason,
+    killed_by_signal,
+    may_be_requeued,
+)
 from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.snapshot import record_states_unavailable, states_unavailable_since
 from brats_ugrip.sweeps.state import SweepState
@@ -36,9 +45,59 @@ def test_sacct_line_with_cancelling_uid_and_derived_exit_code():
 
 
 def test_squeue_answer_and_command():
-    assert parse_squeue("12_1|JobHeldAdmin\n12_2|JobArrayTaskLimit\n\nnoise\n") == {
-        "12_1": "JobHeldAdmin", "12_2": "JobArrayTaskLimit"}
-    assert squeue_command(["12_1", "12_2", "9"]) == ["squeue", "-h", "-r", "-t", "PD", "-j", "9,12", "-o", "%i|%r"]
+    assert parse_squeue("12_1|PENDING|JobHeldAdmin\n12_2|RUNNING|None\n\nnoise\n12_3|PENDING\n") == {
+        "12_1": ControllerJob("PENDING", "JobHeldAdmin"), "12_2": ControllerJob("RUNNING", "None")}
+    assert squeue_command(["12_1", "12_2", "9"]) == ["squeue", "-h", "-r", "-t", "all", "-j", "9,12", "-o",
+                                                     "%i|%T|%r"]
+
+
+# sacct -X -n -P answers (fields of slurm/sacct.SACCT_FIELDS) recorded on the dev cluster's SLURM 22.05: task 3 of
+# array 263 was scancelled while pending; accounting first kept it in the array's pending record, then dropped it.
+PENDING_RECORD = "263_[1-9%1]|PENDING|None|0|0:0|2026-12-06T21:41:00|Unknown|JobArrayTaskLimit|" \
+                 "2026-12-06T21:41:00|0:0\n"
+DROPPED_RECORD = "263_[2,4-6,9%1]|PENDING|None|0|0:0|2026-12-06T21:41:00|Unknown|JobArrayTaskLimit|" \
+                 "2026-12-06T21:41:00|0:0\n"
+
+
+def _statuses(tmp_path, sacct_text: str, controller: dict, started: bool = False) -> dict:
+    calls = []
+
+    def ask_controller(job_ids, timeout_s):
+        calls.append(sorted(job_ids))
+        return controller
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    if started:
+        (run_dir / "job.json").write_text(json.dumps({"starts": [{"job_id": "263_3", "start_epoch": 0}]}))
+    source = SlurmJobStates(query=lambda ids, timeout_s: parse_sacct(sacct_text), controller=ask_controller)
+    return source.statuses({"263_3": run_dir, "263_4": run_dir}), calls
+
+
+def test_a_task_gone_while_pending_is_cancelled(tmp_path):
+    held = {"263_4": ControllerJob("PENDING", "JobArrayTaskLimit")}
+    for text in (PENDING_RECORD, DROPPED_RECORD):  # still listed pending by accounting, or dropped by it
+        statuses, calls = _statuses(tmp_path, text, held)
+        assert calls == [["263_3", "263_4"]]  # one controller query, for both
+        assert statuses["263_3"].state == "CANCELLED" and statuses["263_3"].reason == GONE_WHILE_PENDING
+        assert statuses["263_4"].state == "PENDING" and statuses["263_4"].reason == "JobArrayTaskLimit"
+
+
+def test_a_missing_answer_concludes_nothing(tmp_path):
+    # the job started once (job.json): gone from both is not "never started"; it stays as sacct has it
+    statuses, _ = _statuses(tmp_path, PENDING_RECORD, {}, started=True)
+    assert statuses["263_3"].state == "PENDING"
+    statuses, _ = _statuses(tmp_path, DROPPED_RECORD, {}, started=True)
+    assert "263_3" not in statuses
+    # the controller holds it (e.g. not yet sent to accounting): nothing concluded either
+    statuses, _ = _statuses(tmp_path, DROPPED_RECORD, {"263_3": ControllerJob("PENDING", "Priority")})
+    assert "263_3" not in statuses
+
+    def down(job_ids, timeout_s):
+        raise SacctError("slurm_load_jobs error: Unable to contact slurm controller")
+
+    source = SlurmJobStates(query=lambda ids, timeout_s: parse_sacct(DROPPED_RECORD), controller=down)
+    assert "263_3" not in source.statuses({"263_3": tmp_path, "263_4": tmp_path})
 
 
 def test_accounting_outage_keeps_the_first_failure_until_an_answer(tmp_path):

@@ -27,7 +27,8 @@ Policy per attempt (scheduler state → run):
   requeued and is resumed like a TIMEOUT;
 - NODE_FAIL → REQUEUED for ``NODE_FAIL_GRACE_S``: SLURM requeues such a job and accounting hears of it seconds
   later (resubmitting sooner would run the run twice); after the grace without a new record, a failure as above;
-- CANCELLED → CANCELLED (by the user, from outside: never retried on its own; ``--retry`` resumes it). Other runs
+- CANCELLED → CANCELLED (by the user, from outside, also a pending task scancelled before it started, which
+  accounting may go on listing as pending: never retried on its own; ``--retry`` resumes it). Other runs
   are never touched by a run's failure.
 
 A scheduler that cannot be asked (sacct failing: slurmdbd down) changes nothing: the poll notes it, and
@@ -51,6 +52,7 @@ from brats_ugrip.sweeps import layout
 from brats_ugrip.sweeps.job_states import (
     CANCELLED_WORD,
     COMPLETED_WORD,
+    GONE_WHILE_PENDING,
     UNCOMPLETED_MARK,
     JobPhase,
     JobStateSource,
@@ -261,8 +263,7 @@ class SweepMonitor:
                            COMPLETED_WORD if trusted else scheduler_state, ended_at, note)
             return None
         if phase == JobPhase.CANCELLED:
-            who = f"by the user ({status.reason}, scancel)" if (status.reason or "").startswith("by uid") else \
-                "outside the monitor (scancel, or the job was killed)"
+            who = _who_cancelled(status.reason)
             self._write(run, attempt, report, RunState.CANCELLED, scheduler_state, status.node, ended_at=ended_at,
                         reason=run.reason or f"cancelled {who}: not retried on its own; `monitor.py SWEEP_DIR "
                                              f"--retry {run.run_id}` resumes it from last.ckpt")
@@ -517,6 +518,15 @@ class SweepMonitor:
                 for run_id in submitted:
                     self.state.update_run(run_id, reason="resubmitted with monitor.py --retry")
         return submitted
+
+
+def _who_cancelled(reason: str | None) -> str:
+    """Who or what cancelled a job, from the job-state source's reason."""
+    if (reason or "").startswith("by uid"):
+        return f"by the user ({reason}, scancel)"
+    if reason == GONE_WHILE_PENDING:
+        return "outside the monitor before it started (its job is gone from the queue and from accounting)"
+    return "outside the monitor (scancel, or the job was killed)"
 
 
 def _held_fields(run: RunRecord, status: JobStatus, phase: JobPhase) -> dict[str, Any]:

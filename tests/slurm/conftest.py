@@ -1,6 +1,6 @@
 """Fixtures for tests that run jobs on the single-node SLURM dev cluster (``slurm/dev-cluster/start.sh``): the
-cluster (``slurm_cluster``), a job directory, a grid of tiny CPU runs (``make_grid``), a log of sbatch calls
-(``sbatch_log``).
+cluster (``slurm_cluster``), a job directory, a grid of tiny CPU runs (``make_grid``), a log of the SLURM commands
+the test runs (``slurm_calls``).
 
 A test that takes ``slurm_cluster`` is marked ``slurm`` automatically. The cluster is used when it answers
 ``sinfo`` and ``sacct``; when it does not, it is started if ``BRATS_UGRIP_START_SLURM=1`` (a start that fails
@@ -93,6 +93,33 @@ class SlurmDevCluster:
         """Poll sacct until ``job_id`` reached a final state (see FINAL_STATES); return it."""
         return self.wait_for_state(job_id, FINAL_STATES, timeout_s, since)
 
+    @staticmethod
+    def config(key: str) -> str:
+        """One value of ``scontrol show config`` (``Key = value`` lines)."""
+        out = _run(["scontrol", "show", "config"]).stdout
+        for line in out.splitlines():
+            name, _, value = line.partition("=")
+            if name.strip() == key:
+                return value.strip()
+        raise KeyError(key)
+
+    def own_state_dir(self) -> Path:
+        """The state folder of start.sh's cluster (``etc/``, ``run/`` with the pid files, the controller's state);
+        skips the test when the cluster is someone else's, whose daemons are never ours to stop."""
+        state_dir = Path(self.config("StateSaveLocation")).parent
+        conf = Path("/etc/slurm/slurm.conf")
+        if not (conf.is_symlink() and conf.resolve() == (state_dir / "etc" / "slurm.conf").resolve()):
+            pytest.skip(f"not the dev cluster of {START_SCRIPT} ({conf} is not its symlink): its daemons are not "
+                        "ours to stop")
+        return state_dir
+
+    @staticmethod
+    def start() -> str:
+        """Run start.sh (again): starts whichever daemon is not running, keeping saved state; returns its output."""
+        started = _run([str(START_SCRIPT)], timeout_s=600)
+        assert started.returncode == 0, started.stdout + started.stderr
+        return started.stdout
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmDevCluster:
@@ -125,18 +152,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slurm)
 
 
+LOGGED_COMMANDS = ("sbatch", "sacct", "squeue", "scancel")
+
+
+@dataclass(frozen=True)
+class SlurmCalls:
+    """The SLURM commands (LOGGED_COMMANDS) that the test and every process it starts ran: each call goes through a
+    wrapper that appends ``<command> <arguments>`` to ``log`` and then executes the real command."""
+
+    log: Path
+
+    def calls(self, command: str) -> list[str]:
+        """The arguments of every call of ``command`` so far, oldest first."""
+        lines = self.log.read_text().splitlines()
+        return [args for name, _, args in (line.partition(" ") for line in lines) if name == command]
+
+    def submissions(self) -> list[str]:
+        """sbatch calls that submitted jobs (the launcher's ``--test-only`` checks left out)."""
+        return [args for args in self.calls("sbatch") if "--test-only" not in args]
+
+
 @pytest.fixture
-def sbatch_log(tmp_path, monkeypatch):
-    """Put an ``sbatch`` in front of the real one that logs each call (one line of arguments per call)."""
-    real = shutil.which("sbatch")
+def slurm_calls(tmp_path, monkeypatch) -> SlurmCalls:
+    """Put logging wrappers of LOGGED_COMMANDS in front of the real ones on PATH (jobs inherit it too)."""
     shim_dir = tmp_path / "shim"
     shim_dir.mkdir()
-    log = tmp_path / "sbatch_calls.log"
+    log = tmp_path / "slurm_calls.log"
     log.touch()
-    (shim_dir / "sbatch").write_text(f'#!/bin/bash\necho "$*" >> {log}\nexec {real} "$@"\n')
-    (shim_dir / "sbatch").chmod(0o755)
+    for command in LOGGED_COMMANDS:
+        real = shutil.which(command)
+        assert real is not None, f"{command} is not on PATH"
+        # One short line per call, appended (O_APPEND): calls from several processes do not interleave.
+        (shim_dir / command).write_text(f'#!/bin/bash\necho "{command} $*" >> {log}\nexec {real} "$@"\n')
+        (shim_dir / command).chmod(0o755)
     monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
-    return log
+    return SlurmCalls(log)
 
 
 @pytest.fixture

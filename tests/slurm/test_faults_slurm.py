@@ -1,6 +1,8 @@
 """Faults a sweep meets in its first week on a shared cluster (issue 29), injected into a running sweep of tiny
 runs on the real single-node dev cluster: accounting (slurmdbd) down while runs finish and while a sweep is
-launched, one array task cancelled from outside, pending tasks held then released.
+launched, the controller and the monitor SIGKILLed, the node set DOWN (and the monitor SIGKILLed during it), one
+array task cancelled from outside while running and one before it started, pending tasks held then released, a
+job killed as for memory, and a sweep of 120 runs (one sbatch per resource set, one sacct per poll).
 
 Every test also checks the same three things (:func:`_assert_sweep_sound`): no run submitted twice (the jobs
 submitit's folder holds are exactly the recorded attempts, one job id each), no completed epoch trained again
@@ -36,30 +38,11 @@ from brats_ugrip.sweeps.state import RunState, SweepState
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-START_SCRIPT = REPO / "slurm" / "dev-cluster" / "start.sh"
 WAIT_S = 300
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
-
-def _slurm_config(key: str) -> str:
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() == key:
-            return value.strip()
-    raise KeyError(key)
-
-
-def _dev_cluster_run_dir() -> Path:
-    """The pid-file folder of start.sh's cluster; skips when the cluster is someone else's (never stop it)."""
-    state_dir = Path(_slurm_config("StateSaveLocation")).parent
-    conf = Path("/etc/slurm/slurm.conf")
-    if not (conf.is_symlink() and conf.resolve() == (state_dir / "etc" / "slurm.conf").resolve()):
-        pytest.skip(f"not the dev cluster of {START_SCRIPT} ({conf} is not its symlink): its daemons are not ours "
-                    "to stop")
-    return state_dir / "run"
 
 
 def _alive(pid: int) -> bool:
@@ -69,23 +52,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_daemon(name: str, sig: signal.Signals = signal.SIGKILL) -> None:
-    """Kill a dev-cluster daemon by the pid in its pid file and wait until it is gone (or a zombie)."""
-    pid = int((_dev_cluster_run_dir() / f"{name}.pid").read_text().strip())
+def _kill_daemon(cluster, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Kill a daemon of start.sh's cluster by the pid in its pid file and wait until it is gone (or a zombie)."""
+    pid = int((cluster.own_state_dir() / "run" / f"{name}.pid").read_text().strip())
     os.kill(pid, sig)
     deadline = time.monotonic() + 60
     while _alive(pid):
         assert time.monotonic() < deadline, f"{name} ({pid}) still runs 60 s after {sig.name}"
         time.sleep(0.2)
-
-
-def _start_cluster() -> None:
-    started = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=600)
-    assert started.returncode == 0, started.stdout + started.stderr
-
-
-def _submissions(log: Path) -> list[str]:
-    return [line for line in log.read_text().splitlines() if "--test-only" not in line]
 
 
 def _monitor_cli(sweep: Path, *args: str) -> str:
@@ -141,20 +115,20 @@ def _job_succeeded(state: SweepState, run_id: str) -> bool:
 # --- 1. accounting down ---------------------------------------------------------------------------------------
 
 
-def test_accounting_down_shows_finished_runs_then_concludes(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_accounting_down_shows_finished_runs_then_concludes(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     """slurmdbd is killed before a 2-run sweep is launched and stays down while both runs finish. The monitor
     concludes nothing (both runs keep their submitted state, nothing is resubmitted), and ``--once``/``--json``
     show what the run files prove: both "finished, awaiting accounting", and "accounting unavailable since HH:MM"
     once, HH:MM being the first failed poll's minute, kept by later polls. Once slurmdbd is back the next polls
     conclude both COMPLETED in one attempt and collect them, and the outage line is gone."""
-    _dev_cluster_run_dir()
+    slurm_cluster.own_state_dir()
     grid = make_grid("dbd_down", {"optim.lr": [0.001, 0.01]})
     sweep = slurm_job_dir / "sweep"
-    _kill_daemon("slurmdbd")
+    _kill_daemon(slurm_cluster, "slurmdbd")
     try:
         assert subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=60).returncode != 0  # no answer
         jobs = launch.submit_plan(launch.plan_launch(grid, sweep))  # a launch while accounting is down
-        assert len(_submissions(sbatch_log)) == 1 and len(jobs) == 2
+        assert len(slurm_calls.submissions()) == 1 and len(jobs) == 2
         with SweepState(sweep_db_path(sweep)) as state:
             _wait(lambda: all(_job_succeeded(state, run_id) for run_id in jobs), "both jobs report success")
         first_poll = time.time()
@@ -166,7 +140,7 @@ def test_accounting_down_shows_finished_runs_then_concludes(slurm_cluster, make_
             held_states = {r.run_id: r.state for r in state.runs()}
             assert all(r.attempts == 1 for r in state.runs())
     finally:
-        _start_cluster()
+        slurm_cluster.start()
 
     rows = [line for line in once.splitlines() if line.startswith(tuple(jobs))]
     assert len(rows) == 2 and all(AWAITING_ACCOUNTING in row for row in rows), once
@@ -184,7 +158,7 @@ def test_accounting_down_shows_finished_runs_then_concludes(slurm_cluster, make_
     assert final == {run_id: RunState.COMPLETED for run_id in jobs}
     with SweepState(sweep_db_path(sweep)) as state:
         assert all(r.attempts == 1 and r.metrics["epochs"] == 2 for r in state.runs())
-    assert len(_submissions(sbatch_log)) == 1
+    assert len(slurm_calls.submissions()) == 1
     after = json.loads(_monitor_cli(sweep, "--json"))
     assert after["unavailable_since"] == {} and after["counts"] == {"COMPLETED": 2}
     _assert_sweep_sound(sweep)
@@ -193,7 +167,7 @@ def test_accounting_down_shows_finished_runs_then_concludes(slurm_cluster, make_
 # --- 4. a task cancelled from outside ------------------------------------------------------------------------
 
 
-def test_scancel_of_one_task_is_cancelled_then_retry_resumes(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_scancel_of_one_task_is_cancelled_then_retry_resumes(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     """One task of a 2-run array is scancelled once its last.ckpt holds an epoch: the run is CANCELLED "by the
     user", never resubmitted on its own, while the other completes. ``monitor --retry`` submits it again and it
     resumes from its last.ckpt (its new start begins at the epochs it had finished) and completes."""
@@ -216,7 +190,7 @@ def test_scancel_of_one_task_is_cancelled_then_retry_resumes(slurm_cluster, make
         cancelled = state.get_run(victim)
     assert cancelled.attempts == 1 and cancelled.reason.startswith("cancelled by the user (by uid "), cancelled.reason
     assert "--retry" in cancelled.reason
-    assert len(_submissions(sbatch_log)) == 1  # not retried on its own
+    assert len(slurm_calls.submissions()) == 1  # not retried on its own
 
     assert "resubmitted as job" in _monitor_cli(sweep, "--retry", victim)
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
@@ -226,7 +200,7 @@ def test_scancel_of_one_task_is_cancelled_then_retry_resumes(slurm_cluster, make
     assert run.attempts == 2 and run.metrics["epochs"] == max_epochs
     starts = read_job_info(run_dir)["starts"]
     assert [s["start_epoch"] for s in starts] == [0, done_before], starts  # resumed, no finished epoch again
-    assert len(_submissions(sbatch_log)) == 2
+    assert len(slurm_calls.submissions()) == 2
     _assert_sweep_sound(sweep)
 
 
@@ -234,15 +208,22 @@ def test_scancel_of_one_task_is_cancelled_then_retry_resumes(slurm_cluster, make
 
 
 def test_held_pending_task_is_shown_held_and_never_resubmitted(slurm_cluster, make_grid, slurm_job_dir,
-                                                              sbatch_log):
-    """A 2-run array runs one task at a time; the pending task is held (``scontrol hold``). The monitor shows it
-    held (the controller's Reason, through squeue: sacct keeps the reason it had) while the other run completes,
-    and never resubmits it; released, it runs and completes in its one attempt, and the hold note is gone."""
-    grid = make_grid("hold", {"optim.lr": [0.001, 0.01]}, executor={"array_parallelism": 1}, trainer={"max_epochs": 1})
+                                                              slurm_calls):
+    """A 3-run array runs one task at a time. One pending task is held (``scontrol hold``), another is scancelled
+    before it ever started. The monitor shows the held one held (the controller's Reason, through squeue: sacct
+    keeps the reason it had) while the first run completes, and never resubmits it; the scancelled one is
+    CANCELLED (accounting records that cancel, or goes on listing it pending, or drops it: SLURM 22.05 does each),
+    and is not retried.
+    Released, the held task runs and completes in its one attempt, and the hold note is gone."""
+    grid = make_grid("hold", {"optim.lr": [0.001, 0.003, 0.01]}, executor={"array_parallelism": 1},
+                     trainer={"max_epochs": 1})
     sweep = slurm_job_dir / "sweep"
     jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
-    first, second = sorted(jobs, key=lambda run_id: int(jobs[run_id].job_id.split("_")[1]))
+    first, second, third = sorted(jobs, key=lambda run_id: int(jobs[run_id].job_id.split("_")[1]))
     held_job = jobs[second].job_id
+    # scancel first, right after submission: while the task is still part of the array's pending record, which is
+    # when accounting keeps no end for it (the case the monitor has to see through)
+    subprocess.run(["scancel", jobs[third].job_id], check=True)
     subprocess.run(["scontrol", "hold", held_job], check=True)
     monitor = SweepMonitor(sweep)
     try:
@@ -253,7 +234,7 @@ def test_held_pending_task_is_shown_held_and_never_resubmitted(slurm_cluster, ma
         _wait(first_done, f"{first} completes while {second} is held", poll_s=1.0)
         for _ in range(3):  # a few more polls: the held run is left to the scheduler
             monitor.poll()
-        held = monitor.state.get_run(second)
+        held, gone = monitor.state.get_run(second), monitor.state.get_run(third)
         view = next(r for r in monitor.snapshot().runs if r.run_id == second)
     finally:
         monitor.close()
@@ -261,15 +242,25 @@ def test_held_pending_task_is_shown_held_and_never_resubmitted(slurm_cluster, ma
     assert held.reason.startswith("held: held by ") and f"scontrol release {held_job}" in held.reason, held.reason
     assert view.label == "SUBMITTED (held)"
     assert "SUBMITTED (held)" in _monitor_cli(sweep, "--once")
-    assert len(_submissions(sbatch_log)) == 1
+    assert gone.state == RunState.CANCELLED and gone.attempts == 1, gone
+    # Accounting records the cancel only when the controller had split the task off the array's pending record
+    # before it; else it keeps listing the task pending, or drops it (tests/test_fault_rules.py has both answers).
+    accounting = slurm_cluster.state(jobs[third].job_id)
+    if accounting == "CANCELLED":
+        assert gone.reason.startswith("cancelled by the user (by uid "), gone.reason
+    else:
+        assert accounting in (None, "PENDING"), accounting
+        assert gone.reason.startswith("cancelled outside the monitor before it started"), gone.reason
+    assert "--retry" in gone.reason
+    assert len(slurm_calls.submissions()) == 1
 
     subprocess.run(["scontrol", "release", held_job], check=True)
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
-    assert final == {first: RunState.COMPLETED, second: RunState.COMPLETED}, final
+    assert final == {first: RunState.COMPLETED, second: RunState.COMPLETED, third: RunState.CANCELLED}, final
     with SweepState(sweep_db_path(sweep)) as state:
         released = state.get_run(second)
     assert released.attempts == 1 and released.reason is None
-    assert len(_submissions(sbatch_log)) == 1
+    assert len(slurm_calls.submissions()) == 1
     _assert_sweep_sound(sweep)
 
 
@@ -286,12 +277,12 @@ def _start_monitor(sweep: Path, log: Path) -> subprocess.Popen:
 CONTROLLER_DOWN_S = 30
 
 
-def test_controller_and_monitor_killed_mid_sweep(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_controller_and_monitor_killed_mid_sweep(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     """While a 2-run sweep trains and its monitor (``monitor.py``) follows it, slurmctld and the monitor are both
     SIGKILLed. The jobs go on under their slurmstepd; the controller is restarted after CONTROLLER_DOWN_S with its
     saved state, then the monitor. Both runs complete in their one attempt: nothing failed, nothing resubmitted,
     no epoch trained twice."""
-    run_dir_of_cluster = _dev_cluster_run_dir()
+    run_dir_of_cluster = slurm_cluster.own_state_dir() / "run"
     grid = make_grid("ctld_kill", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": 4})
     sweep = slurm_job_dir / "sweep"
     jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
@@ -303,13 +294,13 @@ def test_controller_and_monitor_killed_mid_sweep(slurm_cluster, make_grid, slurm
     _wait(lambda: any(_epochs_in(last_checkpoint(d)) >= 1 for d in run_dirs), "a first checkpoint", poll_s=0.2)
     assert monitor.poll() is None, log.read_text()
     try:
-        _kill_daemon("slurmctld")
+        _kill_daemon(slurm_cluster, "slurmctld")
         monitor.send_signal(signal.SIGKILL)
         monitor.wait()
         time.sleep(CONTROLLER_DOWN_S)
         assert (run_dir_of_cluster / "slurmctld.pid").exists()  # killed, not stopped: its pid file stays
     finally:
-        _start_cluster()  # slurmctld again, from its saved state (StateSaveLocation)
+        slurm_cluster.start()  # slurmctld again, from its saved state (StateSaveLocation)
     code = _start_monitor(sweep, log).wait(timeout=WAIT_S)
     assert code == 0, log.read_text()[-3000:]
     with SweepState(sweep_db_path(sweep)) as state:
@@ -318,7 +309,7 @@ def test_controller_and_monitor_killed_mid_sweep(slurm_cluster, make_grid, slurm
     assert all(r.metrics["epochs"] == 4 and r.reason is None for r in runs), [(r.run_id, r.reason) for r in runs]
     for run_id, job in jobs.items():
         assert slurm_cluster.state(job.job_id) == "COMPLETED"
-    assert len(_submissions(sbatch_log)) == 1
+    assert len(slurm_calls.submissions()) == 1
     _assert_sweep_sound(sweep)
 
 
@@ -332,44 +323,43 @@ def _node_state() -> str:
     return subprocess.run(["sinfo", "-h", "-n", NODE, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def test_node_down_requeues_and_runs_resume_from_last_ckpt(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_node_down_requeues_and_runs_resume_from_last_ckpt(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     """The node is set DOWN while both runs of a sweep train (each with an epoch in last.ckpt), then back in
-    service. SLURM ends the jobs NODE_FAIL and requeues them; the monitor shows them REQUEUED with the node and
-    the cause, submits nothing itself, and both runs resume from their last.ckpt (the second start begins at the
-    epochs the first one finished, or later) and complete within max_retries."""
-    _dev_cluster_run_dir()
+    service. SLURM ends the jobs NODE_FAIL and requeues them. The monitor process (``monitor.py``) that sees this
+    first is SIGKILLed as soon as it has recorded a requeue; its successor, started while the node is still DOWN,
+    shows both runs REQUEUED with the node and the cause and submits nothing itself; both runs resume from their
+    last.ckpt (the second start begins at the epochs the first one finished, or later) and complete within
+    max_retries."""
+    slurm_cluster.own_state_dir()
     max_epochs = 5
     grid = make_grid("node_down", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": max_epochs}, max_retries=1)
     sweep = slurm_job_dir / "sweep"
     jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
-    monitor = SweepMonitor(sweep)
+    log = slurm_job_dir / "monitor.log"
+    first_monitor = _start_monitor(sweep, log)
+    with SweepState(sweep_db_path(sweep)) as state:
+        run_dirs = {run_id: Path(state.get_run(run_id).run_dir) for run_id in jobs}
+    _wait(lambda: all(_epochs_in(last_checkpoint(d)) >= 1 for d in run_dirs.values()), "a checkpoint each",
+          poll_s=0.2)
+    done_before = {run_id: _epochs_in(last_checkpoint(d)) for run_id, d in run_dirs.items()}
+    assert all(epochs < max_epochs for epochs in done_before.values()), done_before
+    assert first_monitor.poll() is None, log.read_text()
+    subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=down", "reason=issue29 fault test"],
+                   check=True)
     try:
-        run_dirs = {run_id: Path(monitor.state.get_run(run_id).run_dir) for run_id in jobs}
-        _wait(lambda: all(_epochs_in(last_checkpoint(d)) >= 1 for d in run_dirs.values()), "a checkpoint each",
-              poll_s=0.2)
-        done_before = {run_id: _epochs_in(last_checkpoint(d)) for run_id, d in run_dirs.items()}
-        assert all(epochs < max_epochs for epochs in done_before.values()), done_before
-        subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=down", "reason=issue29 fault test"],
-                       check=True)
-        seen = {}  # each run's row when a poll first found it REQUEUED (the runs need not be requeued together)
-        try:
-            def requeued() -> bool:
-                monitor.poll()
-                seen.update({v.run_id: v for v in monitor.snapshot().runs
-                             if v.state == RunState.REQUEUED.value and v.run_id not in seen})
-                return len(seen) == len(jobs)
-
-            _wait(requeued, "both runs REQUEUED", timeout_s=120, poll_s=1.0)
-            views = list(seen.values())
-        finally:
-            if _node_state().startswith("down"):  # ReturnToService=2 may have put it back already
-                subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=resume"], check=False)
+        with SweepState(sweep_db_path(sweep)) as state:
+            _wait(lambda: any(r.state == RunState.REQUEUED for r in state.runs()),
+                  "the monitor process records a requeue", timeout_s=120, poll_s=0.2)
+        first_monitor.send_signal(signal.SIGKILL)
+        first_monitor.wait()
+        views = _requeued_views(SweepMonitor(sweep), len(jobs))
     finally:
-        monitor.close()
+        if _node_state().startswith("down"):  # ReturnToService=2 may have put it back already
+            subprocess.run(["scontrol", "update", f"nodename={NODE}", "state=resume"], check=False)
     for view in views:
         assert view.label == "REQUEUED", view.label
         assert view.reason == f"requeued by the scheduler after NODE_FAIL on {NODE}: resumes from last.ckpt"
-    assert len(_submissions(sbatch_log)) == 1  # SLURM requeued them: the monitor submitted nothing
+    assert len(slurm_calls.submissions()) == 1  # SLURM requeued them: neither monitor submitted anything
 
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
     assert final == {run_id: RunState.COMPLETED for run_id in jobs}, final
@@ -379,7 +369,25 @@ def test_node_down_requeues_and_runs_resume_from_last_ckpt(slurm_cluster, make_g
         assert 1 <= run.attempts <= run.max_retries + 1 and run.metrics["epochs"] == max_epochs
         starts = read_job_info(run.run_dir)["starts"]
         assert len(starts) >= 2 and starts[-1]["start_epoch"] >= done_before[run.run_id], starts
+    assert len(slurm_calls.submissions()) == 1
     _assert_sweep_sound(sweep)
+
+
+def _requeued_views(monitor: SweepMonitor, n_runs: int) -> list:
+    """Poll until every run has been seen REQUEUED; each run's row when a poll first found it so (the runs need
+    not be requeued together)."""
+    seen = {}
+    try:
+        def requeued() -> bool:
+            monitor.poll()
+            seen.update({v.run_id: v for v in monitor.snapshot().runs
+                         if v.state == RunState.REQUEUED.value and v.run_id not in seen})
+            return len(seen) == n_runs
+
+        _wait(requeued, "every run REQUEUED", timeout_s=120, poll_s=1.0)
+    finally:
+        monitor.close()
+    return list(seen.values())
 
 
 # --- 5. killed for memory ---------------------------------------------------------------------------------------
@@ -390,7 +398,7 @@ def test_node_down_requeues_and_runs_resume_from_last_ckpt(slurm_cluster, make_g
 # test below produces directly.
 
 
-def test_killed_job_is_retried_then_failed(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_killed_job_is_retried_then_failed(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     """The job's Python process is SIGKILLed (what the kernel's OOM killer does) in each attempt of a run with
     ``max_retries: 1``: the first kill is retried (resuming from last.ckpt), the second leaves the run FAILED
     with the cause on the dashboard and no retries left; nothing is submitted beyond max_retries."""
@@ -424,5 +432,88 @@ def test_killed_job_is_retried_then_failed(slurm_cluster, make_grid, slurm_job_d
     assert once_row.reason == run.reason and once_row.node is not None
     starts = read_job_info(run_dir)["starts"]
     assert [s["job_id"] for s in starts] == [a.job_id for a in attempts] and starts[1]["start_epoch"] >= 1
-    assert len(_submissions(sbatch_log)) == 2
+    assert len(slurm_calls.submissions()) == 2
+    _assert_sweep_sound(sweep)
+
+
+# --- 8. scale ---------------------------------------------------------------------------------------------------
+
+
+SCALE_LRS = 60  # × 2 resource sets = 120 runs
+SCALE_COMPLETED = 6
+"""Runs left to train to the end before the rest are cancelled: 120 tiny trainings take ~6 CPU-s each (imports),
+about 15 minutes on CI's 2 cores; ``bench/monitor_slurm.py`` runs a whole sweep to the end and measures it."""
+
+
+def _sacct_states(array_ids: set[str]) -> dict[str, str]:
+    """Every task's state as sacct itself prints it (``-X -P``), read here without the project's parser: a
+    compressed record of several pending tasks, ``123_[4-6,9%2]``, is expanded; ``CANCELLED by 0`` → CANCELLED.
+    Tasks accounting does not list are absent."""
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(sorted(array_ids)), "-o", "JobID,State"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    states = {}
+    for line in out.splitlines():
+        job_id, state = line.split("|")
+        array, _, tasks = job_id.partition("_")
+        for part in tasks.strip("[]").split("%")[0].split(","):  # "%2": the array's throttle
+            first, _, last = part.partition("-")
+            for task in range(int(first), int(last or first) + 1):
+                states[f"{array}_{task}"] = state.split()[0]
+    return states
+
+
+def test_sweep_of_120_runs_one_sbatch_per_resource_set_one_sacct_per_poll(slurm_cluster, make_grid, slurm_job_dir,
+                                                                          slurm_calls):
+    """A grid of 120 runs in two resource sets (``executor.cpus_per_task`` 1 and 2) is launched with two sbatch
+    calls, one array each. The monitor follows all 120 with one sacct call per poll and at most one squeue (why
+    pending tasks wait), whatever their number, while runs go from pending to running to completed and are
+    collected. Once SCALE_COMPLETED runs have completed, ``--cancel all`` ends the rest with one scancel. Every
+    run has one attempt, the database agrees with sacct about every job, nothing is resubmitted."""
+    grid = make_grid("scale", {"optim.lr": [round(0.0005 * (i + 1), 5) for i in range(SCALE_LRS)],
+                               "executor.cpus_per_task": [1, 2]},
+                     executor={"array_parallelism": 2}, trainer={"max_epochs": 1, "limit_train_batches": 1})
+    sweep = slurm_job_dir / "sweep"
+    jobs = launch.submit_plan(launch.plan_launch(grid, sweep))
+    assert len(jobs) == 2 * SCALE_LRS
+    assert len(slurm_calls.submissions()) == 2  # one sbatch per resource set
+    arrays = {job.job_id.split("_")[0] for job in jobs.values()}
+    assert len(arrays) == 2
+    calls_per_poll: list[tuple[int, int]] = []
+    monitor = SweepMonitor(sweep)
+    try:
+        def enough_completed() -> bool:
+            before = len(slurm_calls.calls("sacct")), len(slurm_calls.calls("squeue"))
+            monitor.poll()
+            calls_per_poll.append((len(slurm_calls.calls("sacct")) - before[0],
+                                   len(slurm_calls.calls("squeue")) - before[1]))
+            return sum(r.state == RunState.COMPLETED for r in monitor.state.runs()) >= SCALE_COMPLETED
+
+        _wait(enough_completed, f"{SCALE_COMPLETED} runs completed", poll_s=1.0)
+        cancelled = monitor.cancel(["all"])
+        runs = {r.run_id: r for r in monitor.state.runs()}
+    finally:
+        monitor.close()
+    assert {sacct for sacct, _ in calls_per_poll} == {1}, calls_per_poll  # one sacct per poll, for all 120 runs
+    assert max(squeue for _, squeue in calls_per_poll) <= 1, calls_per_poll
+    assert any(squeue == 1 for _, squeue in calls_per_poll)  # pending tasks were there and were asked about once
+    assert len(slurm_calls.calls("scancel")) == 1  # one scancel for the whole sweep
+    completed = {run_id for run_id, run in runs.items() if run.state == RunState.COMPLETED}
+    assert len(completed) >= SCALE_COMPLETED and set(cancelled) == set(jobs) - completed
+    assert all(run.attempts == 1 for run in runs.values())
+    assert {run_id for run_id, run in runs.items() if run.state == RunState.CANCELLED} == set(cancelled)
+
+    def nothing_queued() -> bool:  # pending and running jobs (squeue's default states) of the sweep's arrays
+        answer = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(sorted(arrays)), "-o", "%i"],
+                                capture_output=True, text=True, check=True, timeout=60)
+        return not answer.stdout.strip()
+
+    _wait(nothing_queued, "the controller holds no job of the sweep after --cancel all", timeout_s=120, poll_s=2.0)
+    sacct = _sacct_states(arrays)
+    assert all(sacct[jobs[run_id].job_id] == "COMPLETED" for run_id in completed)
+    # A cancelled run's job is CANCELLED, or absent or still "pending" in accounting when it never started (SLURM
+    # 22.05 drops such tasks), or COMPLETED when it was running and ended between the last poll and scancel.
+    words = {run_id: sacct.get(jobs[run_id].job_id) for run_id in cancelled}
+    assert set(words.values()) <= {"CANCELLED", "PENDING", None, "COMPLETED"}, words
+    assert sum(word == "COMPLETED" for word in words.values()) <= 4, words  # at most the 4 that were running
+    assert len(slurm_calls.submissions()) == 2  # nothing resubmitted
     _assert_sweep_sound(sweep)

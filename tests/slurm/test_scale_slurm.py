@@ -28,12 +28,8 @@ from brats_ugrip.sweeps.state import RunState, SweepState
 
 pytestmark = pytest.mark.slow
 WAIT_S = 600
-START_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "dev-cluster" / "start.sh"
 CACHE_FILES_PER_CASE = 4  # <case>-<key>.image.npy, .regions.npy, .tumour.npy, .json (preprocess.CaseCache)
 
-
-def _submissions(log: Path) -> list[str]:
-    return [line for line in log.read_text().splitlines() if "--test-only" not in line]
 
 
 def _without_cache_dir(grid: Path) -> Path:
@@ -48,7 +44,7 @@ def _disk(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def test_array_fills_one_shared_cache(slurm_cluster, make_grid, slurm_job_dir, sbatch_log, monkeypatch,
+def test_array_fills_one_shared_cache(slurm_cluster, make_grid, slurm_job_dir, slurm_calls, monkeypatch,
                                       phantom_dir):
     """Three runs of one array (three learning rates, all at once) on one datalist read every case: the sweep's
     cache holds one entry per case (4 files each), as one run alone would, and no run has a cache of its own."""
@@ -61,7 +57,7 @@ def test_array_fills_one_shared_cache(slurm_cluster, make_grid, slurm_job_dir, s
     sweep = slurm_job_dir / "sweep"
     plan = launch.plan_launch(grid, sweep)
     jobs = launch.submit_plan(plan)
-    assert len(_submissions(sbatch_log)) == 1 and len({j.job_id.split("_")[0] for j in jobs.values()}) == 1
+    assert len(slurm_calls.submissions()) == 1 and len({j.job_id.split("_")[0] for j in jobs.values()}) == 1
 
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
     assert set(final.values()) == {RunState.COMPLETED} and len(final) == 3, final
@@ -106,7 +102,7 @@ SIGNAL_TRIES = 3
 
 
 def test_completion_inside_the_signal_window_is_completed_not_retried(slurm_cluster, make_grid, slurm_job_dir,
-                                                                      sbatch_log):
+                                                                      slurm_calls):
     """The job writes its success, then the time limit's USR2 lands while it shuts down (sent with scancel as soon
     as the result file appears, then every 50 ms for a second). The run is COMPLETED in one attempt, never
     resubmitted, whatever sacct recorded (``FAILED 12:0`` when the signal killed the exiting interpreter), and
@@ -118,7 +114,7 @@ def test_completion_inside_the_signal_window_is_completed_not_retried(slurm_clus
     delivered = 0
     for attempt in range(1, SIGNAL_TRIES + 1):
         delivered, outcome = _finish_under_usr2(slurm_cluster, make_grid, slurm_job_dir / f"try{attempt}")
-        assert len(_submissions(sbatch_log)) == attempt  # one sbatch per try: never resubmitted
+        assert len(slurm_calls.submissions()) == attempt  # one sbatch per try: never resubmitted
         print(f"\ntry {attempt}: USR2 delivered {delivered}x; {outcome}")
         if delivered:
             break
@@ -168,7 +164,7 @@ def _with_base_file(grid: Path) -> Path:
     return base
 
 
-def test_relaunch_with_a_changed_base_refuses_then_new_runs(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_relaunch_with_a_changed_base_refuses_then_new_runs(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     """A 2-run grid completes; its base file then changes ``trainer.max_epochs`` (1 → 2). Relaunching refuses,
     naming the key, and submits nothing; with ``--new-runs`` the two changed runs are submitted under new ids
     and complete with the new config, while the old runs stay as they were."""
@@ -178,7 +174,7 @@ def test_relaunch_with_a_changed_base_refuses_then_new_runs(slurm_cluster, make_
     assert launch.main([str(grid), "--sweep-dir", str(sweep), "--no-watch"]) == 0
     first = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
     assert first == {"lr=0.001": RunState.COMPLETED, "lr=0.01": RunState.COMPLETED}
-    assert len(_submissions(sbatch_log)) == 1
+    assert len(slurm_calls.submissions()) == 1
 
     changed = yaml.safe_load(base.read_text())
     changed["trainer"]["max_epochs"] = 2
@@ -186,12 +182,12 @@ def test_relaunch_with_a_changed_base_refuses_then_new_runs(slurm_cluster, make_
     with pytest.raises(BratsUgripError, match=r"changes the config of 2 runs") as refused:
         launch.main([str(grid), "--sweep-dir", str(sweep), "--no-watch"])
     assert str(refused.value).count("trainer.max_epochs") == 2, str(refused.value)  # one line per run
-    assert len(_submissions(sbatch_log)) == 1  # nothing submitted
+    assert len(slurm_calls.submissions()) == 1  # nothing submitted
     with SweepState(sweep_db_path(sweep)) as state:
         assert len(state.runs()) == 2 and len(state.attempts()) == 2
 
     assert launch.main([str(grid), "--sweep-dir", str(sweep), "--no-watch", "--new-runs"]) == 0
-    assert len(_submissions(sbatch_log)) == 2  # one array for the two new runs
+    assert len(slurm_calls.submissions()) == 2  # one array for the two new runs
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
     assert len(final) == 4 and set(final.values()) == {RunState.COMPLETED}, final
     with SweepState(sweep_db_path(sweep)) as state:
@@ -206,15 +202,6 @@ def test_relaunch_with_a_changed_base_refuses_then_new_runs(slurm_cluster, make_
             assert old.config["trainer"]["max_epochs"] == 1 and old.metrics["epochs"] == 1 and old.attempts == 1
         assert len({a.job_id.split("_")[0] for a in state.attempts()}) == 2  # two arrays: one per launch
 
-
-def _slurm_config(key: str) -> str:
-    """One value of ``scontrol show config`` (``Key = value`` lines)."""
-    out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        name, _, value = line.partition("=")
-        if name.strip() == key:
-            return value.strip()
-    raise KeyError(key)
 
 
 def _queue_empty_for(timeout_s: float) -> bool:
@@ -263,11 +250,9 @@ def test_controller_state_reset_gives_ids_past_accounting(slurm_cluster, make_gr
     Stops and restarts the shared dev cluster's slurmctld, so only while ``squeue`` shows no job of anyone;
     skipped when the queue does not empty within a few minutes, or when the cluster is not start.sh's.
     """
-    state_dir = Path(_slurm_config("StateSaveLocation"))
-    pid_file = Path(_slurm_config("SlurmctldPidFile"))
-    conf = Path("/etc/slurm/slurm.conf")
-    if not (conf.is_symlink() and conf.resolve() == (state_dir.parent / "etc" / "slurm.conf").resolve()):
-        pytest.skip(f"not the dev cluster of {START_SCRIPT} ({conf} is not its symlink): never restart it")
+    slurm_cluster.own_state_dir()  # skips unless the cluster is start.sh's: never restart someone else's
+    state_dir = Path(slurm_cluster.config("StateSaveLocation"))
+    pid_file = Path(slurm_cluster.config("SlurmctldPidFile"))
     if not _queue_empty_for(IDLE_WAIT_S):
         pytest.skip(f"the queue never emptied within {IDLE_WAIT_S} s (other jobs use the cluster): the controller "
                     "is restarted only while no job is queued or running")
@@ -278,9 +263,8 @@ def test_controller_state_reset_gives_ids_past_accounting(slurm_cluster, make_gr
     _stop_controller(pid_file)
     for entry in state_dir.iterdir():  # the controller's state only; accounting (slurmdbd, MariaDB) is kept
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    started = subprocess.run([str(START_SCRIPT)], capture_output=True, text=True, timeout=600)
-    assert started.returncode == 0, started.stdout + started.stderr
-    assert f"job ids start at {highest + 1}" in started.stdout, started.stdout
+    started = slurm_cluster.start()
+    assert f"job ids start at {highest + 1}" in started, started
 
     grid = make_grid("reset", {"optim.lr": [0.001, 0.01]}, trainer={"max_epochs": 1})
     sweep = slurm_job_dir / "sweep"

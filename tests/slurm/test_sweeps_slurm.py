@@ -37,15 +37,12 @@ def _wait(sweep_dir: Path, jobs, timeout_s: float = WAIT_S) -> dict[str, RunStat
     return follow(sweep_dir, poll_s=1.0, timeout_s=timeout_s)
 
 
-def _submissions(log: Path) -> list[str]:
-    return [line for line in log.read_text().splitlines() if "--test-only" not in line]
 
-
-def test_grid_is_one_array_and_completes(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_grid_is_one_array_and_completes(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     grid = make_grid("array", {"optim.lr": [0.001, 0.003, 0.01]}, executor={"array_parallelism": 3})
     sweep = slurm_job_dir / "sweep"
     plan, jobs = _launch(grid, sweep)
-    assert len(_submissions(sbatch_log)) == 1
+    assert len(slurm_calls.submissions()) == 1
     array_ids = {job.job_id.split("_")[0] for job in jobs.values()}
     assert len(array_ids) == 1 and sorted(j.job_id.split("_")[1] for j in jobs.values()) == ["0", "1", "2"]
 
@@ -69,7 +66,7 @@ def test_grid_is_one_array_and_completes(slurm_cluster, make_grid, slurm_job_dir
 
     # Launching the same grid again submits nothing: every run is finished.
     again, jobs = _launch(grid, sweep)
-    assert jobs == {} and len(_submissions(sbatch_log)) == 1
+    assert jobs == {} and len(slurm_calls.submissions()) == 1
 
 
 def test_timeout_requeues_and_resumes_without_restarting_epochs(slurm_cluster, make_grid, slurm_job_dir):
@@ -231,7 +228,7 @@ def test_scancel_marks_runs_cancelled(slurm_cluster, make_grid, slurm_job_dir):
     assert _launch(grid, sweep)[1] == {}
 
 
-def test_partition_slurm_refuses_submits_nothing(slurm_cluster, make_grid, slurm_job_dir, sbatch_log):
+def test_partition_slurm_refuses_submits_nothing(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
     grid = make_grid("bad_partition", {"optim.lr": [0.001, 0.01]}, executor={"partition": "no_such_partition"})
     sweep = slurm_job_dir / "sweep"
     with pytest.raises(SubmissionError, match="(?i)invalid partition"):
@@ -240,12 +237,12 @@ def test_partition_slurm_refuses_submits_nothing(slurm_cluster, make_grid, slurm
         assert {r.state for r in state.runs()} == {RunState.PENDING} and state.attempts() == []
 
     # Two arrays, the second refused: checked first with sbatch --test-only, so neither is submitted.
-    refused = len(_submissions(sbatch_log))  # the refused sbatch call above
+    refused = len(slurm_calls.submissions())  # the refused sbatch call above
     two = make_grid("two_arrays", {"optim.lr": [0.001], "executor.partition": ["debug", "no_such_partition"]})
     sweep_two = slurm_job_dir / "sweep_two"
     with pytest.raises(SubmissionError, match="(?i)invalid partition"):
         _launch(two, sweep_two)
-    assert len(_submissions(sbatch_log)) == refused and "--test-only" in sbatch_log.read_text()
+    assert len(slurm_calls.submissions()) == refused and "--test-only" in slurm_calls.log.read_text()
     with SweepState(sweep_db_path(sweep_two)) as state:
         assert state.attempts() == [] and len(state.runs()) == 2
 
@@ -254,7 +251,7 @@ def test_partition_slurm_refuses_submits_nothing(slurm_cluster, make_grid, slurm
     plan = launch.plan_launch(fixed, sweep)
     assert len(plan.to_submit) == 2
     jobs = launch.submit_plan(plan)
-    assert len(jobs) == 2 and len(_submissions(sbatch_log)) == refused + 1
+    assert len(jobs) == 2 and len(slurm_calls.submissions()) == refused + 1
     with SweepState(sweep_db_path(sweep)) as state:
         assert {r.submit["parameters"]["partition"] for r in state.runs()} == {"long"}
         assert {r.state for r in state.runs()} == {RunState.SUBMITTED}
