@@ -21,9 +21,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.candidates import SECTIONS
-from brats_ugrip.cli import run
+from brats_ugrip.cli import print_and_write, run
 from brats_ugrip.comparison import DEFAULT_RESAMPLES, DEFAULT_SEED, Candidate, compare, markdown
 from brats_ugrip.errors import DataError
 
@@ -88,10 +87,7 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     comparison = compare(candidates(args), args.baseline, resamples=args.resamples, seed=args.seed)
-    table = markdown(comparison, f"Comparison on {comparison.n_cases} cases")
-    print(table)
-    if args.out:
-        atomic_write_text(args.out, table)
+    print_and_write(markdown(comparison, f"Comparison on {comparison.n_cases} cases"), args.out)
     return 0
 
 
