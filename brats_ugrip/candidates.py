@@ -1,11 +1,12 @@
 """Where a comparison's candidates come from: per-case scores of prediction folders, checkpoints, ensemble specs,
-soups' and ensembles' stored test scores, or score CSVs.
+soups' and ensembles' stored test scores, or score CSVs; and the labelled cases they are scored on.
 
 Contract: every function returns :class:`~brats_ugrip.comparison.Candidate` objects whose ``scores`` are
 ``{case_id: {metric: value}}`` on the labelled cases given (or stored), ready for
 :func:`brats_ugrip.comparison.compare`. Predicted folders are scored exactly as ``brats-ugrip evaluate`` scores
 them (:func:`brats_ugrip.metrics.evaluation.score_files`: a missing prediction scores as the worst case).
-Checkpoints and specs are first predicted into ``work/<name>/`` (torch is imported only then). Stored scores are
+Checkpoints and specs are first predicted into ``work/<name>/`` (torch is imported only then); which one a file
+is comes from the function called (the command's flag), never from its name. Stored scores are
 used as stored: nothing is recomputed, and a soup or fit report without per-case scores is refused (older
 versions stored means only; make them again).
 """
@@ -16,11 +17,14 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from brats_ugrip.comparison import Candidate
 from brats_ugrip.data import Case
 from brats_ugrip.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported when there is a model to run, not for --help
+    from brats_ugrip.inference import CasePredictor
 
 _NOT_SCORES = {"case_id", "prediction_missing"}
 
@@ -41,6 +45,32 @@ def labelled(cases: Sequence[Case]) -> list[Case]:
     return list(cases)
 
 
+SECTIONS = ("test", "training", "all", "testing")
+"""Datalist sections a comparison scores on: ``test`` (the held-out split, the default), ``training``, ``all``
+(training + test: every labelled section) and ``testing`` (unlabelled as ``make_datalist`` writes it, so refused
+unless its cases have labels)."""
+
+
+def labelled_cases(path: str | os.PathLike[str], section: str = "test") -> list[Case]:
+    """The labelled cases of a case folder, a folder of case folders, or a datalist's ``section`` (:data:`SECTIONS`).
+
+    Not ``infer``'s sections: those are what to *predict* (default ``testing``, the unlabelled cases), while a
+    comparison needs references, which a datalist keeps in ``training`` and the held-out ``test`` split."""
+    from brats_ugrip.data import Datalist, cases_from_dir
+
+    path = Path(path)
+    if not path.is_file():
+        return labelled(cases_from_dir(path))
+    if section not in SECTIONS:
+        raise DataError(f"unknown datalist section {section!r}; choose one of {', '.join(SECTIONS)}")
+    datalist = Datalist.load(path)
+    cases = {"test": datalist.test, "training": datalist.training, "all": datalist.training + datalist.test,
+             "testing": datalist.testing}[section]
+    if not cases:
+        raise DataError(f"{path}: the datalist has no {section} cases; choose another --section ({', '.join(SECTIONS)})")
+    return labelled(cases)
+
+
 def from_predictions(name: str, pred_dir: str | os.PathLike[str], cases: Sequence[Case], scheme: str, metrics: str,
                      kind: str = "other") -> Candidate:
     """A folder of ``<ID>.nii.gz`` label maps scored against the cases' references."""
@@ -57,33 +87,46 @@ def from_predictions(name: str, pred_dir: str | os.PathLike[str], cases: Sequenc
     return Candidate(name, scores, kind)
 
 
-def from_model(name: str, source: str | os.PathLike[str], cases: Sequence[Case], work: str | os.PathLike[str],
-               scheme: str, metrics: str, device: str | None = None) -> Candidate:
-    """A checkpoint (``.ckpt``: ``single``, or ``soup`` when its metadata says so) or an ensemble spec (``.yaml``/
-    ``.json``: ``ensemble``) predicted on ``cases`` into ``work/<name>/``, then scored."""
+def from_checkpoint(name: str, path: str | os.PathLike[str], cases: Sequence[Case], work: str | os.PathLike[str],
+                    scheme: str, metrics: str, device: str | None = None) -> Candidate:
+    """A checkpoint (``single``, or ``soup`` when its metadata says so) predicted on ``cases`` into
+    ``work/<name>/``, then scored."""
+    from brats_ugrip.checkpoints import load_model
+    from brats_ugrip.config import config_from_dict
+    from brats_ugrip.inference import ModelPredictor, inference_settings, prepare_model
+
+    path = _existing(path, "checkpoint")
+    model, meta = load_model(path, map_location=_device(device))
+    if "config" not in meta:
+        raise DataError(f"{path}: its metadata holds no run config (inference settings unknown)")
+    config = config_from_dict(meta["config"])
+    settings = inference_settings(config)
+    predictor = ModelPredictor(prepare_model(model, settings), settings, config.data.scheme)
+    return _predicted(name, predictor, cases, work, scheme, metrics, "soup" if meta.get("soup") else "single")
+
+
+def from_spec(name: str, path: str | os.PathLike[str], cases: Sequence[Case], work: str | os.PathLike[str],
+              scheme: str, metrics: str, device: str | None = None) -> Candidate:
+    """An ensemble spec (``ensemble``) predicted on ``cases`` into ``work/<name>/``, then scored. The file is read
+    as a spec whatever its name ends with (a checkpoint given here is refused, naming the file)."""
+    from brats_ugrip.ensembling.predict import Ensemble
+    from brats_ugrip.ensembling.spec import EnsembleSpec
+
+    spec = EnsembleSpec.load(_existing(path, "ensemble spec"))
+    return _predicted(name, Ensemble(spec, device=_device(device)), cases, work, scheme, metrics, "ensemble")
+
+
+def _device(device: str | None) -> str:
     import torch
 
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _predicted(name: str, predictor: CasePredictor, cases: Sequence[Case], work: str | os.PathLike[str], scheme: str,
+               metrics: str, kind: str) -> Candidate:
     from brats_ugrip.inference import predict_cases
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source, out = _existing(source, "checkpoint or ensemble spec"), Path(work) / name
-    if source.suffix in (".yaml", ".yml", ".json"):
-        from brats_ugrip.ensembling.predict import Ensemble
-        from brats_ugrip.ensembling.spec import EnsembleSpec
-
-        predictor, kind = Ensemble(EnsembleSpec.load(source), device=device), "ensemble"
-    else:
-        from brats_ugrip.checkpoints import load_model
-        from brats_ugrip.config import config_from_dict
-        from brats_ugrip.inference import ModelPredictor, inference_settings, prepare_model
-
-        model, meta = load_model(source, map_location=device)
-        if "config" not in meta:
-            raise DataError(f"{source}: its metadata holds no run config (inference settings unknown)")
-        config = config_from_dict(meta["config"])
-        settings = inference_settings(config)
-        predictor = ModelPredictor(prepare_model(model, settings), settings, config.data.scheme)
-        kind = "soup" if meta.get("soup") else "single"
+    out = Path(work) / name
     predict_cases(predictor, labelled(cases), out)
     return from_predictions(name, out, cases, scheme, metrics, kind)
 

@@ -5,6 +5,7 @@ the library's tasks (:mod:`brats_ugrip.progress`) are drawn as progress bars on 
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +24,7 @@ from rich.progress import (
 )
 
 from brats_ugrip import progress
+from brats_ugrip.atomic import atomic_write_text
 from brats_ugrip.errors import BratsUgripError
 
 T = TypeVar("T")
@@ -53,6 +55,14 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def print_and_write(text: str, out: str | os.PathLike[str] | None = None) -> None:
+    """A command's report: printed on stdout and, when ``out`` (its ``--out``) is given, written there atomically.
+    One text for both, so the file holds exactly what the console showed."""
+    print(text)
+    if out:
+        atomic_write_text(out, text)
 
 
 def progress_bar(transient: bool = False) -> Progress:

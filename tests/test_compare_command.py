@@ -66,6 +66,7 @@ def test_command_writes_the_table(tmp_path, capsys):
     assert main(["--scores", f"a={tmp_path / 'a.csv'}", "--scores", f"b={tmp_path / 'b.csv'}", "--baseline", "a",
                  "--resamples", "100", "--out", str(tmp_path / "t.md")]) == 0
     table = (tmp_path / "t.md").read_text()
+    assert capsys.readouterr().out == table + "\n"  # the file holds exactly the printed table
     assert "not distinguishable on 3 cases" in table and "100 resamples, seed 0" in table
     assert "exact over all 8 sign patterns" in table
     with pytest.raises(DataError, match="at least two"):

@@ -19,8 +19,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from brats_ugrip.atomic import atomic_write_text
-from brats_ugrip.cli import run
+from brats_ugrip.cli import print_and_write, run
 from brats_ugrip.comparison import DEFAULT_RESAMPLES, DEFAULT_SEED, Candidate, compare, markdown
 from brats_ugrip.errors import DataError
 
@@ -68,10 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{path}: not found")
     candidates, label = soup_candidates(args.greedy, args.uniform, args.ensemble)
     comparison = compare(candidates, args.baseline, resamples=args.resamples, seed=args.seed)
-    table = markdown(comparison, label)
-    print(table)
-    if args.out:
-        atomic_write_text(args.out, table)
+    print_and_write(markdown(comparison, label), args.out)
     return 0
 
 
