@@ -7,6 +7,7 @@
 # python3 (PEP 668 forbids pip installs into a distribution's interpreter).
 set -euo pipefail
 cd "$(dirname "$0")"
+source tools/debian_packages.sh   # install_debian_packages (apt output in .cache/apt.log)
 
 ensure_venv() {
     local base=${PYTHON:-python3}
@@ -18,7 +19,9 @@ ensure_venv() {
             local minor; minor=$($base -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
             if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
                 echo "setup: installing python${minor}-venv (venv lacks ensurepip)"
-                apt-get update -qq && apt-get install -y -qq --no-install-recommends "python${minor}-venv" >/dev/null
+                # apt's own errors, which it printed here before it wrote to a log, then stop: no venv without it.
+                mkdir -p .cache
+                install_debian_packages .cache/apt.log "python${minor}-venv" || { tail -n 20 .cache/apt.log >&2; exit 1; }
             else
                 echo "run.sh: $base cannot make a virtual environment; install python${minor}-venv" \
                      "(e.g. sudo apt-get install python${minor}-venv) or activate a venv/conda env first" >&2
@@ -104,8 +107,8 @@ tests() {
     command -v tmux >/dev/null || wanted+=(tmux)
     command -v chromium >/dev/null || wanted+=(chromium)
     if [[ ${#wanted[@]} -gt 0 ]] && command -v apt-get >/dev/null; then
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            "${wanted[@]}" >/dev/null) || echo "run.sh: ${wanted[*]} unavailable"
+        mkdir -p .cache
+        install_debian_packages .cache/apt.log "${wanted[@]}" || echo "run.sh: ${wanted[*]} unavailable"
     fi
     if [[ ${BRATS_UGRIP_NO_SLURM:-0} != 1 ]]; then
         bash slurm/dev-cluster/start.sh || echo "run.sh: the SLURM dev cluster did not start; @slurm tests will skip"

@@ -11,6 +11,7 @@
 #
 # Usage: mlcube/container_engine.sh
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/debian_packages.sh"   # install_debian_packages
 
 STATE_DIR=${BRATS_UGRIP_DOCKER_DIR:-/tmp/brats-ugrip-docker}
 PID_FILE=$STATE_DIR/dockerd.pid
@@ -44,21 +45,10 @@ if ! command -v dockerd >/dev/null; then
     command -v apt-get >/dev/null ||
         die "dockerd is not installed and there is no apt-get; install Docker Engine (https://docs.docker.com/engine/install/)"
     say "installing Debian's docker.io"
-    # Keep invoke-rc.d from starting the daemon during the install (no systemd here): this script starts it.
-    own_policy=
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        own_policy=1
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker.io; } >"$STATE_DIR/apt.log" 2>&1 ||
+    # install_debian_packages keeps invoke-rc.d from starting the daemon during the install (no systemd here): this
+    # script starts it.
+    install_debian_packages "$STATE_DIR/apt.log" docker.io ||
         die "apt-get install docker.io failed; check the apt sources and the network to the Debian mirror" "$STATE_DIR/apt.log"
-    if [[ -n $own_policy ]]; then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
 fi
 
 start_dockerd() {  # start_dockerd DRIVER: start dockerd in the background; 0 once `docker info` answers

@@ -11,6 +11,7 @@
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../../tools/debian_packages.sh"   # install_debian_packages
 CLUSTER=brats-ugrip
 NODE=localhost
 NODE_CPUS=${BRATS_UGRIP_SLURM_CPUS:-8}   # more than the cores, so that several small jobs run at once
@@ -70,22 +71,16 @@ for pkg in "${PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
     say "installing ${missing[*]}"
-    # Keep invoke-rc.d from starting daemons during the install: this script starts them itself.
-    own_policy=
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        own_policy=1
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >"$LOG/apt.log" 2>&1 || die "apt-get update failed" "$LOG/apt.log"
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >>"$LOG/apt.log" 2>&1 ||
-        die "apt-get install ${PACKAGES[*]} failed" "$LOG/apt.log"
-    if [[ -n $own_policy ]]; then
-        rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
+    # install_debian_packages keeps invoke-rc.d from starting daemons during the install: this script starts them
+    # itself. Its status says which apt-get step failed (1 update, 2 install; 127: there is no apt-get at all).
+    apt_status=0
+    install_debian_packages "$LOG/apt.log" "${PACKAGES[@]}" || apt_status=$?
+    case $apt_status in
+        0) ;;
+        2) die "apt-get install ${PACKAGES[*]} failed" "$LOG/apt.log" ;;
+        127) die "apt-get update failed" ;;   # no log: nothing ran
+        *) die "apt-get update failed" "$LOG/apt.log" ;;
+    esac
 fi
 
 # --- configs --------------------------------------------------------------------------------------
