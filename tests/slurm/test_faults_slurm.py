@@ -225,35 +225,38 @@ def test_held_pending_task_is_shown_held_and_never_resubmitted(slurm_cluster, ma
     # when accounting keeps no end for it (the case the monitor has to see through)
     subprocess.run(["scancel", jobs[third].job_id], check=True)
     subprocess.run(["scontrol", "hold", held_job], check=True)
-    monitor = SweepMonitor(sweep)
-    try:
-        def first_done() -> bool:
-            monitor.poll()
-            return monitor.state.get_run(first).state == RunState.COMPLETED
+    try:  # a failure must not leave a held job behind: it would keep the queue from emptying for other tests
+        monitor = SweepMonitor(sweep)
+        try:
+            def first_done() -> bool:
+                monitor.poll()
+                return monitor.state.get_run(first).state == RunState.COMPLETED
 
-        _wait(first_done, f"{first} completes while {second} is held", poll_s=1.0)
-        for _ in range(3):  # a few more polls: the held run is left to the scheduler
-            monitor.poll()
-        held, gone = monitor.state.get_run(second), monitor.state.get_run(third)
-        view = next(r for r in monitor.snapshot().runs if r.run_id == second)
-    finally:
-        monitor.close()
-    assert held.state == RunState.SUBMITTED and held.attempts == 1, held
-    assert held.reason.startswith("held: held by ") and f"scontrol release {held_job}" in held.reason, held.reason
-    assert view.label == "SUBMITTED (held)"
-    assert "SUBMITTED (held)" in _monitor_cli(sweep, "--once")
-    assert gone.state == RunState.CANCELLED and gone.attempts == 1, gone
-    # Accounting records the cancel only when the controller had split the task off the array's pending record
-    # before it; else it keeps listing the task pending, or drops it (tests/test_fault_rules.py has both answers).
-    accounting = slurm_cluster.state(jobs[third].job_id)
-    if accounting == "CANCELLED":
-        assert gone.reason.startswith("cancelled by the user (by uid "), gone.reason
-    else:
-        assert accounting in (None, "PENDING"), accounting
-        assert gone.reason.startswith("cancelled outside the monitor before it started"), gone.reason
-    assert "--retry" in gone.reason
-    assert len(slurm_calls.submissions()) == 1
-
+            _wait(first_done, f"{first} completes while {second} is held", poll_s=1.0)
+            for _ in range(3):  # a few more polls: the held run is left to the scheduler
+                monitor.poll()
+            held, gone = monitor.state.get_run(second), monitor.state.get_run(third)
+            view = next(r for r in monitor.snapshot().runs if r.run_id == second)
+        finally:
+            monitor.close()
+        assert held.state == RunState.SUBMITTED and held.attempts == 1, held
+        assert held.reason.startswith("held: held by ") and f"scontrol release {held_job}" in held.reason, held.reason
+        assert view.label == "SUBMITTED (held)"
+        assert "SUBMITTED (held)" in _monitor_cli(sweep, "--once")
+        assert gone.state == RunState.CANCELLED and gone.attempts == 1, gone
+        # Accounting records the cancel only when the controller had split the task off the array's pending record
+        # before it; else it keeps listing the task pending, or drops it (tests/test_fault_rules.py has both answers).
+        accounting = slurm_cluster.state(jobs[third].job_id)
+        if accounting == "CANCELLED":
+            assert gone.reason.startswith("cancelled by the user (by uid "), gone.reason
+        else:
+            assert accounting in (None, "PENDING"), accounting
+            assert gone.reason.startswith("cancelled outside the monitor before it started"), gone.reason
+        assert "--retry" in gone.reason
+        assert len(slurm_calls.submissions()) == 1
+    except BaseException:
+        subprocess.run(["scancel", held_job], check=False)
+        raise
     subprocess.run(["scontrol", "release", held_job], check=True)
     final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
     assert final == {first: RunState.COMPLETED, second: RunState.COMPLETED, third: RunState.CANCELLED}, final
