@@ -120,15 +120,37 @@ def may_be_requeued(state: str) -> bool:
     return state.split(" ")[0].rstrip("+") == "NODE_FAIL"
 
 
+OOM_SIGNAL = 125
+"""The signal number sacct prints (``0:125``) for a step the cgroup's OOM killer ended: SLURM's dummy SIG_OOM
+(253) less the signal flag 128. No real signal has it."""
+
+
+def _signal_of(derived_exit_code: str | None) -> int | None:
+    code, _, number = (derived_exit_code or "").partition(":")
+    return int(number) if number.isdigit() and int(number) != 0 else None
+
+
 def killed_by_signal(derived_exit_code: str | None) -> str | None:
     """The cause sacct's ``DerivedExitCode`` (``code:signal`` of the job's steps) names when a step died of a
-    signal: ``0:9`` → killed by SIGKILL (the kernel's OOM killer, or ``kill -9``); None for a clean exit."""
-    code, _, number = (derived_exit_code or "").partition(":")
-    if not number.isdigit() or int(number) == 0:
+    signal: ``0:9`` → killed by SIGKILL (the kernel's OOM killer, or ``kill -9``); ``0:125`` → out of memory in
+    its cgroup (:data:`OOM_SIGNAL`); None for a clean exit."""
+    number = _signal_of(derived_exit_code)
+    if number is None:
         return None
-    name = signal.Signals(int(number)).name if int(number) in signal.valid_signals() else f"signal {number}"
-    why = " (out of memory: the kernel's OOM killer, or kill -9)" if int(number) == signal.SIGKILL else ""
+    if number == OOM_SIGNAL:
+        return "it ran out of memory: the cgroup's OOM killer ended a step (sacct's 0:125); ask for more mem_gb"
+    name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+    why = " (out of memory: the kernel's OOM killer, or kill -9)" if number == signal.SIGKILL else ""
     return f"its process was killed by {name}{why}"
+
+
+def job_state_word(state: str, derived_exit_code: str | None) -> str:
+    """The state to act on: sacct's, except a FAILED job whose step the cgroup's OOM killer ended, which is
+    OUT_OF_MEMORY. With submitit the OOM hits the ``srun`` step (``123.0 OUT_OF_MEMORY``), and the batch script
+    then fails, so the job's own record (``-X``) reads ``FAILED 1:0`` with DerivedExitCode ``0:125``."""
+    if state == "FAILED" and _signal_of(derived_exit_code) == OOM_SIGNAL:
+        return "OUT_OF_MEMORY"
+    return state
 
 
 def interruption_word(state: str) -> str:
@@ -239,8 +261,8 @@ class SlurmJobStates:
             latest, earlier = history[-1], history[:-1]
             starts = [r.start for r in history if r.start is not None]
             statuses[job_id] = JobStatus(
-                job_id=job_id, state=latest.state, node=latest.node or next((r.node for r in reversed(history)
-                                                                             if r.node), None),
+                job_id=job_id, state=job_state_word(latest.state, latest.derived_exit_code),
+                node=latest.node or next((r.node for r in reversed(history) if r.node), None),
                 started_at=starts[0] if starts else None,
                 ended_at=latest.end, exit_code=latest.exit_code,
                 requeues=sum(job_phase(r.state) in (JobPhase.REQUEUED, JobPhase.FAILED) for r in earlier)

@@ -11,6 +11,7 @@ from brats_ugrip.sweeps.job_states import (
     GONE_WHILE_PENDING,
     SlurmJobStates,
     hold_reason,
+    job_state_word,
     killed_by_signal,
     may_be_requeued,
 )
@@ -23,6 +24,17 @@ def test_hold_reasons():
     assert hold_reason("JobHeldUser") == "held by its user (scontrol hold)"
     assert hold_reason("JobHeldAdmin") == "held by an administrator"
     assert hold_reason("JobArrayTaskLimit") is None and hold_reason(None) is None
+
+
+def test_cgroup_oom_reads_as_out_of_memory():
+    # a submitit job whose srun step the cgroup OOM killer ended, as sacct -X -P recorded it on the dev cluster:
+    # the allocation FAILED 1:0, DerivedExitCode 0:125 (SLURM's SIG_OOM 253 less the signal flag 128)
+    line = "372|FAILED|localhost|4|1:0|2026-12-06T22:08:04|2026-12-06T22:08:08|None|2026-12-06T22:08:03|0:125\n"
+    (record,) = parse_sacct(line)["372"]
+    assert job_state_word(record.state, record.derived_exit_code) == "OUT_OF_MEMORY"
+    assert killed_by_signal(record.derived_exit_code).startswith("it ran out of memory")
+    assert job_state_word("FAILED", "0:9") == "FAILED" and job_state_word("COMPLETED", "0:125") == "COMPLETED"
+    assert job_state_word("FAILED", "1:0") == "FAILED" and job_state_word("FAILED", None) == "FAILED"
 
 
 def test_signal_from_derived_exit_code():

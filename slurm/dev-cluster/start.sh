@@ -51,6 +51,11 @@ node_idle() { [[ $(node_state) =~ ^(idle|mixed|allocated) ]]; }
 
 summary() {
     say "cluster '$CLUSTER' is up (state dir $STATE_DIR, logs in $LOG)"
+    if scontrol show config | grep -q '^TaskPlugin .*task/cgroup'; then
+        say "job memory is enforced (task/cgroup): a job over its --mem ends OUT_OF_MEMORY"
+    else
+        say "job memory is not enforced (task/none: no writable cgroup-v1 memory controller)"
+    fi
     sinfo -o '%10P %6a %10l %8T %5c %m' | sed 's/^/  /'
 }
 
@@ -87,6 +92,34 @@ fi
 mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
 real_mb=$((mem_mb > 4096 ? mem_mb - 2048 : mem_mb * 3 / 4))   # leave room for the daemons and the OS
 
+# --- memory enforcement ---------------------------------------------------------------------------
+# Where root may make groups in a cgroup-v1 memory controller (these machines' containers mount one), jobs run
+# under task/cgroup with ConstrainRAMSpace: a job over its --mem is killed by the kernel's OOM killer and ends
+# OUT_OF_MEMORY, as on a production cluster. Elsewhere (cgroup v2 only, which SLURM 22.05 drives through systemd,
+# absent here; read-only cgroups) jobs run under task/none: memory is not enforced, and the tests that need it skip
+# and say so. BRATS_UGRIP_SLURM_CGROUP=none forces task/none.
+memory_cgroup_v1_writable() {
+    local probe=/sys/fs/cgroup/memory/brats-ugrip-probe.$$
+    [[ -f /sys/fs/cgroup/memory/memory.limit_in_bytes ]] || return 1
+    mkdir "$probe" 2>/dev/null || return 1
+    rmdir "$probe"
+}
+if [[ ${BRATS_UGRIP_SLURM_CGROUP:-auto} != none ]] && memory_cgroup_v1_writable; then
+    task_plugin=task/cgroup
+    cat >"$ETC/cgroup.conf" <<EOF
+# Written by slurm/dev-cluster/start.sh: memory limits only (no core binding, no device rules).
+CgroupPlugin=cgroup/v1
+CgroupMountpoint=/sys/fs/cgroup
+ConstrainRAMSpace=yes
+ConstrainSwapSpace=no
+ConstrainCores=no
+ConstrainDevices=no
+EOF
+else
+    task_plugin=task/none
+    rm -f "$ETC/cgroup.conf"
+fi
+
 cat >"$ETC/slurm.conf" <<EOF
 # Written by slurm/dev-cluster/start.sh: a single-node dev cluster. Edits are overwritten on each start.
 ClusterName=$CLUSTER
@@ -101,15 +134,17 @@ SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
-# No cgroups here: track processes through /proc, do not bind tasks.
+# Processes are tracked through /proc; memory is enforced where a cgroup-v1 memory controller is writable (above).
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$task_plugin
 JobAcctGatherType=jobacct_gather/linux
 MpiDefault=none
 ReturnToService=2
-# CR_Core (not CR_Core_Memory): a job without --mem must not take the whole node's memory.
+# Memory is a consumable resource, so that a job's --mem is its cgroup limit (under task/cgroup); a job without
+# --mem gets an equal share per CPU (DefMemPerCPU), not the whole node.
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$((real_mb / NODE_CPUS))
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=2
 KillWait=5
@@ -146,12 +181,16 @@ EOF
 chmod 600 "$ETC/slurmdbd.conf"   # slurmdbd refuses a config others can read
 
 mkdir -p /etc/slurm
-for conf in slurm.conf slurmdbd.conf; do
+for conf in slurm.conf slurmdbd.conf cgroup.conf; do
     target=/etc/slurm/$conf
     if [[ -e $target && ! -L $target ]]; then
         die "$target is a real file, not this dev cluster's symlink; move it away to use the dev cluster"
     fi
-    ln -sfn "$ETC/$conf" "$target"
+    if [[ -e $ETC/$conf ]]; then
+        ln -sfn "$ETC/$conf" "$target"
+    elif [[ -L $target ]]; then
+        rm -f "$target"   # our cgroup.conf of an earlier start, when this start uses task/none
+    fi
 done
 
 # --- munge ----------------------------------------------------------------------------------------

@@ -396,9 +396,38 @@ def _requeued_views(monitor: SweepMonitor, n_runs: int) -> list:
 # --- 5. killed for memory ---------------------------------------------------------------------------------------
 
 
-# A cgroup OUT_OF_MEMORY test is not written: the dev cluster runs TaskPlugin=task/none, so a job over --mem is
-# never killed there and such a test could only skip. The kernel's OOM killer ends a job with SIGKILL, which the
-# test below produces directly.
+def test_cgroup_oom_is_retried_then_failed(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
+    """A run whose job needs more memory than its ``executor.mem_gb`` (0.3 GB: less than importing torch takes):
+    in each attempt the kernel's OOM killer ends the job inside its memory cgroup and SLURM records OUT_OF_MEMORY.
+    The run is retried once (``max_retries: 1``), then FAILED with the cause on the dashboard; nothing is submitted
+    beyond max_retries. Needs the dev cluster's task/cgroup (start.sh uses it where a cgroup-v1 memory controller is
+    writable); skipped under task/none, where memory is not enforced."""
+    task_plugin = slurm_cluster.config("TaskPlugin")
+    if "task/cgroup" not in task_plugin:
+        pytest.skip(f"the dev cluster does not enforce memory (TaskPlugin={task_plugin}: start.sh found no writable "
+                    "cgroup-v1 memory controller); the SIGKILL test below stands in for the OOM killer")
+    grid = make_grid("oom", {"optim.lr": [0.001]}, executor={"mem_gb": 0.3}, max_retries=1)
+    sweep = slurm_job_dir / "sweep"
+    (run_id, job), = launch.submit_plan(launch.plan_launch(grid, sweep)).items()
+    final = follow(sweep, poll_s=1.0, timeout_s=WAIT_S)
+    assert final == {run_id: RunState.FAILED}, final
+    with SweepState(sweep_db_path(sweep)) as state:
+        run, attempts = state.get_run(run_id), state.attempts(run_id)
+    assert run.attempts == 2 and [a.state for a in attempts] == ["OUT_OF_MEMORY", "OUT_OF_MEMORY"], attempts
+    for attempt in attempts:  # sacct's own words, every step: the srun step ran out of memory, the batch failed
+        steps = subprocess.run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", attempt.job_id], capture_output=True,
+                               text=True, check=True).stdout.split()
+        assert f"{attempt.job_id}.0|OUT_OF_MEMORY" in steps and f"{attempt.job_id}|FAILED" in steps, steps
+    assert run.reason.startswith("OUT_OF_MEMORY (attempt 2): it ran out of memory"), run.reason
+    assert run.reason.endswith("no retries left (1)"), run.reason
+    once = _monitor_cli(sweep, "--json")
+    assert json.loads(once)["runs"][0]["reason"] == run.reason  # the cause on the dashboard
+    assert len(slurm_calls.submissions()) == 2
+    _assert_sweep_sound(sweep)
+
+
+# The kernel's OOM killer ends a job's process with SIGKILL; the test below does that directly, so that the retry
+# path is proven also where the dev cluster does not enforce memory.
 
 
 def test_killed_job_is_retried_then_failed(slurm_cluster, make_grid, slurm_job_dir, slurm_calls):
