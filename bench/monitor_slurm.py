@@ -6,14 +6,17 @@ while a sweep of many tiny runs goes from pending to completed, measured in one 
 Needs ``slurm/dev-cluster/start.sh``'s cluster. ``--runs`` width-8 SegResNet runs (one epoch, one 32³ batch, one
 validation case of the 48³ phantoms) in two resource sets (``executor.cpus_per_task`` 1 and 2), each an array of
 ``--parallel`` tasks at a time, are launched by ``sweeps/launch.py`` in a child process, so that this process holds
-only the monitor: it never imports torch (checked), and its peak resident memory is the monitor's. Then
-:class:`SweepMonitor` polls every ``--interval`` seconds until every run is final. ``sbatch``, ``sacct`` and
+only the monitor and its peak resident memory is the monitor's. Then :class:`SweepMonitor` polls every
+``--interval`` seconds until every run is final. Collecting a run loads its checkpoint (``torch.load``,
+``weights_only``: metadata and the finite-weights check), so the monitor imports torch at its first collection;
+the table says at which poll, and the resident memory before and after. ``sbatch``, ``sacct`` and
 ``squeue`` are counted through logging wrappers in front of the real commands (jobs inherit them too).
 
 Prints a JSON line and a Markdown table: runs, arrays and sbatch calls, sacct and squeue calls per poll, poll
 seconds (median, 95th percentile, max, and the poll that collected most), peak memory before the first poll and
-at the end, and the wall time. On a 2-core machine the jobs' own CPU (imports, ~6 s each) fills the cores while
-the monitor polls, so poll times here are upper bounds of an idle login node's.
+at the end, and the wall time; every poll's row goes to ``DIR/polls.json``. On a 2-core machine the jobs' own
+CPU (imports, ~6 s each) fills the cores while the monitor polls, so poll times here are upper bounds of an idle
+login node's.
 """
 from __future__ import annotations
 
@@ -86,6 +89,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def rss_mb() -> float:
+    """This process's resident memory now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def follow(sweep: Path, log: Path, interval_s: float) -> list[dict]:
     """Poll until every run is final; one row per poll: seconds, runs collected, sacct and squeue calls."""
     polls = []
@@ -97,7 +108,8 @@ def follow(sweep: Path, log: Path, interval_s: float) -> list[dict]:
             runs = monitor.state.runs()
             polls.append({"seconds": report.seconds, "collected": len(report.collected),
                           "sacct": count(log, "sacct") - before[0], "squeue": count(log, "squeue") - before[1],
-                          "final": sum(r.state.is_final for r in runs), "runs": len(runs)})
+                          "final": sum(r.state.is_final for r in runs), "runs": len(runs),
+                          "rss_mb": rss_mb(), "torch": "torch" in sys.modules})
             if polls[-1]["final"] == len(runs):
                 return polls
             time.sleep(interval_s)
@@ -118,7 +130,8 @@ def measure(root: Path, n_runs: int, parallel: int, interval_s: float) -> dict:
     rss_before = peak_rss_mb()
     polls = follow(sweep, log, interval_s)
     wall = time.monotonic() - started
-    assert "torch" not in sys.modules, "the monitor imported torch: its memory would not be its own"
+    (root / "polls.json").write_text(json.dumps(polls))
+    torch_at = next((i for i, p in enumerate(polls) if p["torch"]), None)
     with SweepState(sweep_db_path(sweep)) as state:
         runs = state.runs()
     seconds = sorted(p["seconds"] for p in polls)
@@ -135,6 +148,9 @@ def measure(root: Path, n_runs: int, parallel: int, interval_s: float) -> dict:
         "poll_s_max": seconds[-1], "busiest_poll_collected": busiest["collected"],
         "busiest_poll_s": busiest["seconds"], "peak_rss_mb_before_polls": rss_before,
         "peak_rss_mb": peak_rss_mb(), "wall_s": wall, "parallel_per_array": parallel, "interval_s": interval_s,
+        "torch_from_poll": torch_at,
+        "rss_mb_before_torch": polls[torch_at - 1]["rss_mb"] if torch_at else polls[-1]["rss_mb"],
+        "rss_mb_end": polls[-1]["rss_mb"],
     }
 
 
@@ -150,6 +166,8 @@ def markdown(r: dict) -> str:
         ("busiest poll: runs collected, seconds", f"{r['busiest_poll_collected']}, {r['busiest_poll_s']:.3f}"),
         ("monitor peak memory: before polls / end (MiB)", f"{r['peak_rss_mb_before_polls']:.0f} / "
                                                           f"{r['peak_rss_mb']:.0f}"),
+        ("resident memory: before torch / end (MiB)", f"{r['rss_mb_before_torch']:.0f} / {r['rss_mb_end']:.0f}"),
+        ("torch imported from poll (first collection)", r["torch_from_poll"]),
         ("wall, launch to all final (s)", f"{r['wall_s']:.0f}"),
     ]
     return "\n".join(["| sweep on the dev cluster | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
