@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from brats_ugrip.slurm.sacct import array_ids, run_query
+from brats_ugrip.slurm.sacct import SacctError, array_ids, run_query
 
 SQUEUE_FORMAT = "%i|%T|%r"  # job id (array tasks one per line with -r) | state | reason
+INVALID_JOB_ID = "Invalid job id specified"  # squeue's error for a single job id the controller does not hold
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,13 @@ def query_controller(job_ids: Iterable[str], timeout_s: float = 60) -> dict[str,
     job_ids = list(job_ids)
     if not job_ids:
         return {}
-    output = run_query(squeue_command(job_ids), timeout_s)
+    try:
+        output = run_query(squeue_command(job_ids), timeout_s)
+    except SacctError as error:
+        # Asked about one job (array) only, squeue fails when the controller no longer holds it; asked about
+        # several, it lists those it holds. Both mean the same: that one is not held.
+        if INVALID_JOB_ID not in str(error) or len(array_ids(job_ids)) != 1:
+            raise
+        return {}
     wanted = set(job_ids)
     return {job_id: job for job_id, job in parse_squeue(output).items() if job_id in wanted}

@@ -134,6 +134,11 @@ exit 3"""
     assert not (folder / "policy-rc.d").exists()
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_interrupted_install_removes_the_policy_and_runs_the_callers_trap(fake_apt, sig):
     """Killed mid-install, as Ctrl-C or a CI timeout kills the process group: the policy-rc.d written for the install
@@ -142,8 +147,10 @@ def test_interrupted_install_removes_the_policy_and_runs_the_callers_trap(fake_a
     script = """trap 'echo "caller trap ran" >"$FAKE_APT_DIR/trap"' EXIT
 install_debian_packages "$@"
 echo "not reached" >"$FAKE_APT_DIR/after\""""
+    # Default dispositions in the child: a shell started in the background (as CI may start this suite) ignores
+    # SIGINT, and a non-interactive bash cannot trap a signal ignored on entry, so the test would only hang.
     proc = subprocess.Popen([BASH, "-c", f'source "{HELPER}"\n{script}', "bash", str(folder / "apt.log"), "pkg"],
-                            env={**env, "FAKE_APT_HANG": "1"}, start_new_session=True)
+                            env={**env, "FAKE_APT_HANG": "1"}, start_new_session=True, preexec_fn=_default_signals)
     try:
         deadline = time.monotonic() + 30
         while not (folder / "started").exists():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from brats_ugrip.slurm.sacct import SacctError, parse_sacct
 from brats_ugrip.slurm.squeue import ControllerJob, parse_squeue, squeue_command
 from brats_ugrip.sweeps.job_states import (
@@ -120,3 +122,24 @@ def test_accounting_outage_keeps_the_first_failure_until_an_answer(tmp_path):
         assert states_unavailable_since(state) == {"slurm": 100.0}
         record_states_unavailable(state, "slurm", None)
         assert states_unavailable_since(state) == {}
+
+
+def test_squeue_on_one_job_it_no_longer_holds(monkeypatch):
+    # squeue's answers on the dev cluster: asked about one array it no longer holds, it fails (exit 1, "Invalid job
+    # id specified"); asked about two, it lists none. Both read as "holds none of them"; other failures stand.
+    from brats_ugrip.slurm import squeue
+
+    def invalid(command, timeout_s):
+        raise SacctError("squeue failed (exit 1): slurm_load_jobs error: Invalid job id specified")
+
+    monkeypatch.setattr(squeue, "run_query", invalid)
+    assert squeue.query_controller(["99999_1", "99999_2"]) == {}
+    with pytest.raises(SacctError):  # several arrays: squeue would have answered, so this is a real failure
+        squeue.query_controller(["99999_1", "99998"])
+
+    def down(command, timeout_s):
+        raise SacctError("squeue failed (exit 1): slurm_load_jobs error: Unable to contact slurm controller")
+
+    monkeypatch.setattr(squeue, "run_query", down)
+    with pytest.raises(SacctError):
+        squeue.query_controller(["99999_1"])

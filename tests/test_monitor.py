@@ -818,6 +818,14 @@ def _at(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()  # sacct prints local time, as parse_sacct reads it
 
 
+def _controller_holds_all(job_ids, timeout_s):
+    """The controller's answer after the reset: the new sweep's jobs, submitted since, are all pending there (the
+    live squeue must not be asked about these recorded ids)."""
+    from brats_ugrip.slurm.squeue import ControllerJob
+
+    return {job_id: ControllerJob("PENDING", "Priority") for job_id in job_ids}
+
+
 def test_sacct_records_of_an_older_job_with_the_same_id_are_ignored():
     from brats_ugrip.slurm.sacct import records_since
     from brats_ugrip.sweeps.job_states import SlurmJobStates
@@ -828,7 +836,7 @@ def test_sacct_records_of_an_older_job_with_the_same_id_are_ignored():
     ours = _at("2026-12-02T06:59:59")  # noted just before sbatch
     assert [r.state for r in records_since(records["4"], ours)] == ["RUNNING"]
     assert records_since(records["4"], None) == records["4"]
-    source = SlurmJobStates(query=lambda ids, timeout: parse_sacct(SACCT_REUSED))
+    source = SlurmJobStates(query=lambda ids, timeout: parse_sacct(SACCT_REUSED), controller=_controller_holds_all)
     statuses = source.statuses({"4": Path("a"), "1_0": Path("b"), "1_1": Path("c")},
                                {"4": ours, "1_0": ours, "1_1": ours})
     assert statuses["4"].state == "RUNNING" and statuses["4"].requeues == 0
@@ -850,7 +858,8 @@ def test_monitor_does_not_take_an_old_job_for_a_new_one(tmp_path):
         state.record_submission(records[0].run_id, "4", submitted_at=_at("2026-12-02T06:59:59"))
         state.record_submission(records[1].run_id, "1_1", submitted_at=_at("2026-12-02T06:59:59"))
         assert state.latest_attempt(records[1].run_id).array_task_id == 1
-    monitor = SweepMonitor(tmp_path, sources=[SlurmJobStates(query=lambda ids, timeout: parse_sacct(old_only))])
+    monitor = SweepMonitor(tmp_path, sources=[SlurmJobStates(query=lambda ids, timeout: parse_sacct(old_only),
+                                                             controller=_controller_holds_all)])
     try:
         monitor.poll()
         assert {r.state for r in monitor.state.runs()} == {RunState.SUBMITTED}
