@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,13 +34,13 @@ from pathlib import Path
 import yaml
 
 from brats_ugrip.data import make_datalist, save_datalist
+from brats_ugrip.slurm.call_log import CallLog, write_wrappers
 from brats_ugrip.sweeps.layout import sweep_db_path
 from brats_ugrip.sweeps.monitoring.engine import PollReport, SweepMonitor
 from brats_ugrip.sweeps.state import SweepState
 from brats_ugrip.synthetic.phantom import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
-COUNTED = ("sbatch", "sacct", "squeue", "scancel")
 
 
 def write_grid(root: Path, n_runs: int, parallel: int) -> Path:
@@ -66,25 +65,6 @@ def write_grid(root: Path, n_runs: int, parallel: int) -> Path:
     return path
 
 
-def install_wrappers(folder: Path) -> Path:
-    """Logging wrappers of COUNTED in ``folder``, first on PATH; returns the log (one ``<command> ...`` a call)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "calls.log"
-    log.touch()
-    for command in COUNTED:
-        real = shutil.which(command)
-        if real is None:
-            raise SystemExit(f"{command} is not on PATH: start the dev cluster (slurm/dev-cluster/start.sh)")
-        (folder / command).write_text(f'#!/bin/bash\necho "{command} $*" >> {log}\nexec {real} "$@"\n')
-        (folder / command).chmod(0o755)
-    os.environ["PATH"] = f"{folder}:{os.environ['PATH']}"
-    return log
-
-
-def count(log: Path, command: str) -> int:
-    return sum(line.split(" ", 1)[0] == command for line in log.read_text().splitlines())
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -97,17 +77,17 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def follow(sweep: Path, log: Path, interval_s: float) -> list[dict]:
+def follow(sweep: Path, log: CallLog, interval_s: float) -> list[dict]:
     """Poll until every run is final; one row per poll: seconds, runs collected, sacct and squeue calls."""
     polls = []
     monitor = SweepMonitor(sweep)
     try:
         while True:
-            before = count(log, "sacct"), count(log, "squeue")
+            before = log.count("sacct"), log.count("squeue")
             report: PollReport = monitor.poll()
             runs = monitor.state.runs()
             polls.append({"seconds": report.seconds, "collected": len(report.collected),
-                          "sacct": count(log, "sacct") - before[0], "squeue": count(log, "squeue") - before[1],
+                          "sacct": log.count("sacct") - before[0], "squeue": log.count("squeue") - before[1],
                           "final": sum(r.state.is_final for r in runs), "runs": len(runs),
                           "rss_mb": rss_mb(), "torch": "torch" in sys.modules})
             if polls[-1]["final"] == len(runs):
@@ -118,7 +98,11 @@ def follow(sweep: Path, log: Path, interval_s: float) -> list[dict]:
 
 
 def measure(root: Path, n_runs: int, parallel: int, interval_s: float) -> dict:
-    log = install_wrappers(root / "wrappers")
+    try:
+        log = write_wrappers(root / "wrappers")
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    os.environ["PATH"] = f"{log.path.parent}:{os.environ['PATH']}"  # launch, monitor and jobs go through them
     grid = write_grid(root, n_runs, parallel)
     sweep = root / "sweep"
     started = time.monotonic()
@@ -136,8 +120,7 @@ def measure(root: Path, n_runs: int, parallel: int, interval_s: float) -> dict:
         runs = state.runs()
     seconds = sorted(p["seconds"] for p in polls)
     busiest = max(polls, key=lambda p: (p["collected"], p["seconds"]))
-    submissions = [line for line in log.read_text().splitlines()
-                   if line.startswith("sbatch ") and "--test-only" not in line]
+    submissions = log.submissions()
     return {
         "runs": len(runs), "completed": sum(r.state.value == "COMPLETED" for r in runs),
         "attempts_max": max(r.attempts for r in runs), "sbatch_submissions": len(submissions),

@@ -18,7 +18,6 @@ Every other module asks this one (or ``brats_ugrip.run_files`` for a run's own f
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from brats_ugrip.run_files import (  # noqa: F401  (a run directory's files: re-exported for the sweep's modules)
@@ -26,6 +25,7 @@ from brats_ugrip.run_files import (  # noqa: F401  (a run directory's files: re-
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
     PROGRESS_FILE,
+    PathLike,
     best_checkpoint,
     checkpoint_dir,
     config_path,
@@ -50,7 +50,6 @@ JOB_INFO_FILE = "job.json"
 JOB_RESULTS_DIR = "job_results"
 JOB_LOGS_DIR = "logs"
 
-PathLike = str | os.PathLike[str]
 
 
 def sweep_db_path(sweep_dir: PathLike) -> Path:

@@ -9,7 +9,6 @@ then fails the tests, since someone asked for the cluster), and the tests are sk
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -152,41 +151,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slurm)
 
 
-LOGGED_COMMANDS = ("sbatch", "sacct", "squeue", "scancel")
-
-
-@dataclass(frozen=True)
-class SlurmCalls:
-    """The SLURM commands (LOGGED_COMMANDS) that the test and every process it starts ran: each call goes through a
-    wrapper that appends ``<command> <arguments>`` to ``log`` and then executes the real command."""
-
-    log: Path
-
-    def calls(self, command: str) -> list[str]:
-        """The arguments of every call of ``command`` so far, oldest first."""
-        lines = self.log.read_text().splitlines()
-        return [args for name, _, args in (line.partition(" ") for line in lines) if name == command]
-
-    def submissions(self) -> list[str]:
-        """sbatch calls that submitted jobs (the launcher's ``--test-only`` checks left out)."""
-        return [args for args in self.calls("sbatch") if "--test-only" not in args]
-
-
 @pytest.fixture
-def slurm_calls(tmp_path, monkeypatch) -> SlurmCalls:
-    """Put logging wrappers of LOGGED_COMMANDS in front of the real ones on PATH (jobs inherit it too)."""
-    shim_dir = tmp_path / "shim"
-    shim_dir.mkdir()
-    log = tmp_path / "slurm_calls.log"
-    log.touch()
-    for command in LOGGED_COMMANDS:
-        real = shutil.which(command)
-        assert real is not None, f"{command} is not on PATH"
-        # One short line per call, appended (O_APPEND): calls from several processes do not interleave.
-        (shim_dir / command).write_text(f'#!/bin/bash\necho "{command} $*" >> {log}\nexec {real} "$@"\n')
-        (shim_dir / command).chmod(0o755)
-    monkeypatch.setenv("PATH", f"{shim_dir}:{os.environ['PATH']}")
-    return SlurmCalls(log)
+def slurm_calls(tmp_path, monkeypatch):
+    """Logging wrappers of sbatch, sacct, squeue and scancel first on PATH (jobs inherit it too): the
+    ``slurm/call_log.py`` CallLog of every call the test and the processes it starts make."""
+    from brats_ugrip.slurm.call_log import write_wrappers
+
+    log = write_wrappers(tmp_path / "shim")
+    monkeypatch.setenv("PATH", f"{log.path.parent}:{os.environ['PATH']}")
+    return log
 
 
 @pytest.fixture

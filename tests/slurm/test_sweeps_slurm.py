@@ -242,7 +242,7 @@ def test_partition_slurm_refuses_submits_nothing(slurm_cluster, make_grid, slurm
     sweep_two = slurm_job_dir / "sweep_two"
     with pytest.raises(SubmissionError, match="(?i)invalid partition"):
         _launch(two, sweep_two)
-    assert len(slurm_calls.submissions()) == refused and "--test-only" in slurm_calls.log.read_text()
+    assert len(slurm_calls.submissions()) == refused and "--test-only" in slurm_calls.path.read_text()
     with SweepState(sweep_db_path(sweep_two)) as state:
         assert state.attempts() == [] and len(state.runs()) == 2
 
